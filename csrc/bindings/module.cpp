@@ -1,0 +1,463 @@
+// lingrad._C: the Python face of the kernel library.
+//
+// The one place that validates arguments: every check of type, dtype, rank, shape, layout and
+// aliasing is here, with messages that name the argument and the shapes. Inputs are used in
+// place through their strides (never copied, never cast); outputs are new arrays or caller's
+// `out` arrays that must be exactly right. The GIL is released while a kernel runs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lingrad.hpp"
+
+namespace py = pybind11;
+using lingrad::index_t;
+using lingrad::MatrixView;
+using lingrad::Reduction;
+using lingrad::VectorView;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Descriptions for messages
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+enum class DType { float32, float64 };
+
+py::array as_ndarray(py::handle obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+DType dtype_of(const py::array& a, const char* name) {
+  const py::dtype dt = a.dtype();
+  if (dt.equal(py::dtype::of<float>())) return DType::float32;
+  if (dt.equal(py::dtype::of<double>())) return DType::float64;
+  const std::string dts = py::str(dt);
+  if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
+    throw py::type_error(std::string(name) + " has non-native byte order (dtype " + dts +
+                         "); convert it with .astype(its dtype.newbyteorder('='))");
+  throw py::type_error(std::string(name) + " has dtype " + dts +
+                       "; lingrad computes in float32 or float64 (convert explicitly with .astype)");
+}
+
+const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
+
+// The arguments of one call: the dtype set by the first array, every input remembered so that
+// outputs can be checked for overlap.
+class Call {
+ public:
+  // An input array of rank `ndim` (or 1 when allow_1d), of the call's dtype.
+  py::array input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d = false) {
+    py::array a = as_ndarray(obj, name);
+    const DType d = dtype_of(a, name);
+    if (inputs_.empty()) {
+      dtype_ = d;
+    } else if (d != dtype_) {
+      throw py::type_error(std::string(name) + " has dtype " + dtype_name(d) + " but " + inputs_[0].first +
+                           " has dtype " + dtype_name(dtype_) + "; all arrays must share one dtype");
+    }
+    if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1))
+      throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning +
+                            ", got shape " + shape_of(a));
+    require_aligned(a, name);
+    inputs_.emplace_back(name, a);
+    return a;
+  }
+
+  // A new output, or the caller's `out` checked to be exactly what a new one would be.
+  py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape) {
+    py::array a;
+    if (obj.is_none()) {
+      a = dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+    } else {
+      a = as_ndarray(obj, name);
+      const std::string expect = shape_string(shape);
+      if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>()))
+        throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) +
+                              " but must be " + dtype_name(dtype_) + " like the inputs");
+      if (a.ndim() != static_cast<py::ssize_t>(shape.size()) ||
+          !std::equal(shape.begin(), shape.end(), a.shape()))
+        throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect);
+      if (!(a.flags() & py::array::c_style) || (a.size() > 1 && !is_aligned(a)))
+        throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect + ")");
+      if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
+      for (const auto& [other_name, other] : inputs_)
+        if (overlap(a, other))
+          throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
+      for (const auto& [other_name, other] : outputs_)
+        if (overlap(a, other))
+          throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
+    }
+    outputs_.emplace_back(name, a);
+    return a;
+  }
+
+  DType dtype() const { return dtype_; }
+
+ private:
+  static std::string shape_string(const std::vector<py::ssize_t>& shape) {
+    std::string s = "(";
+    for (std::size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+    return s + (shape.size() == 1 ? ",)" : ")");
+  }
+
+  static bool is_aligned(const py::array& a) {
+    const py::ssize_t size = a.itemsize();
+    if (reinterpret_cast<std::uintptr_t>(a.data()) % size) return false;
+    for (py::ssize_t d = 0; d < a.ndim(); ++d)
+      if (a.strides(d) % size) return false;
+    return true;
+  }
+
+  static void require_aligned(const py::array& a, const char* name) {
+    if (a.size() > 0 && !is_aligned(a))
+      throw py::value_error(std::string(name) + " is not aligned to its " + std::to_string(a.itemsize()) +
+                            "-byte elements (data or strides); copy it with numpy.ascontiguousarray");
+  }
+
+  // [first byte, one past the last byte] that the array can touch; empty for no elements.
+  static std::pair<std::uintptr_t, std::uintptr_t> extent(const py::array& a) {
+    if (a.size() == 0) return {0, 0};
+    std::intptr_t lo = reinterpret_cast<std::intptr_t>(a.data()), hi = lo;
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+      const std::intptr_t span = static_cast<std::intptr_t>(a.shape(d) - 1) * a.strides(d);
+      (span < 0 ? lo : hi) += span;
+    }
+    return {static_cast<std::uintptr_t>(lo), static_cast<std::uintptr_t>(hi + a.itemsize())};
+  }
+
+  static bool overlap(const py::array& a, const py::array& b) {
+    const auto [a_lo, a_hi] = extent(a);
+    const auto [b_lo, b_hi] = extent(b);
+    return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
+  }
+
+  DType dtype_ = DType::float32;
+  std::vector<std::pair<const char*, py::array>> inputs_;
+  std::vector<std::pair<const char*, py::array>> outputs_;
+};
+
+// Views of validated arrays (strides in elements). A 1-D array is one row.
+template <typename T>
+MatrixView<T> matrix(const py::array& a) {
+  const auto size = static_cast<index_t>(sizeof(T));
+  const T* data = static_cast<const T*>(a.data());
+  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, a.strides(0) / size};
+  return {data, a.shape(0), a.shape(1), a.strides(0) / size, a.strides(1) / size};
+}
+
+template <typename T>
+VectorView<T> vector(const py::array& a) {
+  return {static_cast<const T*>(a.data()), a.shape(0), a.strides(0) / static_cast<index_t>(sizeof(T))};
+}
+
+template <typename T>
+T* mutable_data(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+
+// Runs f with a value of the call's element type (float or double).
+template <typename F>
+decltype(auto) with_dtype(DType d, F&& f) {
+  if (d == DType::float32) return f(float{});
+  return f(double{});
+}
+
+void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
+                          const char* b_name, py::ssize_t b_dim, const char* what) {
+  if (a.shape(a_dim) != b.shape(b_dim))
+    throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
+                          shape_of(b) + ": " + what);
+}
+
+void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
+    throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
+                          shape_of(b) + "; they must match");
+}
+
+std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* name, const py::array& weight) {
+  if (bias.is_none()) return std::nullopt;
+  py::array b = call.input(bias, name, 1, "(out_features,)");
+  if (b.shape(0) != weight.shape(0))
+    throw py::value_error(std::string(name) + " has shape " + shape_of(b) + " but weight has shape " +
+                          shape_of(weight) + ": " + name + " must be (" + std::to_string(weight.shape(0)) + ",)");
+  return b;
+}
+
+Reduction parse_reduction(py::handle obj, bool allow_none) {
+  if (!py::isinstance<py::str>(obj))
+    throw py::type_error("reduction must be a str ('mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") +
+                         "), got " + type_name(obj));
+  const std::string r = py::str(obj);
+  if (r == "mean") return Reduction::mean;
+  if (r == "sum") return Reduction::sum;
+  if (r == "none" && allow_none) return Reduction::none;
+  throw py::value_error("reduction must be 'mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") +
+                        ", got '" + r + "'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The functions
+
+py::object or_none(const std::optional<py::array>& a) { return a ? py::object(*a) : py::object(py::none()); }
+
+py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle out_obj) {
+  Call call;
+  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
+  const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
+  py::array y = call.output(out_obj, "out", {x.shape(0), w.shape(0)});
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
+    py::gil_scoped_release release;
+    lingrad::linear_forward<T>(matrix<T>(x), matrix<T>(w), bias, mutable_data<T>(y));
+  });
+  return y;
+}
+
+py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::handle out_obj) {
+  Call call;
+  const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
+  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  require_same_columns(w, "weight", 0, dy, "grad_out", 1, "weight must be (out_features, in_features) with grad_out's out_features");
+  py::array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    py::gil_scoped_release release;
+    lingrad::linear_backward_input<T>(matrix<T>(dy), matrix<T>(w), mutable_data<T>(dx));
+  });
+  return dx;
+}
+
+py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, bool bias, py::handle out_obj,
+                                 py::handle bias_out_obj) {
+  Call call;
+  const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
+  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  require_same_columns(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
+  if (!bias && !bias_out_obj.is_none()) throw py::value_error("bias_out was given but bias=False");
+  py::array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
+  std::optional<py::array> db;
+  if (bias) db = call.output(bias_out_obj, "bias_out", {dy.shape(1)});
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* db_data = db ? mutable_data<T>(*db) : nullptr;
+    py::gil_scoped_release release;
+    lingrad::linear_backward_weight<T>(matrix<T>(dy), matrix<T>(x), mutable_data<T>(dw), db_data);
+  });
+  return py::make_tuple(dw, or_none(db));
+}
+
+py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj) {
+  Call call;
+  const py::array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
+  const py::array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
+  require_same_shape(t, "target", p, "pred");
+  const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/true);
+  std::vector<py::ssize_t> shape(p.shape(), p.shape() + p.ndim());
+  std::optional<py::array> out;
+  if (reduction == Reduction::none) out = call.output(py::none(), "out", shape);
+  const double loss = with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* out_data = out ? mutable_data<T>(*out) : nullptr;
+    py::gil_scoped_release release;
+    return lingrad::mse_loss<T>(matrix<T>(p), matrix<T>(t), reduction, out_data);
+  });
+  if (out) return *out;
+  return py::float_(loss);
+}
+
+py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj, py::handle out_obj) {
+  Call call;
+  const py::array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
+  const py::array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
+  require_same_shape(t, "target", p, "pred");
+  const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/true);
+  py::array grad = call.output(out_obj, "out", std::vector<py::ssize_t>(p.shape(), p.shape() + p.ndim()));
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    py::gil_scoped_release release;
+    lingrad::mse_backward<T>(matrix<T>(p), matrix<T>(t), reduction, mutable_data<T>(grad));
+  });
+  return grad;
+}
+
+py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
+                     py::handle reduction_obj, bool input_grad) {
+  Call call;
+  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
+  const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
+  const py::array t = call.input(target_obj, "target", 2, "(batch, out_features)");
+  if (t.shape(0) != x.shape(0) || t.shape(1) != w.shape(0))
+    throw py::value_error("target has shape " + shape_of(t) + " but must be (batch, out_features) = (" +
+                          std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") for x " +
+                          shape_of(x) + " and weight " + shape_of(w));
+  const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/false);
+  std::optional<py::array> dx, db;
+  if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
+  py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)});
+  if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)});
+  const double loss = with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
+    T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
+    T* db_data = db ? mutable_data<T>(*db) : nullptr;
+    T* dw_data = mutable_data<T>(dw);
+    py::gil_scoped_release release;
+    return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
+                                  db_data);
+  });
+  return py::make_tuple(loss, or_none(dx), dw, or_none(db));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+std::vector<std::string> available_isas() {
+  const char* names[8];
+  const int n = lingrad::available_isas(names, 8);
+  return std::vector<std::string>(names, names + n);
+}
+
+void set_isa(const std::string& name) {
+  if (!lingrad::set_isa(name.c_str())) {
+    std::string options;
+    for (const auto& isa : available_isas()) options += (options.empty() ? "'" : ", '") + isa + "'";
+    throw py::value_error("isa '" + name + "' is not available on this CPU and build; choose one of " + options);
+  }
+}
+
+void set_num_threads(py::handle n_obj) {
+  if (!py::isinstance<py::int_>(n_obj) || py::isinstance<py::bool_>(n_obj))
+    throw py::type_error("n must be an int, got " + type_name(n_obj));
+  const long long n = n_obj.cast<long long>();
+  if (n < 1 || n > 4096) throw py::value_error("n must be between 1 and 4096, got " + std::to_string(n));
+  lingrad::set_num_threads(static_cast<int>(n));
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = LINGRAD_VERSION;
+  info["compiler"] = LINGRAD_COMPILER;
+  info["build_type"] = LINGRAD_BUILD_TYPE;
+  info["cxx_flags"] = LINGRAD_CXX_FLAGS;
+  info["openmp"] = lingrad::has_openmp();
+#if defined(_OPENMP)
+  info["openmp_version"] = _OPENMP;
+#else
+  info["openmp_version"] = py::none();
+#endif
+  info["isa"] = lingrad::get_isa();
+  info["available_isas"] = available_isas();
+  int mr = 0, nr = 0;
+  lingrad::get_tile(false, &mr, &nr);
+  info["tile_float32"] = py::make_tuple(mr, nr);
+  lingrad::get_tile(true, &mr, &nr);
+  info["tile_float64"] = py::make_tuple(mr, nr);
+  info["num_threads"] = lingrad::get_num_threads();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lingrad's compiled kernels; use them through lingrad.kernels.";
+  using py::arg;
+
+  m.def("linear_forward", &linear_forward, arg("x"), arg("weight"), arg("bias") = py::none(), py::kw_only(),
+        arg("out") = py::none(),
+        R"doc(linear_forward(x, weight, bias=None, *, out=None) -> y
+
+Forward pass of a Linear layer: y = x @ weight.T + bias.
+
+x (batch, in_features), weight (out_features, in_features), bias (out_features,) or None;
+returns y (batch, out_features). All arrays float32 or all float64.
+Inputs may have any strides (transposed, sliced, broadcast views): they are read in place, never
+copied. out, if given, must be a C-contiguous, writeable array of y's shape and dtype that does
+not overlap an input. Raises TypeError for a wrong type or dtype, ValueError for a wrong rank,
+shape, layout or out.)doc");
+
+  m.def("linear_backward_input", &linear_backward_input, arg("grad_out"), arg("weight"), py::kw_only(),
+        arg("out") = py::none(),
+        R"doc(linear_backward_input(grad_out, weight, *, out=None) -> grad_input
+
+Input gradient of a Linear layer: grad_input = grad_out @ weight.
+
+grad_out (batch, out_features), weight (out_features, in_features); returns (batch, in_features).
+Inputs and out follow the rules of linear_forward.)doc");
+
+  m.def("linear_backward_weight", &linear_backward_weight, arg("grad_out"), arg("x"), py::kw_only(),
+        arg("bias") = true, arg("out") = py::none(), arg("bias_out") = py::none(),
+        R"doc(linear_backward_weight(grad_out, x, *, bias=True, out=None, bias_out=None) -> (grad_weight, grad_bias)
+
+Weight and bias gradients of a Linear layer:
+  grad_weight = grad_out.T @ x    (out_features, in_features), the sum over the batch of one outer
+                                  product per sample, computed as a blocked reduction (no
+                                  (batch, out, in) temporary)
+  grad_bias   = grad_out.sum(0)   (out_features,), taken in the same pass; None when bias=False.
+
+grad_out (batch, out_features), x (batch, in_features). out and bias_out, if given, receive
+the results and follow the rules of linear_forward. The batch reduction is never split across
+threads, so the result is bitwise identical for any thread count.)doc");
+
+  m.def("mse_loss", &mse_loss, arg("pred"), arg("target"), arg("reduction") = "mean",
+        R"doc(mse_loss(pred, target, reduction="mean") -> float or array
+
+Mean-squared-error loss, as torch.nn.functional.mse_loss: "mean" averages (pred - target)**2
+over all elements, "sum" adds them (both return a Python float accumulated in double; the mean of
+an empty array is nan), "none" returns the elementwise squares as a new array.
+pred and target: 1-D or 2-D arrays of one shape and dtype.)doc");
+
+  m.def("mse_backward", &mse_backward, arg("pred"), arg("target"), arg("reduction") = "mean", py::kw_only(),
+        arg("out") = py::none(),
+        R"doc(mse_backward(pred, target, reduction="mean", *, out=None) -> grad
+
+Gradient of mse_loss with respect to pred: 2 * (pred - target) / N, where N is the number of
+elements for "mean" and 1 for "sum" and "none" (the gradient of each element's own square).)doc");
+
+  m.def("linear_mse", &linear_mse, arg("x"), arg("weight"), arg("bias"), arg("target"),
+        arg("reduction") = "mean", py::kw_only(), arg("input_grad") = true,
+        R"doc(linear_mse(x, weight, bias, target, reduction="mean", *, input_grad=True)
+    -> (loss, grad_input or None, grad_weight, grad_bias or None)
+
+One fused training step of Linear + MSE: y = x @ weight.T + bias, loss = mse(y, target), and
+the gradients of loss with respect to x, weight and bias. The residual, the loss and
+grad_y = 2 (y - target) / N are computed while each tile of y is produced; y is never stored.
+
+x (batch, in_features), weight (out_features, in_features), bias (out_features,) or None,
+target (batch, out_features); reduction "mean" or "sum". The loss is a Python float accumulated
+in double. grad_bias is None when bias is None; grad_input is None when input_grad=False.)doc");
+
+  m.def("get_num_threads", &lingrad::get_num_threads, "Number of threads the kernels use.");
+  m.def("set_num_threads", &set_num_threads, arg("n"),
+        "Set the number of threads the kernels use (n >= 1). Results do not depend on it.");
+  m.def("get_isa", &lingrad::get_isa, "The micro-kernel instruction set in use ('avx512', 'avx2' or 'generic').");
+  m.def("set_isa", &set_isa, arg("name"),
+        "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
+  m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
+  m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
+}

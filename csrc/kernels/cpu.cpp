@@ -1,0 +1,109 @@
+// Run-time choices: which build of the micro-kernels runs (from the CPU's features), and how
+// many threads. Both are process-wide atomics, safe to change from any thread.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm.hpp"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace lingrad {
+namespace {
+
+// Every build compiled in, best first.
+const GemmKernels* const kAllKernels[] = {
+#if defined(LINGRAD_X86)
+    &isa_avx512::kernels,
+    &isa_avx2::kernels,
+#endif
+    &isa_generic::kernels,
+};
+
+bool cpu_supports(const GemmKernels* k) {
+#if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (k == &isa_avx512::kernels)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  if (k == &isa_avx2::kernels) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return k == &isa_generic::kernels;
+}
+
+const GemmKernels* find_supported(const char* name) {
+  for (const GemmKernels* k : kAllKernels)
+    if (std::strcmp(k->name, name) == 0) return cpu_supports(k) ? k : nullptr;
+  return nullptr;
+}
+
+// The best build the CPU runs, unless LINGRAD_ISA names another supported one.
+const GemmKernels* initial_kernels() {
+  if (const char* env = std::getenv("LINGRAD_ISA"))
+    if (const GemmKernels* k = find_supported(env)) return k;
+  for (const GemmKernels* k : kAllKernels)
+    if (cpu_supports(k)) return k;
+  return &isa_generic::kernels;
+}
+
+std::atomic<const GemmKernels*>& active() {
+  static std::atomic<const GemmKernels*> kernels{initial_kernels()};
+  return kernels;
+}
+
+std::atomic<int>& thread_count() {
+#if defined(_OPENMP)
+  static std::atomic<int> n{omp_get_max_threads()};
+#else
+  static std::atomic<int> n{1};
+#endif
+  return n;
+}
+
+}  // namespace
+
+const GemmKernels& active_kernels() { return *active().load(std::memory_order_relaxed); }
+
+const char* get_isa() { return active_kernels().name; }
+
+bool set_isa(const char* name) {
+  const GemmKernels* k = find_supported(name);
+  if (!k) return false;
+  active().store(k);
+  return true;
+}
+
+int available_isas(const char** names, int capacity) {
+  int count = 0;
+  for (const GemmKernels* k : kAllKernels)
+    if (cpu_supports(k) && count < capacity) names[count++] = k->name;
+  return count;
+}
+
+void get_tile(bool double_, int* mr, int* nr) {
+  const GemmKernels& k = active_kernels();
+  *mr = double_ ? k.mr_double : k.mr_float;
+  *nr = double_ ? k.nr_double : k.nr_float;
+}
+
+int get_num_threads() { return thread_count().load(std::memory_order_relaxed); }
+
+void set_num_threads(int n) {
+#if defined(_OPENMP)
+  thread_count().store(n > 0 ? n : 1);
+#else
+  (void)n;
+#endif
+}
+
+bool has_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace lingrad

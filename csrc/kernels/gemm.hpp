@@ -1,0 +1,56 @@
+// The GEMM engine's interface, shared by the per-ISA builds of gemm_engine.hpp.
+//
+//   C (M, N) = A (M, K) * B (K, N), then a fused epilogue on each finished tile of C.
+//
+// A and B are strided views, so the three products of a training step need no transposes:
+//   forward      A = X  (B x in),   B[k, n] = W[n, k],   C = Y
+//   input grad   A = dY (B x out),  B = W,               C = dX
+//   weight grad  A[m, k] = dY[k, m], B = X,              C = dW   (row sums of A give db)
+#pragma once
+#include "lingrad.hpp"
+
+namespace lingrad {
+
+// Applied to each tile of C once its K sum is complete:
+//   y = c + bias[n];   with a target: r = y - target[m, n], loss += r*r (in double), c = grad_scale*r
+template <typename T>
+struct Epilogue {
+  VectorView<T> bias;                 // (N), or absent
+  const T* target = nullptr;          // (M, N) at target[m*target_rs + n*target_cs], or absent
+  index_t target_rs = 0, target_cs = 0;
+  T grad_scale = 0;
+  double* loss = nullptr;             // out: sum of r*r, summed in a fixed order
+};
+
+template <typename T>
+struct GemmArgs {
+  index_t m = 0, n = 0, k = 0;
+  const T* a = nullptr; index_t a_rs = 0, a_cs = 0;   // A[m, k] = a[m*a_rs + k*a_cs]
+  const T* b = nullptr; index_t b_rs = 0, b_cs = 0;   // B[k, n] = b[k*b_rs + n*b_cs]
+  T* c = nullptr; index_t ldc = 0;                     // C[m, n] = c[m*ldc + n], never read before written
+  Epilogue<T> epilogue;
+  T* a_row_sums = nullptr;   // (M): if set, receives sum_k A[m, k] (computed while packing A)
+  int num_threads = 1;
+};
+
+// One instruction set's build of the engine.
+struct GemmKernels {
+  const char* name;
+  void (*sgemm)(const GemmArgs<float>&);
+  void (*dgemm)(const GemmArgs<double>&);
+  int mr_float, nr_float, mr_double, nr_double;
+};
+
+namespace isa_generic { extern const GemmKernels kernels; }
+#if defined(LINGRAD_X86)
+namespace isa_avx2 { extern const GemmKernels kernels; }
+namespace isa_avx512 { extern const GemmKernels kernels; }
+#endif
+
+// The build chosen at run time (cpu.cpp).
+const GemmKernels& active_kernels();
+
+inline void gemm(const GemmArgs<float>& g) { active_kernels().sgemm(g); }
+inline void gemm(const GemmArgs<double>& g) { active_kernels().dgemm(g); }
+
+}  // namespace lingrad

@@ -1,0 +1,254 @@
+// gemm_engine.hpp: the packed, blocked GEMM of gemm.hpp (Goto/BLIS loops around a micro-kernel
+// that keeps an MR x NR tile of C in registers for a whole KC panel).
+//
+// Not a normal header: each gemm_<isa>.cpp defines LINGRAD_ISA (its namespace) and includes it
+// once, and that file's compile flags choose the instructions. Everything here lives in that
+// namespace (and an anonymous one), so two builds never share a symbol: a shared inline function
+// could otherwise run AVX-512 code on a CPU without AVX-512. For the same reason this file uses
+// no standard-library templates.
+//
+// Loops, outermost first (BLIS names):
+//   jc  over N in NC columns        B panel (KC x NC) packed once, shared by all threads
+//   pc  over K in KC steps           the only loop over the reduction: never split across threads
+//   ic  over M in MC rows            A block (MC x KC) packed per thread, stays in L2
+//   jr, ir over NR x MR tiles        micro-kernel, B micro-panel in L1
+// Threads share out (ic block, group of jr panels) work items, so each element of C is summed
+// in the same order whatever the thread count. KC, MC, NC are constants of the build.
+#ifndef LINGRAD_ISA
+#error "define LINGRAD_ISA before including gemm_engine.hpp"
+#endif
+
+#include <cstddef>
+#include <cstdlib>
+#include <new>
+
+#include "gemm.hpp"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace lingrad {
+namespace LINGRAD_ISA {
+namespace {
+
+inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+
+// 64-byte aligned scratch memory, freed on scope exit.
+template <typename U>
+class Scratch {
+ public:
+  explicit Scratch(index_t count) {
+    const std::size_t bytes = (static_cast<std::size_t>(count > 0 ? count : 1) * sizeof(U) + 63) / 64 * 64;
+    ptr_ = static_cast<U*>(std::aligned_alloc(64, bytes));
+    if (!ptr_) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  U* get() const { return ptr_; }
+
+ private:
+  U* ptr_;
+};
+
+// Packs rows (<= R) rows of a strided rows x kc block into one k-major micro-panel:
+//   panel[k*R + r] = src[r*rs + k*cs], and zero for r >= rows, so that edge tiles run the same
+// micro-kernel. If sums is set, sums[r] += sum over k of the row (the bias gradient).
+template <typename T, int R>
+void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs, index_t rows,
+                      index_t kc, T* sums) {
+  if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
+    for (index_t r = 0; r < rows; ++r) {
+      const T* s = src + r * rs;
+      for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
+    }
+  } else {        // rows contiguous or general strides
+    for (index_t k = 0; k < kc; ++k) {
+      const T* s = src + k * cs;
+      T* p = panel + k * R;
+      for (index_t r = 0; r < rows; ++r) p[r] = s[r * rs];
+    }
+  }
+  if (rows < R) {
+    for (index_t k = 0; k < kc; ++k)
+      for (index_t r = rows; r < R; ++r) panel[k * R + r] = T(0);
+  }
+  if (sums) {
+    for (index_t r = 0; r < rows; ++r) {
+      T s = 0;
+      for (index_t k = 0; k < kc; ++k) s += panel[k * R + r];
+      sums[r] += s;
+    }
+  }
+}
+
+// The micro-kernel: C[0:mr, 0:nr] = (or +=) A_panel (kc x MR) * B_panel (kc x NR).
+// acc is a fixed-size tile indexed only by constants after unrolling, so it lives in registers.
+template <typename T, int MR, int NR>
+void micro_kernel(index_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
+                  index_t ldc, index_t mr, index_t nr, bool accumulate) {
+  T acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
+
+  for (index_t k = 0; k < kc; ++k) {
+    const T* __restrict ak = a + k * MR;
+    const T* __restrict bk = b + k * NR;
+    for (int i = 0; i < MR; ++i) {
+      const T ai = ak[i];
+#pragma omp simd
+      for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
+    }
+  }
+
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i) {
+      T* ci = c + i * ldc;
+      if (accumulate) {
+        for (int j = 0; j < NR; ++j) ci[j] += acc[i][j];
+      } else {
+        for (int j = 0; j < NR; ++j) ci[j] = acc[i][j];
+      }
+    }
+  } else {  // edge tile: spill the registers to a buffer with constant indices, copy what is valid
+    alignas(64) T tile[MR * NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) tile[i * NR + j] = acc[i][j];
+    for (index_t i = 0; i < mr; ++i) {
+      T* ci = c + i * ldc;
+      if (accumulate) {
+        for (index_t j = 0; j < nr; ++j) ci[j] += tile[i * NR + j];
+      } else {
+        for (index_t j = 0; j < nr; ++j) ci[j] = tile[i * NR + j];
+      }
+    }
+  }
+}
+
+// The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
+// Returns the tile's sum of squared residuals (0 without a target).
+template <typename T>
+double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr,
+                      index_t nr) {
+  double squares = 0;
+  for (index_t i = 0; i < mr; ++i) {
+    T* ci = c + i * ldc;
+    if (e.bias.data) {
+      const T* bias = e.bias.data + n0 * e.bias.stride;
+      for (index_t j = 0; j < nr; ++j) ci[j] += bias[j * e.bias.stride];
+    }
+    if (e.target) {
+      const T* t = e.target + (m0 + i) * e.target_rs + n0 * e.target_cs;
+      for (index_t j = 0; j < nr; ++j) {
+        const T r = ci[j] - t[j * e.target_cs];
+        squares += static_cast<double>(r) * static_cast<double>(r);
+        ci[j] = e.grad_scale * r;
+      }
+    }
+  }
+  return squares;
+}
+
+template <typename T, int MR, int NR, int KC, int MC, int NC>
+void gemm(const GemmArgs<T>& g) {
+  static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
+  constexpr index_t kPanelsPerItem = 4;  // jr panels in one work item
+  const index_t M = g.m, N = g.n, K = g.k;
+  const Epilogue<T>& e = g.epilogue;
+
+  if (g.a_row_sums)
+    for (index_t m = 0; m < M; ++m) g.a_row_sums[m] = T(0);
+  if (e.loss) *e.loss = 0;
+  if (M == 0) return;
+  if (N == 0) {  // nothing to multiply, but the row sums are still wanted
+    if (g.a_row_sums)
+      for (index_t m = 0; m < M; ++m)
+        for (index_t k = 0; k < K; ++k) g.a_row_sums[m] += g.a[m * g.a_rs + k * g.a_cs];
+    return;
+  }
+
+  const int num_threads = g.num_threads > 0 ? g.num_threads : 1;
+  const index_t kc_max = K > 0 ? imin(KC, K) : 1;
+  const index_t b_panel = kc_max * imin(NC, ceil_div(N, NR) * NR);
+  const index_t a_block = ceil_div(kc_max * imin(MC, ceil_div(M, MR) * MR), 16) * 16;
+  Scratch<T> work(ceil_div(b_panel, 16) * 16 + num_threads * a_block);
+  const index_t tiles_n = ceil_div(N, NR);
+  Scratch<double> tile_squares(e.loss ? ceil_div(M, MR) * tiles_n : 1);
+  const bool has_epilogue = e.bias.data || e.target;
+  const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
+  const index_t m_blocks = ceil_div(M, MC);
+  T* const b_pack = work.get();
+
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+  {
+#if defined(_OPENMP)
+    T* const a_pack = b_pack + ceil_div(b_panel, 16) * 16 + omp_get_thread_num() * a_block;
+#else
+    T* const a_pack = b_pack + ceil_div(b_panel, 16) * 16;
+#endif
+    for (index_t jc = 0; jc < N; jc += NC) {
+      const index_t nc = imin(NC, N - jc);
+      const index_t n_panels = ceil_div(nc, NR);
+      const index_t items_per_block = ceil_div(n_panels, kPanelsPerItem);
+      for (index_t pc = 0; pc < num_pc; ++pc) {
+        const index_t k0 = pc * KC, kc = imin(KC, K - k0);
+        const bool last_pc = pc == num_pc - 1;
+
+#pragma omp for schedule(static)
+        for (index_t p = 0; p < n_panels; ++p)
+          pack_micro_panel<T, NR>(b_pack + p * NR * kc, g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs,
+                                  g.b_cs, g.b_rs, imin(NR, nc - p * NR), kc, nullptr);
+        // (implicit barrier: the B panel is complete before anyone reads it)
+
+        index_t packed_block = -1;
+#pragma omp for schedule(static)
+        for (index_t item = 0; item < m_blocks * items_per_block; ++item) {
+          const index_t ib = item / items_per_block, part = item % items_per_block;
+          const index_t i0 = ib * MC, mc = imin(MC, M - i0);
+          if (ib != packed_block) {
+            // Row sums are taken by the one thread that owns the block's first item, once per pc.
+            T* sums = (g.a_row_sums && jc == 0 && part == 0) ? g.a_row_sums + i0 : nullptr;
+            for (index_t ip = 0; ip < mc; ip += MR)
+              pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs,
+                                      g.a_rs, g.a_cs, imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
+            packed_block = ib;
+          }
+          const index_t p_end = imin(n_panels, (part + 1) * kPanelsPerItem);
+          for (index_t p = part * kPanelsPerItem; p < p_end; ++p) {
+            const index_t j0 = jc + p * NR, nr = imin(NR, N - j0);
+            for (index_t ip = 0; ip < mc; ip += MR) {
+              const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
+              T* c = g.c + m0 * g.ldc + j0;
+              micro_kernel<T, MR, NR>(kc, a_pack + ip * kc, b_pack + p * NR * kc, c, g.ldc, mr, nr, pc > 0);
+              if (last_pc && has_epilogue) {
+                const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
+                if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
+              }
+            }
+          }
+        }
+        // (implicit barrier: everyone is done with the B panel before it is repacked)
+      }
+    }
+  }
+
+  if (e.loss) {  // a fixed order, whatever thread computed each tile
+    double total = 0;
+    const index_t tiles = ceil_div(M, MR) * tiles_n;
+    for (index_t t = 0; t < tiles; ++t) total += tile_squares.get()[t];
+    *e.loss = total;
+  }
+}
+
+}  // namespace
+
+// The table this build exports (declared in gemm.hpp), from the file's tile and block sizes.
+template <int MRf, int NRf, int MCf, int MRd, int NRd, int MCd, int KC, int NC>
+constexpr GemmKernels make_kernels(const char* name) {
+  return GemmKernels{name, &gemm<float, MRf, NRf, KC, MCf, NC>, &gemm<double, MRd, NRd, KC, MCd, NC>,
+                     MRf, NRf, MRd, NRd};
+}
+
+}  // namespace LINGRAD_ISA
+}  // namespace lingrad

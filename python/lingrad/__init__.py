@@ -1,0 +1,54 @@
+"""lingrad: fast, deterministic CPU kernels for training a Linear layer with an MSE loss.
+
+    Y  = X W^T + b            forward             X (B, in), W (out, in), b (out)
+    L  = mean((Y - T)^2)      loss (or the sum)
+    dY = 2 (Y - T) / N        loss gradient        N = B * out for "mean"
+    dX = dY W,  dW = dY^T X,  db = sum_b dY        the three gradients
+
+The NumPy-level kernels are in :mod:`lingrad.kernels`. Results are bitwise identical for any
+number of threads.
+"""
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from . import _C, kernels
+from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
+
+__version__: str = _C.build_info()["version"]
+
+__all__ = [
+    "__version__",
+    "kernels",
+    "get_num_threads",
+    "set_num_threads",
+    "get_isa",
+    "set_isa",
+    "available_isas",
+    "config",
+    "show_config",
+]
+
+
+def config() -> dict:
+    """The build (version, compiler, flags, OpenMP) and the run-time choices (SIMD code path,
+    its register tile, threads), as a dict."""
+    return _C.build_info()
+
+
+def show_config(file: IO[str] | None = None) -> None:
+    """Print :func:`config` in a readable form (to stdout by default)."""
+    info = config()
+    out = file if file is not None else sys.stdout
+    openmp = f"yes (version {info['openmp_version']})" if info["openmp"] else "no (serial build)"
+    lines = [
+        f"lingrad {info['version']}",
+        f"  compiler        {info['compiler']} ({info['build_type']}, flags:{info['cxx_flags']})",
+        f"  OpenMP          {openmp}",
+        f"  SIMD code path  {info['isa']} (available here: {', '.join(info['available_isas'])})",
+        f"  register tile   float32 {info['tile_float32'][0]}x{info['tile_float32'][1]}, "
+        f"float64 {info['tile_float64'][0]}x{info['tile_float64'][1]}",
+        f"  threads         {info['num_threads']}",
+    ]
+    print("\n".join(lines), file=out)
