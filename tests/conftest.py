@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+
+import lingrad
+
+ISAS = lingrad.available_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test once on every SIMD code path this CPU can run, then restore the default."""
+    previous = lingrad.get_isa()
+    lingrad.set_isa(request.param)
+    yield request.param
+    lingrad.set_isa(previous)
+
+
+@pytest.fixture
+def num_threads():
+    """Lets a test change the thread count; restores it afterwards."""
+    previous = lingrad.get_num_threads()
+    yield lingrad.set_num_threads
+    lingrad.set_num_threads(previous)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)

@@ -1,0 +1,47 @@
+"""Bitwise identical results for any number of threads, run to run, on every SIMD path."""
+import numpy as np
+import pytest
+
+import lingrad
+from lingrad import kernels
+
+
+def all_results(rng, dtype, batch, n_in, n_out):
+    x = rng.standard_normal((batch, n_in)).astype(dtype)
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    t = rng.standard_normal((batch, n_out)).astype(dtype)
+    dy = rng.standard_normal((batch, n_out)).astype(dtype)
+
+    def run():
+        loss, dx, dw, db = kernels.linear_mse(x, w, b, t)
+        return [
+            kernels.linear_forward(x, w, b),
+            kernels.linear_backward_input(dy, w),
+            *kernels.linear_backward_weight(dy, x),
+            np.array(kernels.mse_loss(dy, t)),
+            kernels.mse_backward(dy, t),
+            np.array(loss), dx, dw, db,
+        ]
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3), (37, 3000, 500), (9000, 20, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
+    run = all_results(np.random.default_rng(7), dtype, *shape)
+    num_threads(1)
+    first = run()
+    for threads in (2, 3, 1):
+        num_threads(threads)
+        for a, b in zip(first, run()):
+            assert a.tobytes() == b.tobytes(), f"results differ with {threads} threads"
+
+
+def test_thread_setting_round_trips(num_threads):
+    num_threads(3)
+    assert lingrad.get_num_threads() == 3
+    num_threads(1)
+    assert lingrad.get_num_threads() == 1
