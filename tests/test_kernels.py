@@ -27,6 +27,7 @@ SHAPES = [
     (97, 61, 89),
     (3, 5, 4100),    # out > NC: several column blocks in the forward pass
     (4, 3, 4099),    # in > NC: several column blocks for dX and dW
+    (3000, 800, 3),  # dW's packed X (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
     (3, 0, 2),       # no input features: y = bias
     (0, 5, 3),       # empty batch
 ]

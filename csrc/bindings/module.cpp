@@ -459,5 +459,13 @@ in double. grad_bias is None when bias is None; grad_input is None when input_gr
   m.def("set_isa", &set_isa, arg("name"),
         "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
+  m.def(
+      "measure_fma_peak",
+      [](int threads, double seconds) {
+        py::gil_scoped_release release;
+        return lingrad::measure_fma_peak(threads, seconds);
+      },
+      arg("threads"), arg("seconds") = 0.3,
+      "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path.");
   m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
 }

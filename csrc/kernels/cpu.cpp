@@ -1,6 +1,7 @@
 // Run-time choices: which build of the micro-kernels runs (from the CPU's features), and how
 // many threads. Both are process-wide atomics, safe to change from any thread.
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -86,6 +87,25 @@ void get_tile(bool double_, int* mr, int* nr) {
   const GemmKernels& k = active_kernels();
   *mr = double_ ? k.mr_double : k.mr_float;
   *nr = double_ ? k.nr_double : k.nr_float;
+}
+
+double measure_fma_peak(int threads, double seconds) {
+  using clock = std::chrono::steady_clock;
+  const GemmKernels& k = active_kernels();
+  const index_t iterations = 1 << 20;
+  double best = 0, sink = 0;
+  const auto stop = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
+  do {
+    const clock::time_point start = clock::now();
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(+ : sink)
+    sink += k.fma_probe(iterations, 1.0f + 1e-3f * static_cast<float>(sink != sink));
+    const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
+    const double flops = static_cast<double>(iterations) * k.fma_probe_flops * (threads > 0 ? threads : 1);
+    if (elapsed > 0 && flops / elapsed > best) best = flops / elapsed;
+  } while (clock::now() < stop);
+  volatile double keep = sink;  // the checksum must be used
+  (void)keep;
+  return best * 1e-9;
 }
 
 int get_num_threads() { return thread_count().load(std::memory_order_relaxed); }

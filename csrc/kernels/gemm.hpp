@@ -38,6 +38,8 @@ struct GemmKernels {
   const char* name;
   void (*sgemm)(const GemmArgs<float>&);
   void (*dgemm)(const GemmArgs<double>&);
+  double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
+  int fma_probe_flops;                                  // float flops per probe iteration
   int mr_float, nr_float, mr_double, nr_double;
 };
 

@@ -8,12 +8,14 @@
 // no standard-library templates.
 //
 // Loops, outermost first (BLIS names):
-//   jc  over N in NC columns        B panel (KC x NC) packed once, shared by all threads
-//   pc  over K in KC steps           the only loop over the reduction: never split across threads
-//   ic  over M in MC rows            A block (MC x KC) packed per thread, stays in L2
+//   jc  over N in NC columns        B packed (K slices x NC), shared by all threads
+//   ic  over M in MC rows            each thread takes a fixed range of (ic block, jr group) items
+//   pc  over K in KC slices          the only loop over the reduction: never split across threads
+//                                    (A block MC x KC packed per thread, stays in L2)
 //   jr, ir over NR x MR tiles        micro-kernel, B micro-panel in L1
-// Threads share out (ic block, group of jr panels) work items, so each element of C is summed
-// in the same order whatever the thread count. KC, MC, NC are constants of the build.
+// Each element of C is summed in the same order (pc ascending, k ascending within a slice)
+// whatever thread computes it. Block sizes follow from the shape and the build's
+// KC, MC, NC, never from the thread count.
 #ifndef LINGRAD_ISA
 #error "define LINGRAD_ISA before including gemm_engine.hpp"
 #endif
@@ -32,6 +34,8 @@ namespace LINGRAD_ISA {
 namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+constexpr double kSerialWork = 1 << 17;  // multiply-adds (M*N*K) below which one thread runs
+constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
 inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 // 64-byte aligned scratch memory, freed on scope exit.
@@ -83,20 +87,21 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
   }
 }
 
-// The micro-kernel: C[0:mr, 0:nr] = (or +=) A_panel (kc x MR) * B_panel (kc x NR).
-// acc is a fixed-size tile indexed only by constants after unrolling, so it lives in registers.
-template <typename T, int MR, int NR>
-void micro_kernel(index_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
-                  index_t ldc, index_t mr, index_t nr, bool accumulate) {
+// The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B_panel (kc x NR).
+// A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
+// (a[i*a_rs + k]). acc is a fixed-size tile indexed only by constants after unrolling, so it
+// lives in registers.
+template <typename T, int MR, int NR, bool kPackedA>
+void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b,
+                  T* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate) {
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
 
   for (index_t k = 0; k < kc; ++k) {
-    const T* __restrict ak = a + k * MR;
     const T* __restrict bk = b + k * NR;
     for (int i = 0; i < MR; ++i) {
-      const T ai = ak[i];
+      const T ai = kPackedA ? a[k * MR + i] : a[i * a_rs + k];
 #pragma omp simd
       for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
     }
@@ -153,7 +158,8 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
 template <typename T, int MR, int NR, int KC, int MC, int NC>
 void gemm(const GemmArgs<T>& g) {
   static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
-  constexpr index_t kPanelsPerItem = 4;  // jr panels in one work item
+  constexpr index_t kPanelsPerItem = 4;                  // jr panels in one work item
+  constexpr index_t kSlabBytes = index_t(8) << 20;       // packed B shared between two barriers
   const index_t M = g.m, N = g.n, K = g.k;
   const Epilogue<T>& e = g.epilogue;
 
@@ -168,67 +174,99 @@ void gemm(const GemmArgs<T>& g) {
     return;
   }
 
-  const int num_threads = g.num_threads > 0 ? g.num_threads : 1;
-  const index_t kc_max = K > 0 ? imin(KC, K) : 1;
-  const index_t b_panel = kc_max * imin(NC, ceil_div(N, NR) * NR);
-  const index_t a_block = ceil_div(kc_max * imin(MC, ceil_div(M, MR) * MR), 16) * 16;
-  Scratch<T> work(ceil_div(b_panel, 16) * 16 + num_threads * a_block);
+  // Block sizes depend on the problem only, never on the thread count, so every element of C is
+  // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
+  // blocks of at most MC rows (threads get equal work).
+  const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
+  const index_t kc_step = ceil_div(K, num_pc);
+  const index_t mc_step = ceil_div(ceil_div(M, ceil_div(M, MC)), MR) * MR;
+  const index_t m_blocks = ceil_div(M, mc_step);
+  // B is packed a slab (several K slices of an NC column block) at a time: all of it between two
+  // barriers when it fits in kSlabBytes, which is most layers; one K slice at a time otherwise.
+  const index_t nc_max = imin(NC, ceil_div(N, NR) * NR);
+  const index_t slice = (kc_step > 0 ? kc_step : 1) * nc_max;  // elements of one packed K slice
+  const index_t pcs_per_slab = imin(num_pc, kSlabBytes / static_cast<index_t>(sizeof(T)) / slice + 1);
+  // Below kSerialWork multiply-adds a thread team costs more than it saves.
+  const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
+  const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
+
+  const index_t b_slab = pcs_per_slab * slice;
+  const index_t a_block = ceil_div((kc_step > 0 ? kc_step : 1) * mc_step, 16) * 16;
+  Scratch<T> work(b_slab + num_threads * a_block);
   const index_t tiles_n = ceil_div(N, NR);
   Scratch<double> tile_squares(e.loss ? ceil_div(M, MR) * tiles_n : 1);
   const bool has_epilogue = e.bias.data || e.target;
-  const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
-  const index_t m_blocks = ceil_div(M, MC);
+  // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
+  // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
+  // zero-padded edge panels go through the packed path, and so do rows a multiple of
+  // kAliasBytes apart: they would fall into the same L1 cache sets.
+  const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
   T* const b_pack = work.get();
 
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
 #if defined(_OPENMP)
-    T* const a_pack = b_pack + ceil_div(b_panel, 16) * 16 + omp_get_thread_num() * a_block;
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    T* const a_pack = b_pack + ceil_div(b_panel, 16) * 16;
+    const int thread = 0, team = 1;
 #endif
+    T* const a_pack = b_pack + b_slab + thread * a_block;
     for (index_t jc = 0; jc < N; jc += NC) {
       const index_t nc = imin(NC, N - jc);
       const index_t n_panels = ceil_div(nc, NR);
-      const index_t items_per_block = ceil_div(n_panels, kPanelsPerItem);
-      for (index_t pc = 0; pc < num_pc; ++pc) {
-        const index_t k0 = pc * KC, kc = imin(KC, K - k0);
-        const bool last_pc = pc == num_pc - 1;
+      const index_t parts = ceil_div(n_panels, kPanelsPerItem);  // work items per row block
+      // This thread's share of the (row block, part) items: a contiguous range, fixed by the team size.
+      const index_t items = m_blocks * parts;
+      const index_t first = items * thread / team, last = items * (thread + 1) / team;
 
+      for (index_t pc0 = 0; pc0 < num_pc; pc0 += pcs_per_slab) {
+        const index_t pc1 = imin(num_pc, pc0 + pcs_per_slab);
 #pragma omp for schedule(static)
-        for (index_t p = 0; p < n_panels; ++p)
-          pack_micro_panel<T, NR>(b_pack + p * NR * kc, g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs,
-                                  g.b_cs, g.b_rs, imin(NR, nc - p * NR), kc, nullptr);
-        // (implicit barrier: the B panel is complete before anyone reads it)
+        for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
+          const index_t pc = pc0 + job / n_panels, p = job % n_panels;
+          const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
+          pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
+                                  g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs,
+                                  imin(NR, nc - p * NR), kc, nullptr);
+        }
+        // (implicit barrier: the slab is complete before anyone reads it)
 
-        index_t packed_block = -1;
-#pragma omp for schedule(static)
-        for (index_t item = 0; item < m_blocks * items_per_block; ++item) {
-          const index_t ib = item / items_per_block, part = item % items_per_block;
-          const index_t i0 = ib * MC, mc = imin(MC, M - i0);
-          if (ib != packed_block) {
-            // Row sums are taken by the one thread that owns the block's first item, once per pc.
-            T* sums = (g.a_row_sums && jc == 0 && part == 0) ? g.a_row_sums + i0 : nullptr;
+        for (index_t item = first; item < last;) {
+          const index_t ib = item / parts, part_begin = item % parts;
+          const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
+          item += part_end - part_begin;
+          const index_t i0 = ib * mc_step, mc = imin(mc_step, M - i0);
+          // The bias gradient is summed by the one thread that owns the block's first part.
+          T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
+
+          for (index_t pc = pc0; pc < pc1; ++pc) {
+            const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
             for (index_t ip = 0; ip < mc; ip += MR)
-              pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs,
-                                      g.a_rs, g.a_cs, imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
-            packed_block = ib;
-          }
-          const index_t p_end = imin(n_panels, (part + 1) * kPanelsPerItem);
-          for (index_t p = part * kPanelsPerItem; p < p_end; ++p) {
-            const index_t j0 = jc + p * NR, nr = imin(NR, N - j0);
-            for (index_t ip = 0; ip < mc; ip += MR) {
-              const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
-              T* c = g.c + m0 * g.ldc + j0;
-              micro_kernel<T, MR, NR>(kc, a_pack + ip * kc, b_pack + p * NR * kc, c, g.ldc, mr, nr, pc > 0);
-              if (last_pc && has_epilogue) {
-                const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
-                if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
+              if (pack_a || mc - ip < MR)
+                pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs,
+                                        g.a_cs, imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
+            const T* b_slice = b_pack + (pc - pc0) * slice;
+            const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
+            for (index_t p = part_begin * kPanelsPerItem; p < p_end; ++p) {
+              const index_t j0 = jc + p * NR, nr = imin(NR, N - j0);
+              for (index_t ip = 0; ip < mc; ip += MR) {
+                const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
+                T* c = g.c + m0 * g.ldc + j0;
+                const T* b_panel = b_slice + p * NR * kc;
+                if (pack_a || mr < MR)
+                  micro_kernel<T, MR, NR, true>(kc, a_pack + ip * kc, 0, b_panel, c, g.ldc, mr, nr, pc > 0);
+                else
+                  micro_kernel<T, MR, NR, false>(kc, g.a + m0 * g.a_rs + k0, g.a_rs, b_panel, c, g.ldc, mr, nr, pc > 0);
+                if (pc == num_pc - 1 && has_epilogue) {
+                  const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
+                  if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
+                }
               }
             }
           }
         }
-        // (implicit barrier: everyone is done with the B panel before it is repacked)
+#pragma omp barrier
+        // (everyone is done with the slab before it is repacked)
       }
     }
   }
@@ -241,13 +279,31 @@ void gemm(const GemmArgs<T>& g) {
   }
 }
 
+// The peak-rate probe: 12 independent chains of VL-wide float FMAs (the micro-kernel's pattern
+// without memory). Returns a checksum so nothing is optimised away; 2 * 12 * VL flops per iteration.
+template <int VL>
+double fma_probe(index_t iterations, float seed) {
+  float acc[12][VL];
+  for (int i = 0; i < 12; ++i)
+    for (int j = 0; j < VL; ++j) acc[i][j] = seed * static_cast<float>(i * VL + j + 1);  // distinct chains
+  const float a = 1.0f - 1e-7f * seed, b = 1e-7f * seed;
+  for (index_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i)
+#pragma omp simd
+      for (int j = 0; j < VL; ++j) acc[i][j] = acc[i][j] * a + b;
+  double sum = 0;
+  for (int i = 0; i < 12; ++i)
+    for (int j = 0; j < VL; ++j) sum += acc[i][j];
+  return sum;
+}
+
 }  // namespace
 
 // The table this build exports (declared in gemm.hpp), from the file's tile and block sizes.
 template <int MRf, int NRf, int MCf, int MRd, int NRd, int MCd, int KC, int NC>
 constexpr GemmKernels make_kernels(const char* name) {
   return GemmKernels{name, &gemm<float, MRf, NRf, KC, MCf, NC>, &gemm<double, MRd, NRd, KC, MCd, NC>,
-                     MRf, NRf, MRd, NRd};
+                     &fma_probe<NRf / 2>, 2 * 12 * (NRf / 2), MRf, NRf, MRd, NRd};
 }
 
 }  // namespace LINGRAD_ISA

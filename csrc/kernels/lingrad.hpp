@@ -77,4 +77,8 @@ int available_isas(const char** names, int capacity);  // supported by this buil
 // Register tile (MR x NR) of the micro-kernels in use, for float (double_=false) or double.
 void get_tile(bool double_, int* mr, int* nr);
 
+// The machine's float32 FMA peak in GFLOP/s with the given threads, measured with the active
+// build's instructions (12 independent FMA chains per thread, best of repeats over ~seconds).
+double measure_fma_peak(int threads, double seconds);
+
 }  // namespace lingrad

@@ -1,0 +1,224 @@
+"""The benchmark sweep: lingrad against PyTorch's CPU path and NumPy, measured in one process.
+
+Each comparison runs its contestants interleaved (A, B, A, B, ...) so that both see the same
+machine load, and reports medians and the ratio of medians (> 1 means lingrad is faster). GFLOP/s
+count 2*B*in*out per product: a forward pass is one product, a training step with the input
+gradient three. The peak is measured here, with an FMA loop on the same threads.
+
+Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+import lingrad
+from lingrad import _C, kernels
+
+# (batch, in_features, out_features)
+SWEEP = [
+    (1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024),
+    (5000, 784, 50), (60000, 784, 50), (8192, 1024, 1), (1024, 4096, 1024), (4096, 1024, 1024),
+]
+ODD = [(257, 511, 1000), (777, 1000, 257), (1000, 777, 511)]   # no power of two, no tile multiple
+FLOAT64 = [(64, 784, 50), (512, 1024, 1024)]
+QUICK = [(1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024)]
+
+
+@dataclass
+class Result:
+    case: str            # "step fused", "step drop-in", "forward", "grad input", "grad weight"
+    shape: tuple
+    dtype: str
+    flops: float
+    seconds: dict = field(default_factory=dict)   # contestant -> median seconds per call
+
+    def ratio(self, baseline: str) -> float:
+        return self.seconds[baseline] / self.seconds["lingrad"]
+
+    def gflops(self, contestant: str) -> float:
+        return self.flops / self.seconds[contestant] * 1e-9
+
+
+def time_interleaved(contestants: dict[str, Callable[[], object]], budget: float = 0.6,
+                     min_rounds: int = 5, max_rounds: int = 200) -> dict[str, float]:
+    """Median seconds per call of each contestant, timed in alternation.
+
+    A round calls each contestant `inner` times in a row (enough for ~1 ms), then the next one;
+    rounds repeat until `budget` seconds are spent (at least `min_rounds`)."""
+    for f in contestants.values():  # warm up: first-touch allocations, thread pools, caches
+        f()
+        f()
+    slowest = max(_once(f) for f in contestants.values())
+    inner = max(1, int(1e-3 / max(slowest, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in contestants}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < max_rounds):
+        for name, f in contestants.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            samples[name].append((time.perf_counter() - t0) / inner)
+        rounds += 1
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _once(f: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def _arrays(shape, dtype, seed=0):
+    batch, n_in, n_out = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, n_in)).astype(dtype)
+    w = (rng.standard_normal((n_out, n_in)) / np.sqrt(max(n_in, 1))).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    t = rng.standard_normal((batch, n_out)).astype(dtype)
+    dy = rng.standard_normal((batch, n_out)).astype(dtype)
+    return x, w, b, t, dy
+
+
+def numpy_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
+    """lingrad's NumPy kernels against NumPy's own expressions, each writing into a preallocated
+    output where NumPy can (so neither side pays for allocation)."""
+    x, w, b, t, dy = _arrays(shape, dtype)
+    y, dx, dw, db = np.empty_like(t), np.empty_like(x), np.empty_like(w), np.empty_like(b)
+
+    def np_forward():
+        np.matmul(x, w.T, out=y)
+        np.add(y, b, out=y)
+
+    def np_grad_weight():
+        np.matmul(dy.T, x, out=dw)
+        dy.sum(axis=0, out=db)
+
+    return {
+        "forward": {"lingrad": lambda: kernels.linear_forward(x, w, b, out=y), "numpy": np_forward},
+        "grad input": {"lingrad": lambda: kernels.linear_backward_input(dy, w, out=dx),
+                       "numpy": lambda: np.matmul(dy, w, out=dx)},
+        "grad weight": {"lingrad": lambda: kernels.linear_backward_weight(dy, x, out=dw, bias_out=db),
+                        "numpy": np_grad_weight},
+    }
+
+
+def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
+    """Whole training steps (forward, loss, backward with the input gradient) through PyTorch's
+    autograd: lingrad's fused block and drop-in Linear against nn.Linear + F.mse_loss."""
+    import torch
+    import torch.nn.functional as F
+
+    x_np, w_np, b_np, t_np, _ = _arrays(shape, dtype)
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    t = torch.from_numpy(t_np)
+    n_out, n_in = w_np.shape
+
+    reference = torch.nn.Linear(n_in, n_out, dtype=x.dtype)
+    drop_in = lingrad.Linear(n_in, n_out, dtype=x.dtype)
+    fused = lingrad.LinearMSELoss(n_in, n_out, dtype=x.dtype)
+    for module in (reference, drop_in, fused):
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(w_np))
+            module.bias.copy_(torch.from_numpy(b_np))
+    params = [x, *reference.parameters(), *drop_in.parameters(), *fused.parameters()]
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    def torch_step():
+        clear()
+        F.mse_loss(reference(x), t).backward()
+
+    def drop_in_step():
+        clear()
+        F.mse_loss(drop_in(x), t).backward()
+
+    def fused_step():
+        clear()
+        fused(x, t).backward()
+
+    return {
+        "step fused": {"lingrad": fused_step, "torch": torch_step},
+        "step drop-in": {"lingrad": drop_in_step, "torch": torch_step},
+    }
+
+
+def run(shapes: Iterable[tuple], dtype=np.float32, *, numpy_baseline: bool = True, torch_baseline: bool = True,
+        budget: float = 0.6, progress: Callable[[Iterable], Iterable] | None = None) -> list[Result]:
+    """Measure every case at every shape. `progress` may wrap the shape iterator (e.g. tqdm)."""
+    results = []
+    shapes = list(shapes)
+    for shape in (progress(shapes) if progress else shapes):
+        batch, n_in, n_out = shape
+        product = 2.0 * batch * n_in * n_out
+        groups = []
+        if torch_baseline:
+            groups.append((torch_cases(shape, dtype), 3 * product))
+        if numpy_baseline:
+            groups.append((numpy_cases(shape, dtype), product))
+        for cases, flops in groups:  # PyTorch and NumPy are never timed together: their pools fight
+            for case, contestants in cases.items():
+                seconds = time_interleaved(contestants, budget=budget)
+                results.append(Result(case, shape, np.dtype(dtype).name, flops, seconds))
+    return results
+
+
+def peak_gflops(threads: int | None = None) -> float:
+    """The float32 FMA peak of this machine with lingrad's threads (see _C.measure_fma_peak)."""
+    return _C.measure_fma_peak(threads or lingrad.get_num_threads(), 0.3)
+
+
+def table(results: list[Result], peak: float) -> str:
+    """A Markdown table: medians, ratios against the baseline, GFLOP/s and percent of peak."""
+    lines = [
+        "| case | dtype | B, in, out | lingrad | baseline | ratio | lingrad GF/s | baseline GF/s | % of peak |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        baseline = next(name for name in r.seconds if name != "lingrad")
+        lines.append(
+            f"| {r.case} | {r.dtype} | {', '.join(map(str, r.shape))} | {_us(r.seconds['lingrad'])} | "
+            f"{baseline} {_us(r.seconds[baseline])} | {r.ratio(baseline):.2f}x | {r.gflops('lingrad'):.1f} | "
+            f"{r.gflops(baseline):.1f} | {100 * r.gflops('lingrad') / peak:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def plot(results: list[Result], path: str, peak: float) -> str:
+    """A PNG chart of GFLOP/s per shape for each case: lingrad against its baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in results))
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 2.6 * len(cases)), squeeze=False)
+    for ax, case in zip(axes[:, 0], cases):
+        rows = [r for r in results if r.case == case]
+        labels = [f"{r.shape[0]},{r.shape[1]},{r.shape[2]}" + ("" if r.dtype == "float32" else " f64") for r in rows]
+        xs = np.arange(len(rows))
+        contestants = list(rows[0].seconds)
+        width = 0.8 / len(contestants)
+        for i, name in enumerate(contestants):
+            ax.bar(xs + (i - (len(contestants) - 1) / 2) * width, [r.gflops(name) for r in rows], width, label=name)
+        ax.axhline(peak, color="gray", linestyle="--", linewidth=1, label=f"FMA peak {peak:.0f}")
+        ax.set_title(case)
+        ax.set_ylabel("GFLOP/s")
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1, 0].set_xlabel("batch, in_features, out_features")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
