@@ -34,7 +34,7 @@ namespace LINGRAD_ISA {
 namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
-constexpr double kSerialWork = 1 << 17;  // multiply-adds (M*N*K) below which one thread runs
+constexpr double kSerialWork = 1 << 19;  // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
 inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
