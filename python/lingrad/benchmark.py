@@ -3,7 +3,7 @@
 Each comparison runs its contestants interleaved (A, B, A, B, ...) so that both see the same
 machine load, and reports medians and the ratio of medians (> 1 means lingrad is faster). GFLOP/s
 count 2*B*in*out per product: a forward pass is one product, a training step with the input
-gradient three. The peak is measured here, with an FMA loop on the same threads.
+gradient three (the mixed MLP's second layer, out -> 1, is not counted). The peak is measured here, with an FMA loop on the same threads.
 
 Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
 """
@@ -31,7 +31,7 @@ QUICK = [(1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 10
 
 @dataclass
 class Result:
-    case: str            # "step fused", "step drop-in", "forward", "grad input", "grad weight"
+    case: str            # "step fused", "step drop-in", "mlp mixed", "forward", "grad input", "grad weight"
     shape: tuple
     dtype: str
     flops: float
@@ -126,7 +126,16 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(w_np))
             module.bias.copy_(torch.from_numpy(b_np))
-    params = [x, *reference.parameters(), *drop_in.parameters(), *fused.parameters()]
+    # A mixed model: lingrad layers around a PyTorch ReLU, against the same model in plain PyTorch
+    # (they share one OpenMP runtime, so they must not fight over the cores).
+    torch_mlp = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(),
+                                    torch.nn.Linear(n_out, 1, dtype=x.dtype))
+    mixed_mlp = torch.nn.Sequential(lingrad.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(),
+                                    lingrad.Linear(n_out, 1, dtype=x.dtype))
+    mixed_mlp.load_state_dict(torch_mlp.state_dict())
+    t1 = t[:, :1].contiguous()
+    params = [x, *reference.parameters(), *drop_in.parameters(), *fused.parameters(),
+              *torch_mlp.parameters(), *mixed_mlp.parameters()]
 
     def clear():
         for p in params:
@@ -144,9 +153,18 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
         clear()
         fused(x, t).backward()
 
+    def torch_mlp_step():
+        clear()
+        F.mse_loss(torch_mlp(x), t1).backward()
+
+    def mixed_mlp_step():
+        clear()
+        F.mse_loss(mixed_mlp(x), t1).backward()
+
     return {
         "step fused": {"lingrad": fused_step, "torch": torch_step},
         "step drop-in": {"lingrad": drop_in_step, "torch": torch_step},
+        "mlp mixed": {"lingrad": mixed_mlp_step, "torch": torch_mlp_step},
     }
 
 
