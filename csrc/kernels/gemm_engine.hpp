@@ -35,6 +35,7 @@ namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 constexpr double kSerialWork = 1 << 19;  // multiply-adds (M*N*K) below which one thread runs (measured)
+constexpr index_t kNarrowN = 4;          // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
 inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
@@ -87,19 +88,20 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
   }
 }
 
-// The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B_panel (kc x NR).
+// The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B (kc x NR).
 // A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
-// (a[i*a_rs + k]). acc is a fixed-size tile indexed only by constants after unrolling, so it
+// (a[i*a_rs + k]); B is a packed micro-panel (b[k*NR + j]) or, in place, rows of NR contiguous
+// elements (b[k*b_rs + j]). acc is a fixed-size tile indexed only by constants after unrolling, so it
 // lives in registers.
-template <typename T, int MR, int NR, bool kPackedA>
-void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b,
+template <typename T, int MR, int NR, bool kPackedA, bool kPackedB>
+void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs,
                   T* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate) {
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
 
   for (index_t k = 0; k < kc; ++k) {
-    const T* __restrict bk = b + k * NR;
+    const T* __restrict bk = kPackedB ? b + k * NR : b + k * b_rs;
     for (int i = 0; i < MR; ++i) {
       const T ai = kPackedA ? a[k * MR + i] : a[i * a_rs + k];
 #pragma omp simd
@@ -155,6 +157,41 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
   return squares;
 }
 
+// Narrow products (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), with A's
+// rows and B's columns contiguous in k. A register tile would waste most of its columns, and the
+// product is bound by reading A once anyway. Rows are split over threads; each dot product is one
+// vectorised reduction whose order is fixed by the code, not the thread count.
+template <typename T>
+void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
+  constexpr index_t kRows = 64;  // rows per work block, and per partial sum of the loss
+  const index_t M = g.m, N = g.n, K = g.k;
+  const index_t blocks = ceil_div(M, kRows);
+  const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+  for (index_t block = 0; block < blocks; ++block) {
+    double squares = 0;
+    for (index_t m = block * kRows; m < imin(M, (block + 1) * kRows); ++m) {
+      const T* __restrict a = g.a + m * g.a_rs;
+      T* c = g.c + m * g.ldc;
+      for (index_t n = 0; n < N; ++n) {
+        const T* __restrict b = g.b + n * g.b_cs;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (index_t k = 0; k < K; ++k) sum += a[k] * b[k];
+        c[n] = sum;
+      }
+      if (has_epilogue) squares += apply_epilogue(g.epilogue, c, g.ldc, m, 0, 1, N);
+    }
+    if (g.epilogue.loss) block_squares.get()[block] = squares;
+  }
+  if (g.epilogue.loss) {
+    double total = 0;
+    for (index_t block = 0; block < blocks; ++block) total += block_squares.get()[block];
+    *g.epilogue.loss = total;
+  }
+}
+
 template <typename T, int MR, int NR, int KC, int MC, int NC>
 void gemm(const GemmArgs<T>& g) {
   static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
@@ -174,6 +211,11 @@ void gemm(const GemmArgs<T>& g) {
     return;
   }
 
+  // Below kSerialWork multiply-adds a thread team costs more than it saves.
+  const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
+  const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
+  if (N <= kNarrowN && g.a_cs == 1 && g.b_rs == 1 && !g.a_row_sums) return gemm_narrow(g, num_threads);
+
   // Block sizes depend on the problem only, never on the thread count, so every element of C is
   // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
   // blocks of at most MC rows (threads get equal work).
@@ -186,9 +228,6 @@ void gemm(const GemmArgs<T>& g) {
   const index_t nc_max = imin(NC, ceil_div(N, NR) * NR);
   const index_t slice = (kc_step > 0 ? kc_step : 1) * nc_max;  // elements of one packed K slice
   const index_t pcs_per_slab = imin(num_pc, kSlabBytes / static_cast<index_t>(sizeof(T)) / slice + 1);
-  // Below kSerialWork multiply-adds a thread team costs more than it saves.
-  const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
-  const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
 
   const index_t b_slab = pcs_per_slab * slice;
   const index_t a_block = ceil_div((kc_step > 0 ? kc_step : 1) * mc_step, 16) * 16;
@@ -201,6 +240,10 @@ void gemm(const GemmArgs<T>& g) {
   // zero-padded edge panels go through the packed path, and so do rows a multiple of
   // kAliasBytes apart: they would fall into the same L1 cache sets.
   const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
+  // B is packed to be reused by many row blocks; with a single row block (dW = dY^T X for up to
+  // MC outputs: the tall-skinny layers) packing would copy all of X for one use, so rows of B with
+  // unit n stride are read in place instead (edge panels still packed).
+  const bool pack_b = !(m_blocks == 1 && g.b_cs == 1 && (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0);
   T* const b_pack = work.get();
 
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
@@ -225,9 +268,10 @@ void gemm(const GemmArgs<T>& g) {
         for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
           const index_t pc = pc0 + job / n_panels, p = job % n_panels;
           const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
-          pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
-                                  g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs,
-                                  imin(NR, nc - p * NR), kc, nullptr);
+          if (pack_b || nc - p * NR < NR)
+            pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
+                                    g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs,
+                                    imin(NR, nc - p * NR), kc, nullptr);
         }
         // (implicit barrier: the slab is complete before anyone reads it)
 
@@ -252,11 +296,17 @@ void gemm(const GemmArgs<T>& g) {
               for (index_t ip = 0; ip < mc; ip += MR) {
                 const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
                 T* c = g.c + m0 * g.ldc + j0;
-                const T* b_panel = b_slice + p * NR * kc;
-                if (pack_a || mr < MR)
-                  micro_kernel<T, MR, NR, true>(kc, a_pack + ip * kc, 0, b_panel, c, g.ldc, mr, nr, pc > 0);
+                const bool packed_a = pack_a || mr < MR, packed_b = pack_b || nr < NR;
+                const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
+                const T* b_panel = packed_b ? b_slice + p * NR * kc : g.b + k0 * g.b_rs + j0;
+                if (packed_a && packed_b)
+                  micro_kernel<T, MR, NR, true, true>(kc, a_panel, 0, b_panel, 0, c, g.ldc, mr, nr, pc > 0);
+                else if (packed_b)
+                  micro_kernel<T, MR, NR, false, true>(kc, a_panel, g.a_rs, b_panel, 0, c, g.ldc, mr, nr, pc > 0);
+                else if (packed_a)
+                  micro_kernel<T, MR, NR, true, false>(kc, a_panel, 0, b_panel, g.b_rs, c, g.ldc, mr, nr, pc > 0);
                 else
-                  micro_kernel<T, MR, NR, false>(kc, g.a + m0 * g.a_rs + k0, g.a_rs, b_panel, c, g.ldc, mr, nr, pc > 0);
+                  micro_kernel<T, MR, NR, false, false>(kc, a_panel, g.a_rs, b_panel, g.b_rs, c, g.ldc, mr, nr, pc > 0);
                 if (pc == num_pc - 1 && has_epilogue) {
                   const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
                   if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
