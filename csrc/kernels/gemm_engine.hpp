@@ -170,19 +170,31 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
   Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
   for (index_t block = 0; block < blocks; ++block) {
-    double squares = 0;
-    for (index_t m = block * kRows; m < imin(M, (block + 1) * kRows); ++m) {
-      const T* __restrict a = g.a + m * g.a_rs;
-      T* c = g.c + m * g.ldc;
+    const index_t m_end = imin(M, (block + 1) * kRows);
+    for (index_t m = block * kRows; m < m_end; m += 4) {
+      // Four rows at a time: four independent FMA chains share each load of B.
+      const index_t rows = imin(4, m_end - m);
+      const T* __restrict a0 = g.a + m * g.a_rs;
+      const T* __restrict a1 = rows > 1 ? a0 + g.a_rs : a0;  // a short group repeats its last row
+      const T* __restrict a2 = rows > 2 ? a0 + 2 * g.a_rs : a1;
+      const T* __restrict a3 = rows > 3 ? a0 + 3 * g.a_rs : a2;
       for (index_t n = 0; n < N; ++n) {
         const T* __restrict b = g.b + n * g.b_cs;
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (index_t k = 0; k < K; ++k) sum += a[k] * b[k];
-        c[n] = sum;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (index_t k = 0; k < K; ++k) {
+          s0 += a0[k] * b[k];
+          s1 += a1[k] * b[k];
+          s2 += a2[k] * b[k];
+          s3 += a3[k] * b[k];
+        }
+        const T sums[4] = {s0, s1, s2, s3};
+        for (index_t r = 0; r < rows; ++r) g.c[(m + r) * g.ldc + n] = sums[r];
       }
-      if (has_epilogue) squares += apply_epilogue(g.epilogue, c, g.ldc, m, 0, 1, N);
     }
+    double squares = 0;
+    if (has_epilogue)
+      for (index_t m = block * kRows; m < m_end; ++m) squares += apply_epilogue(g.epilogue, g.c + m * g.ldc, g.ldc, m, 0, 1, N);
     if (g.epilogue.loss) block_squares.get()[block] = squares;
   }
   if (g.epilogue.loss) {
@@ -215,6 +227,12 @@ void gemm(const GemmArgs<T>& g) {
   const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
   const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
   if (N <= kNarrowN && g.a_cs == 1 && g.b_rs == 1 && !g.a_row_sums) return gemm_narrow(g, num_threads);
+  if constexpr (MR > 1) {
+    // One or two rows (a batch of one, a layer with one output's dW): an MR-row tile would be
+    // mostly padding, so use a one-row tile four times as wide (8 vector accumulators).
+    constexpr int kWide = 4 * NR;
+    if (M <= 2) return gemm<T, 1, kWide, KC, MC, NC / kWide * kWide>(g);
+  }
 
   // Block sizes depend on the problem only, never on the thread count, so every element of C is
   // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
@@ -242,8 +260,9 @@ void gemm(const GemmArgs<T>& g) {
   const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
   // B is packed to be reused by many row blocks; with a single row block (dW = dY^T X for up to
   // MC outputs: the tall-skinny layers) packing would copy all of X for one use, so rows of B with
-  // unit n stride are read in place instead (edge panels still packed).
-  const bool pack_b = !(m_blocks == 1 && g.b_cs == 1 && (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0);
+  // unit n stride are read in place instead (edge panels still packed). Aliasing rows matter only
+  // when a B micro-panel is reused, by more than one row panel.
+  const bool pack_b = !(m_blocks == 1 && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
   T* const b_pack = work.get();
 
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
