@@ -20,9 +20,10 @@ import lingrad
 from lingrad import kernels
 from lingrad import reference as ref
 
-# (batch, in, out): one neuron; smaller than a register tile; odd sizes over several tiles, and
-# more than 2^19 multiply-adds so the threaded path runs; the demo's first layer.
-SHAPES = [(1, 3, 1), (5, 7, 3), (129, 257, 33), (64, 784, 50)]
+# (batch, in, out): one neuron; smaller than a register tile; odd sizes over several register tiles,
+# more than 2^19 multiply-adds (the threaded path) and more than one 256-long slice of the reduction
+# over the input features (forward) or over the batch (weight gradient).
+SHAPES = [(1, 3, 1), (5, 7, 3), (129, 515, 33), (515, 129, 33)]
 DTYPES = (np.float32, np.float64)
 
 
@@ -104,7 +105,7 @@ KERNEL_CHECKS: dict[str, Callable] = {
 def _threads_bitwise(dtype) -> str | None:
     """None if the fused step is bitwise identical with 1 thread and with all; else what differs."""
     threads = lingrad.get_num_threads()
-    x, w, b, t, _ = _arrays((129, 257, 33), dtype)
+    x, w, b, t, _ = _arrays((515, 129, 33), dtype)
     lingrad.set_num_threads(1)
     try:
         one = kernels.linear_mse(x, w, b, t)

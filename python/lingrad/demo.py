@@ -245,8 +245,7 @@ def plot(run: Run, path: str, facts: dict) -> str:
     ax2.grid(True, which="both", alpha=0.3)
 
     right = outer[1].subgridspec(rows, cols)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#b0b0b0")  # exactly 0.0 is drawn gray, so it cannot be mistaken for "small"
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#b0b0b0")  # exactly 0.0 (masked) is gray, not "small"
     last = None
     for k, unit in enumerate(units):
         image = run.grad_w1[unit].reshape(28, 28)
