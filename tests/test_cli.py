@@ -1,5 +1,6 @@
 """The command line (lingrad.cli) and the examples: every subcommand runs, on small inputs."""
 import importlib.metadata
+import importlib.util
 import io
 import os
 import subprocess
@@ -51,7 +52,9 @@ def test_help_lists_every_subcommand(capsys):
 
 
 def test_usage_errors_exit_2(capsys):
-    for argv in ([], ["nonsense"], ["demo", "--steps", "0"], ["bench", "--quick", "--full"]):
+    assert cli.main([]) == 2  # no command: the help, and a usage error
+    assert "demo" in capsys.readouterr().out
+    for argv in (["nonsense"], ["demo", "--steps", "0"], ["bench", "--quick", "--full"]):
         with pytest.raises(SystemExit) as exit:
             cli.main(argv)
         assert exit.value.code == 2, argv

@@ -125,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
         epilog='Start with "lingrad demo". "lingrad COMMAND --help" describes each command.',
     )
     top.add_argument("--version", action="version", version=f"lingrad {lingrad.__version__}")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="version, build, threads, SIMD code path, NumPy and PyTorch versions",
                        description="Print the version, the build (compiler, flags, OpenMP), the threads, the SIMD "
@@ -180,7 +180,11 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.command is None:  # bare `lingrad`: say what there is to run
+        top.print_help()
+        return EXIT_UNAVAILABLE
     try:
         return args.func(args)
     except KeyboardInterrupt:

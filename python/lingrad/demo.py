@@ -205,10 +205,8 @@ def plot(run: Run, path: str, facts: dict) -> str:
     """The PNG: both loss curves and their relative difference, and lingrad's first-layer weight
     gradient for a few hidden units as 28x28 images (gray: exactly 0.0)."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
     from matplotlib.ticker import ScalarFormatter
 
     steps = np.arange(1, run.steps + 1)
@@ -217,7 +215,7 @@ def plot(run: Run, path: str, facts: dict) -> str:
     cols = 4
     rows = max(1, -(-len(units) // cols))
 
-    fig = plt.figure(figsize=(15, 5.8), layout="constrained")
+    fig = Figure(figsize=(15, 5.8), layout="constrained")
     outer = fig.add_gridspec(1, 2, width_ratios=[1, 1.35])
     left = outer[0].subgridspec(2, 1, height_ratios=[3, 1])
     ax = fig.add_subplot(left[0])
@@ -245,7 +243,7 @@ def plot(run: Run, path: str, facts: dict) -> str:
     ax2.grid(True, which="both", alpha=0.3)
 
     right = outer[1].subgridspec(rows, cols)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#b0b0b0")  # exactly 0.0 (masked) is gray, not "small"
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#b0b0b0")  # exactly 0.0 (masked) is gray, not "small"
     last = None
     for k, unit in enumerate(units):
         image = run.grad_w1[unit].reshape(28, 28)
@@ -265,7 +263,6 @@ def plot(run: Run, path: str, facts: dict) -> str:
         fontsize=11,
     )
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
