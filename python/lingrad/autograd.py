@@ -54,9 +54,11 @@ class LinearMSEFunction(torch.autograd.Function):
 
     The forward pass is the whole training step: one call of the fused kernel computes the loss
     and, while dY = 2 (y - target) / N is at hand, the gradients of x (only if needed), weight
-    and bias. Backward multiplies them by the incoming gradient of the loss. Without any gradient
-    to compute (torch.no_grad, frozen parameters) it runs only the forward GEMM. A target that
-    requires grad, or double backward, takes an unfused path (see _ops.linear_mse_backward).
+    and bias. Backward multiplies them by the incoming gradient of the loss. When no input
+    requires grad it runs only the forward GEMM and the loss (``ctx.needs_input_grad`` follows
+    requires_grad, not torch.no_grad: :func:`lingrad.functional.linear_mse_loss` detaches the
+    inputs under no_grad). A target that requires grad, or double backward, takes an unfused
+    path (see _ops.linear_mse_backward).
     """
 
     @staticmethod

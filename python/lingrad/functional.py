@@ -122,4 +122,9 @@ def linear_mse_loss(
                 "(*, in_features) and (*, out_features) with the same leading dimensions *"
             )
         input, target = _rows(input), _rows(target)
+    if not torch.is_grad_enabled():
+        # No graph will be recorded, but the Function sees only requires_grad: detached inputs
+        # tell it that no gradient is wanted (it then runs the forward GEMM and the loss only).
+        input, weight, target = input.detach(), weight.detach(), target.detach()
+        bias = None if bias is None else bias.detach()
     return LinearMSEFunction.apply(input, weight, bias, target, reduction)
