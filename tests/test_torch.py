@@ -230,6 +230,21 @@ def test_mse_loss_function_gradcheck(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_double_backward_with_a_unit_gradient_that_requires_grad(reduction):
+    # loss.backward()'s unit gradient is special-cased; when it requires grad it must stay in the graph.
+    grads = []
+    for mse, linear in ((LF.mse_loss, LF.linear), (F.mse_loss, F.linear)):
+        torch.manual_seed(0)
+        x, w, t = rand64(4, 3), rand64(2, 3), torch.randn(4, 2, dtype=torch.float64)
+        unit = torch.ones((), dtype=torch.float64, requires_grad=True)
+        (gw,) = torch.autograd.grad(mse(linear(x, w), t, reduction=reduction), w, unit, create_graph=True)
+        (gw * gw).sum().backward()
+        grads.append((unit.grad, x.grad, w.grad))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_linear_mse_function_gradcheck(reduction):
     x, w, b, t = rand64(4, 3), rand64(2, 3), rand64(2), rand64(4, 2)
     fused = lambda *a: LinearMSEFunction.apply(*a, reduction)  # noqa: E731
@@ -515,7 +530,9 @@ def test_bad_input_raises_errors_naming_arguments_and_shapes():
     with pytest.raises(ValueError, match=r"reduction must be 'mean' or 'sum'.*'max'"):
         LF.mse_loss(x, x, "max")
     with pytest.raises(ValueError, match=r"target has shape \(2, 4\) but must be \(batch, out_features\) = \(2, 3\)"):
-        LF.linear_mse_loss(x, torch.randn(3, 5), None, torch.randn(2, 4))
+        LF.linear_mse_loss(x, torch.randn(3, 5, requires_grad=True), None, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"target has shape \(2, 4\) but pred has shape \(2, 3\)"):
+        LF.linear_mse_loss(x, torch.randn(3, 5), None, torch.randn(2, 4))  # no gradient: the unfused kernels
     with pytest.raises(ValueError, match="same leading dimensions"):
         LF.linear_mse_loss(torch.randn(2, 3, 5), torch.randn(3, 5), None, torch.randn(3, 2, 3))
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):

@@ -62,7 +62,22 @@ def _scalar(loss: float, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # An operator: implementation, fake implementation, derivative.
 
-_Plain = (Tensor, torch.nn.Parameter)
+
+def _eager(t: Tensor) -> bool:
+    """True for a real tensor in plain eager code; False while torch.compile or AOTAutograd
+    traces (FakeTensor, FunctionalTensor and other subclasses, which have no data to read)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+
+
+def _scale(grad: Tensor, *tensors: Optional[Tensor]) -> tuple:
+    """grad (0-d) times each tensor. ``loss.backward()`` passes grad = 1: then, unless autograd
+    records (create_graph=True differentiates with respect to grad too), the tensors are
+    returned as they are. That is safe for gradients a backward saved: autograd takes over a
+    returned tensor only when nothing else holds it (retain_graph=False frees the saved ones
+    first), and otherwise copies it, so a second backward still finds them unchanged."""
+    if not torch.is_grad_enabled() and _eager(grad) and grad.item() == 1.0:
+        return tensors
+    return tuple(None if t is None else grad * t for t in tensors)
 
 
 class Operator:
@@ -78,7 +93,7 @@ class Operator:
 
     def __call__(self, *args):
         # See the module docstring: the dispatcher only when tracing, recording or wrapping.
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(args[0]) not in _Plain:
+        if torch.is_grad_enabled() or not _eager(args[0]):
             return self.overload(*args)
         return self.impl(*args)
 
@@ -224,7 +239,8 @@ def _mse_loss_setup(ctx, inputs, output):
 def _mse_loss_backward(ctx, grad_loss):
     # grad_loss is 0-d for "mean"/"sum", pred's shape for "none".
     pred, target = ctx.saved_tensors
-    grad_pred = grad_loss * mse_backward(pred, target, ctx.reduction)
+    grad_pred = mse_backward(pred, target, ctx.reduction)
+    grad_pred = grad_loss * grad_pred if ctx.reduction == "none" else _scale(grad_loss, grad_pred)[0]
     return (
         grad_pred if ctx.need[0] else None,
         -grad_pred if ctx.need[1] else None,
@@ -283,8 +299,14 @@ def _(x, weight, bias, target, reduction, input_grad):
 
 
 def save_linear_mse(ctx, inputs, grads, reduction) -> None:
-    """Shared by the operator and lingrad.autograd.LinearMSEFunction: keep the inputs (for the
-    rare unfused backward) and the gradients computed by the forward pass (None if not computed)."""
+    """Shared by the operator and lingrad.autograd.LinearMSEFunction: keep the inputs (x, weight,
+    bias, target) for the unfused backward and the gradients (grad_x, grad_weight, grad_bias,
+    each None if not computed) that the forward pass produced."""
+    grad_x, grad_weight, _ = grads
+    need_x, _, _, need_target = ctx.needs_input_grad[:4]
+    # The saved gradients answer backward if they were computed (grad_bias is, whenever there
+    # is a bias) and the target needs none (its gradient is -dY, which the kernel does not keep).
+    ctx.fused = grad_weight is not None and (grad_x is not None or not need_x) and not need_target
     ctx.save_for_backward(*inputs, *grads)
     ctx.reduction = reduction
 
@@ -299,23 +321,26 @@ def _linear_mse_setup(ctx, inputs, output):
 def linear_mse_backward(ctx, grad_loss, *_):
     """The backward of the fused step, shared by the operator and LinearMSEFunction.
 
-    Usually grad_loss (0-d) times the gradients saved by the forward pass. When those cannot
-    answer (the target needs a gradient, a gradient was not computed, or create_graph=True asks
-    for differentiable gradients), the unfused path recomputes dY = 2 (x W^T + b - t) / N and
-    calls the differentiable linear operators."""
-    x, weight, bias, target, *saved = ctx.saved_tensors
-    need = ctx.needs_input_grad[:4]
-    pad = (None,) * (len(ctx.needs_input_grad) - 4)  # non-tensor arguments
-    if not torch.is_grad_enabled() and not need[3] and all(g is not None for g, n in zip(saved, need) if n):
-        return (*(grad_loss * g if n else None for g, n in zip(saved, need)), None, *pad)
+    Usually grad_loss (0-d) times the gradients saved by the forward pass. When they cannot
+    answer (the target needs a gradient, or create_graph=True asks for differentiable gradients),
+    the unfused path recomputes dY = 2 (x W^T + b - t) / N and calls the differentiable linear
+    operators."""
+    x, weight, bias, target, grad_x, grad_weight, grad_bias = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
+    extra = (None,) * (len(ctx.needs_input_grad) - 4)  # the non-tensor arguments
+    if ctx.fused and not torch.is_grad_enabled():
+        grad_x, grad_weight, grad_bias = _scale(
+            grad_loss, grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None
+        )
+        return (grad_x, grad_weight, grad_bias, None, *extra)
     grad_y = grad_loss * mse_backward(linear(x, weight, bias), target, ctx.reduction)
-    grad_x = linear_backward_input(grad_y, weight) if need[0] else None
+    grad_x = linear_backward_input(grad_y, weight) if need_x else None
     grad_weight = grad_bias = None
-    if need[1]:
-        grad_weight, grad_bias = linear_backward_weight(grad_y, x, need[2])
-    elif need[2]:
+    if need_weight:
+        grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias)
+    elif need_bias:
         grad_bias = grad_y.sum(0)
-    return (grad_x, grad_weight, grad_bias, -grad_y if need[3] else None, *pad)
+    return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
 
 
 # ---------------------------------------------------------------------------------------------
