@@ -574,6 +574,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(head.weight.grad, reference[2].weight.grad)
 
 
+@pytest.mark.filterwarnings(
+    r"ignore:<class 'torch.autograd.function.Function'> should not be instantiated:DeprecationWarning"
+)
+def test_torch_export_records_lingrad_operators():
+    model = lingrad.swap_linear(mlp(4, 8, 2))
+    x = torch.randn(3, 4)
+    program = torch.export.export(model, (x,))
+    assert program.graph_module.code.count("torch.ops.lingrad.linear.default") == 2
+    torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
