@@ -130,15 +130,14 @@ def _(x, weight, bias):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, _ = inputs
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_x, need_weight, _ = ctx.needs_input_grad[:3]
     # grad_x needs the weight, grad_weight needs x: keep only what backward will read.
     ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
-    ctx.need = (need_x, need_weight, need_bias)
 
 
 def _linear_backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
-    need_x, need_weight, need_bias = ctx.need
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_x = grad_weight = grad_bias = None
     if need_x:
         grad_x = linear_backward_input(grad_y, weight)
@@ -167,13 +166,12 @@ def _linear_backward_input_setup(ctx, inputs, output):
     grad_out, weight = inputs
     need_grad_out, need_weight = ctx.needs_input_grad[:2]
     ctx.save_for_backward(grad_out if need_weight else None, weight if need_grad_out else None)
-    ctx.need = (need_grad_out, need_weight)
 
 
 def _linear_backward_input_backward(ctx, g):
     # g (B, in) is the gradient of grad_x.
     grad_out, weight = ctx.saved_tensors
-    need_grad_out, need_weight = ctx.need
+    need_grad_out, need_weight = ctx.needs_input_grad[:2]
     return (
         linear(g, weight, None) if need_grad_out else None,  # g @ weight.T
         linear_backward_weight(grad_out, g, False)[0] if need_weight else None,  # grad_out.T @ g
@@ -200,13 +198,12 @@ def _linear_backward_weight_setup(ctx, inputs, output):
     grad_out, x, _ = inputs
     need_grad_out, need_x = ctx.needs_input_grad[:2]
     ctx.save_for_backward(grad_out if need_x else None, x if need_grad_out else None)
-    ctx.need = (need_grad_out, need_x)
 
 
 def _linear_backward_weight_backward(ctx, g_weight, g_bias):
     # g_weight (out, in) and g_bias (out,) are the gradients of grad_weight and grad_bias.
     grad_out, x = ctx.saved_tensors
-    need_grad_out, need_x = ctx.need
+    need_grad_out, need_x = ctx.needs_input_grad[:2]
     return (
         linear(x, g_weight, g_bias) if need_grad_out else None,  # x @ g_weight.T + g_bias
         linear_backward_input(grad_out, g_weight) if need_x else None,  # grad_out @ g_weight
@@ -231,7 +228,6 @@ def _(pred, target, reduction):
 
 def _mse_loss_setup(ctx, inputs, output):
     pred, target, reduction = inputs
-    ctx.need = ctx.needs_input_grad[:2]
     ctx.save_for_backward(pred, target)
     ctx.reduction = reduction
 
@@ -239,13 +235,10 @@ def _mse_loss_setup(ctx, inputs, output):
 def _mse_loss_backward(ctx, grad_loss):
     # grad_loss is 0-d for "mean"/"sum", pred's shape for "none".
     pred, target = ctx.saved_tensors
+    need_pred, need_target = ctx.needs_input_grad[:2]
     grad_pred = mse_backward(pred, target, ctx.reduction)
     grad_pred = grad_loss * grad_pred if ctx.reduction == "none" else _scale(grad_loss, grad_pred)[0]
-    return (
-        grad_pred if ctx.need[0] else None,
-        -grad_pred if ctx.need[1] else None,
-        None,
-    )
+    return (grad_pred if need_pred else None, -grad_pred if need_target else None, None)
 
 
 @operator("mse_backward(Tensor pred, Tensor target, str reduction) -> Tensor")
@@ -260,14 +253,14 @@ def _(pred, target, reduction):
 
 def _mse_backward_setup(ctx, inputs, output):
     pred, _, reduction = inputs
-    ctx.need = ctx.needs_input_grad[:2]
     # grad_pred = (2 / N) (pred - target): linear in both, with N = numel for "mean", else 1.
     ctx.scale = 2.0 / max(pred.numel(), 1) if reduction == "mean" else 2.0
 
 
 def _mse_backward_backward(ctx, g):
+    need_pred, need_target = ctx.needs_input_grad[:2]
     grad_pred = g * ctx.scale
-    return (grad_pred if ctx.need[0] else None, -grad_pred if ctx.need[1] else None, None)
+    return (grad_pred if need_pred else None, -grad_pred if need_target else None, None)
 
 
 # ---------------------------------------------------------------------------------------------
