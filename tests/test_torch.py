@@ -573,6 +573,10 @@ def test_torch_compile_fullgraph():
     loss.backward()
     torch.testing.assert_close(head.weight.grad, reference[2].weight.grad)
 
+    # The fallback to PyTorch traces without a graph break as well.
+    half = torch.compile(lingrad.swap_linear(mlp(8, 4).to(torch.bfloat16)), fullgraph=True, backend="aot_eager")
+    assert half(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
 
 @pytest.mark.filterwarnings(
     r"ignore:<class 'torch.autograd.function.Function'> should not be instantiated:DeprecationWarning"

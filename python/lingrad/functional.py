@@ -45,8 +45,10 @@ def _kernels_handle(*tensors: Optional[Tensor]) -> bool:
     else:
         return True
     present = [t for t in tensors if t is not None]
-    if not _fallback_warned and all(
-        isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in present
+    if (
+        not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn (a graph break)
+        and not _fallback_warned
+        and all(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in present)
     ):
         _fallback_warned = True
         kinds = ", ".join(sorted({f"{t.dtype} on {t.device}" for t in present}))
