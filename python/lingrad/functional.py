@@ -7,8 +7,8 @@
 
 lingrad's kernels run on CPU float32 and float64 tensors. Other floating-point tensors (float16,
 bfloat16, complex, another device) go to PyTorch's own implementation, with one
-:class:`FallbackWarning` per process; integer tensors go there without a warning and fail (or
-compute) exactly as they do in PyTorch.
+:class:`FallbackWarning` per process (none while torch.compile traces); integer tensors go there
+without a warning and fail (or compute) exactly as they do in PyTorch.
 """
 from __future__ import annotations
 
