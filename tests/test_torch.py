@@ -110,6 +110,7 @@ INPUTS = {  # input tensors with in_features = 5
     "empty leading dim": lambda dt: torch.randn(2, 0, 5, dtype=dt),
     "transposed": lambda dt: torch.randn(5, 7, dtype=dt).t(),
     "sliced": lambda dt: torch.randn(9, 12, dtype=dt)[::2, 3:8],
+    "unmergeable leading dims": lambda dt: torch.randn(3, 2, 5, dtype=dt).transpose(0, 1),
 }
 
 
@@ -317,6 +318,17 @@ def test_fused_step_is_one_kernel_call(kernel_calls):
     with torch.no_grad():  # nothing to differentiate: the forward GEMM and the loss only
         block(x, t)
     assert [name for name, _, _ in kernel_calls] == ["linear_forward", "mse_loss"]
+
+
+def test_inference_mode_and_no_grad(kernel_calls):
+    layer, block = lingrad.Linear(3, 2), lingrad.LinearMSELoss(3, 2)
+    x, t = torch.randn(4, 3), torch.randn(4, 2)
+    expected = F.mse_loss(F.linear(x, block.weight, block.bias), t)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert layer(x).shape == (4, 2)
+            torch.testing.assert_close(block(x, t), expected)
+    assert "linear_mse" not in [name for name, _, _ in kernel_calls]  # no gradients computed
 
 
 def test_non_contiguous_input_is_read_in_place(kernel_calls):
