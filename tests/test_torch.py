@@ -281,11 +281,15 @@ def test_opcheck_every_operator():
 def kernel_calls(monkeypatch):
     """Records (name, args, kwargs) of every call into lingrad.kernels."""
     calls = []
+
+    def spy(name, kernel):
+        def recorded(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return kernel(*args, **kwargs)
+        return recorded
+
     for name in kernels.__all__:
-        def spy(*args, _name=name, _fn=getattr(kernels, name), **kwargs):
-            calls.append((_name, args, kwargs))
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(kernels, name, spy)
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
     return calls
 
 

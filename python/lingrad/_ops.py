@@ -16,9 +16,12 @@ traces) and its derivative. Derivatives are written with these same operators, a
 linear operators are closed under differentiation, so every order of derivative runs on lingrad's
 kernels:
 
-    d linear                 : grad_x = linear_backward_input(g, weight), (grad_weight, grad_bias) = linear_backward_weight(g, x)
-    d linear_backward_input  : grad_grad_out = linear(g, weight),  grad_weight = linear_backward_weight(grad_out, g)[0]
-    d linear_backward_weight : grad_grad_out = linear(x, g_w, g_b), grad_x = linear_backward_input(grad_out, g_w)
+    d linear                 : grad_x = linear_backward_input(g, weight),
+                               (grad_weight, grad_bias) = linear_backward_weight(g, x)
+    d linear_backward_input  : grad_grad_out = linear(g, weight),
+                               grad_weight = linear_backward_weight(grad_out, g)[0]
+    d linear_backward_weight : grad_grad_out = linear(x, g_weight, g_bias),
+                               grad_x = linear_backward_input(grad_out, g_weight)
 
 Calling an operator object here (``linear(x, weight, bias)``) goes straight to its implementation
 in plain eager code: the dispatcher path of a Python custom operator costs about 40 us per call,
@@ -323,7 +326,10 @@ def linear_mse_backward(ctx, grad_loss, *_):
     extra = (None,) * (len(ctx.needs_input_grad) - 4)  # the non-tensor arguments
     if ctx.fused and not torch.is_grad_enabled():
         grad_x, grad_weight, grad_bias = _scale(
-            grad_loss, grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None
+            grad_loss,
+            grad_x if need_x else None,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias else None,
         )
         return (grad_x, grad_weight, grad_bias, None, *extra)
     grad_y = grad_loss * mse_backward(linear(x, weight, bias), target, ctx.reduction)

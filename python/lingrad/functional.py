@@ -1,9 +1,9 @@
 """Functions with torch.nn.functional's semantics, computed by lingrad's kernels.
 
-    linear(input (*, in), weight (out, in), bias (out,) = None)             -> (*, out)
-    mse_loss(input, target, reduction="mean")                               -> 0-d ("mean", "sum") or input's shape ("none")
+    linear(input (*, in), weight (out, in), bias (out,) = None)        -> (*, out)
+    mse_loss(input, target, reduction="mean")                          -> 0-d ("mean", "sum") or input's shape
     linear_mse_loss(input (*, in), weight, bias, target (*, out), reduction="mean")
-                                                                            -> 0-d: mse_loss(linear(input, weight, bias), target)
+                                           -> 0-d: mse_loss(linear(input, weight, bias), target, reduction)
 
 lingrad's kernels run on CPU float32 and float64 tensors. Other floating-point tensors (float16,
 bfloat16, complex, another device) go to PyTorch's own implementation, with one
