@@ -24,10 +24,11 @@ kernels:
                                grad_x = linear_backward_input(grad_out, g_weight)
 
 Calling an operator object here (``linear(x, weight, bias)``) goes straight to its implementation
-in plain eager code: the dispatcher path of a Python custom operator costs about 40 us per call,
-more than a whole small training step. It goes through the dispatcher only when that path is
-needed: while torch.compile traces, while autograd records (a backward run with
-create_graph=True, for double backward), or for tensor subclasses (FakeTensor, FunctionalTensor).
+in plain eager code: the dispatcher path of a Python custom operator (autograd kernel, redispatch,
+checks) measured about 45 us per call against 7 us for the implementation itself, half of
+PyTorch's whole step at a tiny shape. The dispatcher is used only when it is needed: while
+torch.compile traces, while autograd records (a backward run with create_graph=True, for double
+backward), and for tensor subclasses (FakeTensor, FunctionalTensor: AOTAutograd's tracing).
 """
 from __future__ import annotations
 
