@@ -1,14 +1,14 @@
 """Functions with torch.nn.functional's semantics, computed by lingrad's kernels.
 
-    linear(input (*, in), weight (out, in), bias (out,) = None)             -> (*, out)
-    mse_loss(input, target, reduction="mean")                               -> 0-d ("mean", "sum") or input's shape ("none")
+    linear(input (*, in), weight (out, in), bias (out,) = None)        -> (*, out)
+    mse_loss(input, target, reduction="mean")                          -> 0-d ("mean", "sum") or input's shape
     linear_mse_loss(input (*, in), weight, bias, target (*, out), reduction="mean")
-                                                                            -> 0-d: mse_loss(linear(input, weight, bias), target)
+                                           -> 0-d: mse_loss(linear(input, weight, bias), target, reduction)
 
 lingrad's kernels run on CPU float32 and float64 tensors. Other floating-point tensors (float16,
 bfloat16, complex, another device) go to PyTorch's own implementation, with one
-:class:`FallbackWarning` per process; integer tensors go there without a warning and fail (or
-compute) exactly as they do in PyTorch.
+:class:`FallbackWarning` per process (none while torch.compile traces); integer tensors go there
+without a warning and fail (or compute) exactly as they do in PyTorch.
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def _kernels_handle(*tensors: Optional[Tensor]) -> bool:
     else:
         return True
     present = [t for t in tensors if t is not None]
-    if not _fallback_warned and all(
-        isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in present
+    if (
+        not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn (a graph break)
+        and not _fallback_warned
+        and all(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in present)
     ):
         _fallback_warned = True
         kinds = ", ".join(sorted({f"{t.dtype} on {t.device}" for t in present}))
@@ -122,4 +124,9 @@ def linear_mse_loss(
                 "(*, in_features) and (*, out_features) with the same leading dimensions *"
             )
         input, target = _rows(input), _rows(target)
+    if not torch.is_grad_enabled():
+        # No graph will be recorded, but the Function sees only requires_grad: detached inputs
+        # tell it that no gradient is wanted (it then runs the forward GEMM and the loss only).
+        input, weight, target = input.detach(), weight.detach(), target.detach()
+        bias = None if bias is None else bias.detach()
     return LinearMSEFunction.apply(input, weight, bias, target, reduction)
