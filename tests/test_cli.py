@@ -152,7 +152,7 @@ def test_check_passes_and_restores_the_isa(capsys):
     assert (lingrad.get_isa(), lingrad.get_num_threads()) == (isa, threads)
 
 
-def test_check_fails_when_a_kernel_is_wrong(capsys, monkeypatch):
+def test_check_fails_when_a_kernel_is_wrong_or_crashes(capsys, monkeypatch):
     real = kernels.linear_backward_weight
 
     def slightly_wrong(grad_out, x, **kwargs):
@@ -160,22 +160,19 @@ def test_check_fails_when_a_kernel_is_wrong(capsys, monkeypatch):
         dw[..., -1] *= 1.001  # one input feature's gradient 0.1% off
         return dw, db
 
+    def crashing(*args, **kwargs):
+        raise RuntimeError("boom")
+
     monkeypatch.setattr(kernels, "linear_backward_weight", slightly_wrong)
+    monkeypatch.setattr(kernels, "mse_backward", crashing)
     code, out, _ = run_cli(capsys, "check", "--no-torch")
     assert code == 1
     failed = [line for line in out.splitlines() if line.startswith("FAIL ")]
-    assert failed and all("linear_backward_weight" in line for line in failed)
+    assert any("linear_backward_weight" in line and "times the bound" in line for line in failed)
+    assert any("mse_backward" in line and "RuntimeError: boom" in line for line in failed)
+    assert all("linear_backward_weight" in line or "mse_backward" in line for line in failed)
+    assert len(failed) == 2 * 2 * len(lingrad.available_isas())  # both kernels, both dtypes, every path
     assert out.splitlines()[-1].startswith("FAIL")
-
-
-def test_check_reports_a_crashing_kernel_as_a_failure(capsys, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(kernels, "mse_backward", broken)
-    code, out, _ = run_cli(capsys, "check", "--no-torch")
-    assert code == 1
-    assert any(line.startswith("FAIL") and "mse_backward" in line and "boom" in line for line in out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------
