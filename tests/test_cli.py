@@ -88,9 +88,13 @@ def demo_deps():
 
 def test_demo_small(capsys, tmp_path, demo_deps):
     png = tmp_path / "demo.png"
-    code, out, err = run_cli(capsys, "demo", "--images", "300", "--steps", "8", "--out", str(png), "--no-progress")
+    threads = lingrad.get_num_threads()
+    code, out, err = run_cli(capsys, "demo", "--images", "300", "--steps", "8", "--out", str(png), "--no-progress",
+                             "--threads", "1")
+    assert lingrad.get_num_threads() == threads  # restored
     assert code == 0, out + err
     assert "agree to float32 tolerance" in out
+    assert "1 threads; PyTorch" in out
     assert "their gradients are exactly 0.0 in every unit" in out
     assert f"picture written to {png}" in out
     assert err == ""  # no progress bar, no warning

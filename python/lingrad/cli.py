@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         return demo.main(steps=args.steps, images=args.images, out_png=args.out, seed=args.seed, lr=args.lr,
-                         progress=not args.no_progress)
+                         threads=args.threads, progress=not args.no_progress)
     except demo.MissingDependency as e:
         print(f"lingrad demo: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -146,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where to write the picture (default lingrad-demo.png in the current directory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the sample (default 0)")
     p.add_argument("--lr", type=float, default=0.008, help="learning rate (default 0.008)")
+    p.add_argument("--threads", type=_positive, help="threads for lingrad and PyTorch alike (default: their own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 

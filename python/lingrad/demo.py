@@ -305,11 +305,27 @@ def report(run: Run, facts: dict, png: str, out: IO[str]) -> bool:
 
 
 def main(steps: int = 300, images: int = 5000, out_png: str = "lingrad-demo.png", seed: int = 0,
-         lr: float = 0.008, progress: bool = True, out: IO[str] | None = None) -> int:
-    """Run the demo; 0 if lingrad and PyTorch agree, 1 if not. Raises MissingDependency."""
+         lr: float = 0.008, threads: int | None = None, progress: bool = True, out: IO[str] | None = None) -> int:
+    """Run the demo; 0 if lingrad and PyTorch agree, 1 if not. Raises MissingDependency.
+    `threads` sets lingrad's and PyTorch's thread counts for the run (and restores them)."""
     out = out or sys.stdout
     require("torch", "tqdm", "matplotlib")
     path = mnist_path()
+    import torch
+
+    if threads is None:
+        return _main(steps, images, out_png, seed, lr, progress, out, path)
+    previous = lingrad.get_num_threads(), torch.get_num_threads()
+    lingrad.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    try:
+        return _main(steps, images, out_png, seed, lr, progress, out, path)
+    finally:
+        lingrad.set_num_threads(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def _main(steps, images, out_png, seed, lr, progress, out, path) -> int:
     import torch
 
     print(f"lingrad {lingrad.__version__} demo ({lingrad.get_isa()}, {lingrad.get_num_threads()} threads; "
