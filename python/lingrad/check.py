@@ -124,15 +124,18 @@ def _torch_checks() -> list[tuple[str, Callable[[], str | None]]]:
 
     from lingrad.autograd import LinearFunction, LinearMSEFunction
 
+    def _param(shape, generator):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
     def gradcheck_linear():
         g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 7), (3, 7), (3,)))
+        x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
         torch.autograd.gradcheck(LinearFunction.apply, (x, w, b), raise_exception=True)
         return None
 
     def gradcheck_linear_mse():
         g = torch.Generator().manual_seed(1)
-        x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 7), (3, 7), (3,)))
+        x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
         t = torch.randn(5, 3, generator=g, dtype=torch.float64)
         for reduction in ("mean", "sum"):
             torch.autograd.gradcheck(lambda x, w, b: LinearMSEFunction.apply(x, w, b, t, reduction), (x, w, b),
@@ -206,7 +209,8 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
                         line(False, isa, f"{kernel} {name}", f"{type(e).__name__}: {e}")
                         continue
                     if worst <= 1.0:
-                        line(True, isa, f"{kernel} {name}", f"worst error {worst:.2g} of the bound ({len(SHAPES)} shapes)")
+                        detail = f"worst error {worst:.2g} of the bound ({len(SHAPES)} shapes)"
+                        line(True, isa, f"{kernel} {name}", detail)
                     else:
                         line(False, isa, f"{kernel} {name}", f"an error {worst:.3g} times the bound")
                 attempt(isa, f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",

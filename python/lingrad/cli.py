@@ -88,10 +88,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     progress = None
     if not args.no_progress and not _missing("tqdm"):
+        from functools import partial
+
         from tqdm import tqdm
 
-        def progress(shapes):
-            return tqdm(shapes, desc="shapes", unit="shape", file=sys.stderr)
+        progress = partial(tqdm, desc="shapes", unit="shape", file=sys.stderr)
 
     shapes = benchmark.SWEEP + benchmark.ODD if args.full else benchmark.QUICK
     peak = benchmark.peak_gflops()

@@ -220,7 +220,8 @@ def plot(run: Run, path: str, facts: dict) -> str:
     left = outer[0].subgridspec(2, 1, height_ratios=[3, 1])
     ax = fig.add_subplot(left[0])
     ax.plot(steps, ours, color="C0", linewidth=2.5, label="lingrad: Linear -> ReLU -> fused LinearMSELoss")
-    ax.plot(steps, ref, color="C1", linewidth=1.2, linestyle="--", label="PyTorch: nn.Linear -> ReLU -> nn.Linear -> mse_loss")
+    ax.plot(steps, ref, color="C1", linewidth=1.2, linestyle="--",
+            label="PyTorch: nn.Linear -> ReLU -> nn.Linear -> mse_loss")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter())
@@ -335,7 +336,8 @@ def _main(steps, images, out_png, seed, lr, progress, out, path) -> int:
           "number", file=out)
     print(f"  model  784 -> {HIDDEN} -> ReLU -> 1, MSE loss, full-batch gradient descent: {steps} steps, "
           f"learning rate {lr:g}, seed {seed}", file=out)
-    print(f"         lingrad: lingrad.Linear(784, {HIDDEN}), ReLU, lingrad.LinearMSELoss({HIDDEN}, 1) (layer + loss fused)",
+    print(f"         lingrad: lingrad.Linear(784, {HIDDEN}), ReLU, lingrad.LinearMSELoss({HIDDEN}, 1) "
+          "(layer + loss fused)",
           file=out)
     print(f"         PyTorch: torch.nn.Linear(784, {HIDDEN}), ReLU, torch.nn.Linear({HIDDEN}, 1), F.mse_loss; "
           "same initial weights", file=out)
