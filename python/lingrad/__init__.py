@@ -7,11 +7,17 @@
 
 The NumPy-level kernels are in :mod:`lingrad.kernels`. Results are bitwise identical for any
 number of threads.
+
+With PyTorch installed (``pip install lingrad[torch]``), ``lingrad.Linear`` (a drop-in for
+``torch.nn.Linear``), ``lingrad.LinearMSELoss`` (the fused Linear + MSE block),
+``lingrad.swap_linear``, ``lingrad.functional`` and ``lingrad.autograd`` are imported on first
+use, so that ``import lingrad`` never needs torch.
 """
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import IO
+from typing import IO, Any
 
 from . import _C, kernels
 from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
@@ -29,6 +35,34 @@ __all__ = [
     "config",
     "show_config",
 ]
+
+
+# The PyTorch layer, imported on first access: name -> submodule holding it.
+_TORCH_NAMES = {
+    "Linear": "nn",
+    "LinearMSELoss": "nn",
+    "swap_linear": "nn",
+    "nn": "nn",
+    "functional": "functional",
+    "autograd": "autograd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TORCH_NAMES:
+        raise AttributeError(f"module 'lingrad' has no attribute {name!r}")
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"lingrad.{name} needs PyTorch: pip install 'lingrad[torch]'") from e
+    module = importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}")
+    value = module if name == _TORCH_NAMES[name] else getattr(module, name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_NAMES))
 
 
 def config() -> dict:

@@ -1,0 +1,232 @@
+"""`lingrad check`: a self-test of the installed build, without pytest.
+
+On every SIMD code path this CPU can run (``lingrad.available_isas()``), in float32 and float64,
+each kernel of :mod:`lingrad.kernels` is compared with the float64 reference of
+:mod:`lingrad.reference` (errors must stay within its rigorous bounds), on shapes that cover a
+single neuron, tile edges and a product large enough to run on several threads; the fused step
+must give bitwise identical results with one thread and with all of them. With PyTorch installed,
+``torch.autograd.gradcheck`` checks the autograd Functions (in float64) and ``lingrad.Linear`` is
+compared with ``torch.nn.Linear``. One line per check; the SIMD path and the thread count are
+restored afterwards.
+"""
+from __future__ import annotations
+
+import sys
+from typing import IO, Callable
+
+import numpy as np
+
+import lingrad
+from lingrad import kernels
+from lingrad import reference as ref
+
+# (batch, in, out): one neuron; smaller than a register tile; odd sizes over several register tiles,
+# more than 2^19 multiply-adds (the threaded path) and more than one 256-long slice of the reduction
+# over the input features (forward) or over the batch (weight gradient).
+SHAPES = [(1, 3, 1), (5, 7, 3), (129, 515, 33), (515, 129, 33)]
+DTYPES = (np.float32, np.float64)
+
+
+def _arrays(shape, dtype, seed=0):
+    batch, n_in, n_out = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, n_in)).astype(dtype)
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    t = rng.standard_normal((batch, n_out)).astype(dtype)
+    dy = rng.standard_normal((batch, n_out)).astype(dtype)
+    return x, w, b, t, dy
+
+
+# Each kernel check returns the worst error / bound ratio over its outputs at one shape (<= 1 passes).
+# Kernels are looked up in lingrad.kernels at call time, so a replaced kernel is the one checked.
+
+
+def _linear_forward(shape, dtype):
+    x, w, b, _, _ = _arrays(shape, dtype)
+    want, bound = ref.linear_forward(x, w, b)
+    worst = ref.error_ratio(kernels.linear_forward(x, w, b), want, bound)
+    want, bound = ref.linear_forward(x.T.copy().T, w)  # a column-major x, read in place, no bias
+    return max(worst, ref.error_ratio(kernels.linear_forward(np.asfortranarray(x), w), want, bound))
+
+
+def _linear_backward_input(shape, dtype):
+    _, w, _, _, dy = _arrays(shape, dtype)
+    want, bound = ref.linear_backward_input(dy, w)
+    return ref.error_ratio(kernels.linear_backward_input(dy, w), want, bound)
+
+
+def _linear_backward_weight(shape, dtype):
+    x, _, _, _, dy = _arrays(shape, dtype)
+    dw, dw_bound, db, db_bound = ref.linear_backward_weight(dy, x)
+    got_dw, got_db = kernels.linear_backward_weight(dy, x)
+    return max(ref.error_ratio(got_dw, dw, dw_bound), ref.error_ratio(got_db, db, db_bound))
+
+
+def _mse_loss(shape, dtype):
+    _, _, _, t, y = _arrays(shape, dtype)
+    worst = 0.0
+    for reduction in ("mean", "sum", "none"):
+        want, bound, _, _ = ref.mse(y, t, reduction)
+        worst = max(worst, ref.error_ratio(kernels.mse_loss(y, t, reduction), want, bound))
+    return worst
+
+
+def _mse_backward(shape, dtype):
+    _, _, _, t, y = _arrays(shape, dtype)
+    worst = 0.0
+    for reduction in ("mean", "sum"):
+        _, _, want, bound = ref.mse(y, t, reduction)
+        worst = max(worst, ref.error_ratio(kernels.mse_backward(y, t, reduction), want, bound))
+    return worst
+
+
+def _linear_mse(shape, dtype):
+    x, w, b, t, _ = _arrays(shape, dtype)
+    worst = 0.0
+    for reduction in ("mean", "sum"):
+        wants = ref.linear_mse(x, w, b, t, reduction)
+        gots = kernels.linear_mse(x, w, b, t, reduction)
+        for got, (want, bound) in zip(gots, wants):
+            worst = max(worst, ref.error_ratio(got, want, bound))
+    return worst
+
+
+KERNEL_CHECKS: dict[str, Callable] = {
+    "linear_forward": _linear_forward,
+    "linear_backward_input": _linear_backward_input,
+    "linear_backward_weight": _linear_backward_weight,
+    "mse_loss": _mse_loss,
+    "mse_backward": _mse_backward,
+    "linear_mse": _linear_mse,
+}
+
+
+def _threads_bitwise(dtype) -> str | None:
+    """None if the fused step is bitwise identical with 1 thread and with all; else what differs."""
+    threads = lingrad.get_num_threads()
+    x, w, b, t, _ = _arrays((515, 129, 33), dtype)
+    lingrad.set_num_threads(1)
+    try:
+        one = kernels.linear_mse(x, w, b, t)
+    finally:
+        lingrad.set_num_threads(threads)
+    many = kernels.linear_mse(x, w, b, t)
+    for name, a, c in zip(("loss", "grad_input", "grad_weight", "grad_bias"), one, many):
+        if not np.array_equal(np.asarray(a), np.asarray(c)):
+            return f"{name} differs between 1 and {threads} threads"
+    return None
+
+
+def _torch_checks() -> list[tuple[str, Callable[[], str | None]]]:
+    """gradcheck of the autograd Functions (float64) and the drop-in Linear against nn.Linear."""
+    import torch
+
+    from lingrad.autograd import LinearFunction, LinearMSEFunction
+
+    def _param(shape, generator):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def gradcheck_linear():
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
+        torch.autograd.gradcheck(LinearFunction.apply, (x, w, b), raise_exception=True)
+        return None
+
+    def gradcheck_linear_mse():
+        g = torch.Generator().manual_seed(1)
+        x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
+        t = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        for reduction in ("mean", "sum"):
+            torch.autograd.gradcheck(lambda x, w, b: LinearMSEFunction.apply(x, w, b, t, reduction), (x, w, b),
+                                     raise_exception=True)
+        return None
+
+    def drop_in_linear():
+        torch.manual_seed(0)
+        theirs = torch.nn.Linear(257, 33)
+        ours = lingrad.Linear(257, 33)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(129, 257)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ours(x1).square().sum().backward()
+        theirs(x2).square().sum().backward()
+        pairs = [("output", ours(x), theirs(x)), ("grad_input", x1.grad, x2.grad),
+                 ("grad_weight", ours.weight.grad, theirs.weight.grad), ("grad_bias", ours.bias.grad, theirs.bias.grad)]
+        for name, a, c in pairs:
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        return None
+
+    return [
+        ("gradcheck LinearFunction (float64)", gradcheck_linear),
+        ("gradcheck LinearMSEFunction mean, sum (float64)", gradcheck_linear_mse),
+        ("lingrad.Linear matches torch.nn.Linear (float32, forward and gradients)", drop_in_linear),
+    ]
+
+
+def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
+    """Run every check, print one line each and a summary; True if all passed."""
+    out = out or sys.stdout
+    failures = 0
+    count = 0
+
+    def line(ok: bool | None, isa: str, what: str, detail: str = "") -> None:
+        nonlocal failures, count
+        status = {True: "pass", False: "FAIL", None: "skip"}[ok]
+        failures += ok is False
+        count += ok is not None
+        print(f"{status}  {isa:8} {what:56} {detail}".rstrip(), file=out, flush=True)
+
+    def attempt(isa: str, what: str, check: Callable[[], str | None]) -> None:
+        try:
+            problem = check()
+        except Exception as e:  # a crash is a failure of this check, not of the run
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        line(problem is None, isa, what, problem or "")
+
+    previous_isa = lingrad.get_isa()
+    previous_threads = lingrad.get_num_threads()
+    isas = lingrad.available_isas()
+    print(f"lingrad {lingrad.__version__} self-check: SIMD paths {', '.join(isas)} (default {previous_isa}), "
+          f"{previous_threads} threads; errors are shown as a fraction of the float64 reference's rigorous bound",
+          file=out)
+    torch_checks = []
+    torch_missing = None
+    if use_torch:
+        try:
+            torch_checks = _torch_checks()
+        except ImportError as e:
+            torch_missing = f"PyTorch is not installed ({e.name or e}): pip install \"lingrad[torch]\""
+    try:
+        for isa in isas:
+            lingrad.set_isa(isa)
+            for dtype in DTYPES:
+                name = np.dtype(dtype).name
+                for kernel, check in KERNEL_CHECKS.items():
+                    try:
+                        worst = max(check(shape, dtype) for shape in SHAPES)
+                    except Exception as e:  # a crash is a failure of this check, not of the run
+                        line(False, isa, f"{kernel} {name}", f"{type(e).__name__}: {e}")
+                        continue
+                    if worst <= 1.0:
+                        detail = f"worst error {worst:.2g} of the bound ({len(SHAPES)} shapes)"
+                        line(True, isa, f"{kernel} {name}", detail)
+                    else:
+                        line(False, isa, f"{kernel} {name}", f"an error {worst:.3g} times the bound")
+                attempt(isa, f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",
+                        lambda dtype=dtype: _threads_bitwise(dtype))
+            for what, check in torch_checks:
+                attempt(isa, what, check)
+            if torch_missing:
+                line(None, isa, "PyTorch checks", torch_missing)
+    finally:
+        lingrad.set_isa(previous_isa)
+        lingrad.set_num_threads(previous_threads)
+    verdict = "PASS" if failures == 0 else "FAIL"
+    print(f"{verdict}: {count - failures} of {count} checks passed" + (f", {failures} failed" if failures else ""),
+          file=out)
+    return failures == 0
+
+
+def main(out: IO[str] | None = None) -> int:
+    return 0 if run(out) else 1

@@ -1,0 +1,140 @@
+"""Float64 references for every kernel, with rigorous error bounds for the fast results.
+
+Used by the test suite (tests/reference.py re-exports this module) and by ``lingrad check``,
+which runs them against the installed build.
+
+A float32 (or float64) dot product of length K carries a rounding error of at most about
+K * eps * (|a| . |b|), whatever the summation order. Each bound below follows that rule through
+the computation, so tolerances grow with the reduction length and a wrong answer (a missing or
+doubled term is an error of order |a_k b_k|, far above K * eps * sum) cannot hide inside them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "eps",
+    "f64",
+    "linear_forward",
+    "linear_backward_input",
+    "linear_backward_weight",
+    "mse",
+    "linear_mse",
+    "error_ratio",
+    "assert_within",
+]
+
+
+def eps(dtype) -> float:
+    # eps = 2u; the factor 2 also covers the float64 reference's own rounding for float64 inputs.
+    return float(np.finfo(dtype).eps)
+
+
+def f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def linear_forward(x, w, b=None):
+    """y = x w^T + b in float64, and the bound on |y_fast - y| for x's dtype."""
+    e = eps(x.dtype)
+    y = f64(x) @ f64(w).T
+    magnitude = np.abs(f64(x)) @ np.abs(f64(w)).T
+    if b is not None:
+        y = y + f64(b)
+        magnitude = magnitude + np.abs(f64(b))
+    return y, (x.shape[1] + 2) * e * magnitude
+
+
+def linear_backward_input(dy, w):
+    e = eps(dy.dtype)
+    return f64(dy) @ f64(w), (dy.shape[1] + 1) * e * (np.abs(f64(dy)) @ np.abs(f64(w)))
+
+
+def linear_backward_weight(dy, x):
+    """(dW, its bound, db, its bound)."""
+    e = eps(dy.dtype)
+    batch = dy.shape[0]
+    dw = f64(dy).T @ f64(x)
+    dw_bound = (batch + 1) * e * (np.abs(f64(dy)).T @ np.abs(f64(x)))
+    db = f64(dy).sum(axis=0)
+    db_bound = (batch + 1) * e * np.abs(f64(dy)).sum(axis=0)
+    return dw, dw_bound, db, db_bound
+
+
+def mse(pred, target, reduction="mean"):
+    """(loss or elementwise squares, bound) and (gradient, bound)."""
+    e = eps(pred.dtype)
+    r = f64(pred) - f64(target)
+    count = r.size
+    r_bound = e * np.abs(r)  # the residual is formed in the input dtype
+    squares = r * r
+    sq_bound = 3 * e * squares
+    if reduction == "none":
+        loss, loss_bound = squares, sq_bound
+    else:
+        loss = squares.sum()
+        loss_bound = 4 * e * squares.sum() + 1e-300
+        if reduction == "mean":
+            loss, loss_bound = loss / max(count, 1) if count else np.nan, loss_bound / max(count, 1)
+    scale = 2.0 / count if reduction == "mean" and count else 2.0
+    grad = scale * r
+    grad_bound = scale * r_bound + 2 * e * np.abs(grad)
+    return loss, loss_bound, grad, grad_bound
+
+
+def linear_mse(x, w, b, t, reduction="mean"):
+    """The fused step: loss, dX, dW, db with their bounds, following the error through y -> dY."""
+    e = eps(x.dtype)
+    y, y_bound = linear_forward(x, w, b)
+    r = y - f64(t)
+    count = r.size
+    scale = 2.0 / count if reduction == "mean" and count else 2.0
+    r_bound = y_bound + e * (np.abs(y) + np.abs(f64(t)))
+    dy = scale * r
+    dy_bound = scale * r_bound + e * np.abs(dy)
+    loss = (r * r).sum()
+    loss_bound = (2 * np.abs(r) * r_bound).sum() + 4 * e * loss
+    if reduction == "mean":
+        loss, loss_bound = (loss / count, loss_bound / count) if count else (np.nan, 0.0)
+    batch = x.shape[0]
+    out = w.shape[0]
+    dx = dy @ f64(w)
+    dx_bound = dy_bound @ np.abs(f64(w)) + (out + 1) * e * (np.abs(dy) @ np.abs(f64(w)))
+    dw = dy.T @ f64(x)
+    dw_bound = dy_bound.T @ np.abs(f64(x)) + (batch + 1) * e * (np.abs(dy).T @ np.abs(f64(x)))
+    db = dy.sum(axis=0)
+    db_bound = dy_bound.sum(axis=0) + (batch + 1) * e * np.abs(dy).sum(axis=0)
+    return (loss, loss_bound), (dx, dx_bound), (dw, dw_bound), (db, db_bound)
+
+
+def error_ratio(got, want, bound) -> float:
+    """The worst |got - want| / bound over all elements: <= 1 means within the bound (0 / 0 and
+    NaN where want is NaN count as 0; an error where the bound is 0 is inf, as is a shape mismatch)."""
+    got = f64(got)
+    want = f64(want)
+    if got.shape != want.shape:
+        return float("inf")
+    both_nan = np.isnan(got) & np.isnan(want)
+    err = np.where(both_nan, 0.0, np.abs(got - want))
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(err == 0, 0.0, err / bound)  # err > 0 with bound 0 is inf
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)  # NaN against a number
+    return float(ratio.max()) if ratio.size else 0.0
+
+
+def assert_within(got, want, bound, name="result"):
+    """|got - want| <= bound elementwise (NaN where want is NaN), with a helpful message."""
+    got = f64(got)
+    want = f64(want)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    both_nan = np.isnan(got) & np.isnan(want)
+    err = np.where(both_nan, 0.0, np.abs(got - want))
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
+    bad = ~(err <= bound)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), err.shape) if err.ndim else ()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {err.size} elements outside the error bound; worst at {i}: "
+            f"got {got[i]!r}, want {want[i]!r}, error {err[i]:.3g} > bound {bound[i]:.3g}"
+        )
