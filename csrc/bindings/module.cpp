@@ -44,6 +44,12 @@ enum class DType { float32, float64 };
 py::array as_ndarray(py::handle obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
+  // A subclass is read as the plain array it is, except a masked array: its mask would be
+  // silently ignored. (Only subclasses pay for this check; numpy.ma is already imported then.)
+  if (!py::type::handle_of(obj).is(py::handle(reinterpret_cast<PyObject*>(py::detail::npy_api::get().PyArray_Type_))) &&
+      py::isinstance(obj, py::module_::import("numpy.ma").attr("MaskedArray")))
+    throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
+                         name + ".filled(value) or " + name + ".data");
   return py::reinterpret_borrow<py::array>(obj);
 }
 
@@ -97,7 +103,7 @@ class Call {
       if (a.ndim() != static_cast<py::ssize_t>(shape.size()) ||
           !std::equal(shape.begin(), shape.end(), a.shape()))
         throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect);
-      if (!(a.flags() & py::array::c_style) || (a.size() > 1 && !is_aligned(a)))
+      if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
         throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect + ")");
       if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
       for (const auto& [other_name, other] : inputs_)
@@ -120,11 +126,13 @@ class Call {
     return s + (shape.size() == 1 ? ",)" : ")");
   }
 
+  // Data and strides are multiples of the element size. The stride of a dimension of length 1
+  // is never used (NumPy may leave any value there), so it is not checked.
   static bool is_aligned(const py::array& a) {
     const py::ssize_t size = a.itemsize();
     if (reinterpret_cast<std::uintptr_t>(a.data()) % size) return false;
     for (py::ssize_t d = 0; d < a.ndim(); ++d)
-      if (a.strides(d) % size) return false;
+      if (a.shape(d) > 1 && a.strides(d) % size) return false;
     return true;
   }
 
@@ -156,18 +164,23 @@ class Call {
   std::vector<std::pair<const char*, py::array>> outputs_;
 };
 
-// Views of validated arrays (strides in elements). A 1-D array is one row.
+// Views of validated arrays (strides in elements; 0 for a dimension of length 1, whose stride
+// NumPy leaves unspecified). A 1-D array is one row.
+template <typename T>
+index_t stride(const py::array& a, py::ssize_t d) {
+  return a.shape(d) > 1 ? static_cast<index_t>(a.strides(d)) / static_cast<index_t>(sizeof(T)) : 0;
+}
+
 template <typename T>
 MatrixView<T> matrix(const py::array& a) {
-  const auto size = static_cast<index_t>(sizeof(T));
   const T* data = static_cast<const T*>(a.data());
-  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, a.strides(0) / size};
-  return {data, a.shape(0), a.shape(1), a.strides(0) / size, a.strides(1) / size};
+  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, stride<T>(a, 0)};
+  return {data, a.shape(0), a.shape(1), stride<T>(a, 0), stride<T>(a, 1)};
 }
 
 template <typename T>
 VectorView<T> vector(const py::array& a) {
-  return {static_cast<const T*>(a.data()), a.shape(0), a.strides(0) / static_cast<index_t>(sizeof(T))};
+  return {static_cast<const T*>(a.data()), a.shape(0), stride<T>(a, 0)};
 }
 
 template <typename T>
