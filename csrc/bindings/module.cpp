@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <new>
 #include <optional>
 #include <string>
 #include <utility>
@@ -35,6 +37,20 @@ std::string shape_of(const py::array& a) {
 }
 
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+std::string byte_count(double bytes) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"};
+  int u = 0;
+  for (; bytes >= 1024 && u < 8; ++u) bytes /= 1024;
+  char text[32];
+  std::snprintf(text, sizeof text, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+  return text;
+}
+
+[[noreturn]] void throw_memory_error(const std::string& message) {
+  PyErr_SetString(PyExc_MemoryError, message.c_str());
+  throw py::error_already_set();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -93,7 +109,7 @@ class Call {
   py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape) {
     py::array a;
     if (obj.is_none()) {
-      a = dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+      a = allocate(name, shape);
     } else {
       a = as_ndarray(obj, name);
       const std::string expect = shape_string(shape);
@@ -120,6 +136,21 @@ class Call {
   DType dtype() const { return dtype_; }
 
  private:
+  // A new output array. One that cannot exist is an error naming it: ValueError if it is larger
+  // than the address space, MemoryError if it cannot be allocated.
+  py::array allocate(const char* name, const std::vector<py::ssize_t>& shape) const {
+    double bytes = dtype_ == DType::float32 ? 4.0 : 8.0;  // in double: the product never overflows
+    for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
+    const std::string what = std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")";
+    if (bytes >= 9.2e18) throw py::value_error(what + " would be larger than the address space");
+    try {
+      return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+    } catch (py::error_already_set& e) {
+      if (!e.matches(PyExc_MemoryError)) throw;
+      throw_memory_error("cannot allocate " + what);
+    }
+  }
+
   static std::string shape_string(const std::vector<py::ssize_t>& shape) {
     std::string s = "(";
     for (std::size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
@@ -334,16 +365,24 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
   py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)});
   if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)});
-  const double loss = with_dtype(call.dtype(), [&](auto zero) {
-    using T = decltype(zero);
-    const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
-    T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
-    T* db_data = db ? mutable_data<T>(*db) : nullptr;
-    T* dw_data = mutable_data<T>(dw);
-    py::gil_scoped_release release;
-    return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
-                                  db_data);
-  });
+  double loss = 0;
+  try {
+    loss = with_dtype(call.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
+      T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
+      T* db_data = db ? mutable_data<T>(*db) : nullptr;
+      T* dw_data = mutable_data<T>(dw);
+      py::gil_scoped_release release;
+      return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
+                                    db_data);
+    });
+  } catch (const std::bad_alloc&) {  // the step's one large buffer is dY; the GEMM's scratch is small
+    const double bytes = static_cast<double>(x.shape(0)) * static_cast<double>(w.shape(0)) * x.itemsize();
+    throw_memory_error("linear_mse cannot allocate its buffer for the output gradient, (batch, out_features) = (" +
+                       std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") elements (" +
+                       byte_count(bytes) + ")");
+  }
   return py::make_tuple(loss, or_none(dx), dw, or_none(db));
 }
 
