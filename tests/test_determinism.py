@@ -28,7 +28,8 @@ def all_results(rng, dtype, batch, n_in, n_out):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3), (37, 3000, 500), (9000, 20, 1)],
+@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3),
+                                   pytest.param((37, 3000, 500), marks=pytest.mark.slow), (9000, 20, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
     run = all_results(np.random.default_rng(7), dtype, *shape)

@@ -164,6 +164,7 @@ def test_zero_input_columns_get_exactly_zero_gradient(rng, isa, dtype):
     assert np.all(dw[:, [2, 3]] != 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tall_skinny(rng, dtype):
     """A whole dataset in one batch: B = 60000, out = 1 and 50."""
