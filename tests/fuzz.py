@@ -470,6 +470,10 @@ def campaign_errors(data):
             for m in present:
                 if arrays[m].size > 0:
                     faults.append((n, f"overlapping {m}", ValueError, ("overlap", m)))
+    flag = {"linear_backward_weight": "bias", "linear_mse": "input_grad"}.get(function)
+    if flag:  # a switch given something other than True, False or None
+        for bad in [np.ones(2, dtype), np.zeros(1, dtype), "yes", 1, 0.0]:
+            faults.append((flag, repr(bad), TypeError, lambda bad=bad: bad))
     if function == "linear_backward_weight" and not options["bias"]:
         faults.append(("bias_out", "given with bias=False", ValueError, lambda: np.zeros(dims["O"], dtype)))
     if sig["reductions"]:

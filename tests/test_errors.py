@@ -205,3 +205,17 @@ def test_memmap_is_read_as_an_array(tmp_path):
     mapped[...] = x
     np.testing.assert_array_equal(kernels.linear_forward(mapped, w, b), kernels.linear_forward(x, w, b))
     del mapped
+
+
+def test_flags_are_booleans():
+    """bias= of linear_backward_weight and input_grad= of linear_mse are switches: an array (as
+    for linear_forward's bias) or a string is a TypeError naming the argument, not its truth value."""
+    x, w, b, t = arrays()
+    for bad in (b, b[:1], "yes", 1):
+        with raises(TypeError, "bias", "True or False"):
+            kernels.linear_backward_weight(t, x, bias=bad)
+        with raises(TypeError, "input_grad", "True or False"):
+            kernels.linear_mse(x, w, b, t, input_grad=bad)
+    assert kernels.linear_backward_weight(t, x, bias=np.False_)[1] is None
+    assert kernels.linear_backward_weight(t, x, bias=None)[1] is None
+    assert kernels.linear_mse(x, w, b, t, input_grad=np.True_)[1].shape == x.shape

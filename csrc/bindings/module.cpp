@@ -248,6 +248,15 @@ std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* 
   return b;
 }
 
+// A switch: True or False (Python or NumPy bools; None is False). Anything else, an array given
+// for linear_backward_weight's bias= for instance, is a TypeError rather than its truth value.
+bool parse_flag(py::handle obj, const char* name) {
+  if (obj.is_none()) return false;
+  if (py::isinstance<py::bool_>(obj) || py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+    return PyObject_IsTrue(obj.ptr()) == 1;
+  throw py::type_error(std::string(name) + " must be True or False, got " + type_name(obj));
+}
+
 Reduction parse_reduction(py::handle obj, bool allow_none) {
   if (!py::isinstance<py::str>(obj))
     throw py::type_error("reduction must be a str ('mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") +
@@ -295,9 +304,10 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
   return dx;
 }
 
-py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, bool bias, py::handle out_obj,
+py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle bias_obj, py::handle out_obj,
                                  py::handle bias_out_obj) {
   Call call;
+  const bool bias = parse_flag(bias_obj, "bias");
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   require_same_columns(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
@@ -349,8 +359,9 @@ py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle re
 }
 
 py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
-                     py::handle reduction_obj, bool input_grad) {
+                     py::handle reduction_obj, py::handle input_grad_obj) {
   Call call;
+  const bool input_grad = parse_flag(input_grad_obj, "input_grad");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
