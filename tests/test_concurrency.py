@@ -153,3 +153,45 @@ def test_set_isa_while_kernels_run(num_threads, rng):
         run_threads([switcher] + [worker(k) for k in range(PYTHON_THREADS - 1)])
     finally:
         lingrad.set_isa(previous)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_children_compute_after_the_parent_used_threads():
+    """multiprocessing's default on Linux is fork(). GNU OpenMP cannot start a thread team again
+    in a child forked after the parent's team ran (the child waited forever): such a child must
+    still compute, and get the same bytes."""
+    from helpers import run_python
+
+    code = """
+        import os, time
+        import numpy as np
+        import lingrad
+        from lingrad import kernels
+
+        rng = np.random.default_rng(0)
+        x, w = rng.random((500, 300), np.float32), rng.random((200, 300), np.float32)
+        t = rng.random((500, 200), np.float32)
+        lingrad.set_num_threads(2)
+        want = kernels.linear_forward(x, w).tobytes() + kernels.mse_backward(t, t * 2).tobytes()
+        children = []
+        for i in range(2):
+            pid = os.fork()
+            if pid == 0:
+                got = kernels.linear_forward(x, w).tobytes() + kernels.mse_backward(t, t * 2).tobytes()
+                os._exit(0 if got == want else 3)
+            children.append(pid)
+        deadline = time.monotonic() + 60
+        for pid in children:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0, f"child: {os.waitstatus_to_exitcode(status)}"
+                    break
+                if time.monotonic() > deadline:
+                    for p in children:
+                        os.kill(p, 9)
+                    raise SystemExit("a forked child hung")
+                time.sleep(0.05)
+        print("ok")
+    """
+    assert run_python(code, timeout=120).stdout.strip() == "ok"

@@ -8,6 +8,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(_OPENMP) && defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace lingrad {
 namespace {
@@ -62,6 +65,26 @@ std::atomic<int>& thread_count() {
   return n;
 }
 
+// GNU OpenMP cannot start a thread team again in a process forked from one whose team had run:
+// the child waits forever for threads that fork() did not copy. So a child forked after the kernels
+// ran with threads runs them with one thread (the same results, bitwise).
+std::atomic<bool>& threads_used() {
+  static std::atomic<bool> used{false};
+  return used;
+}
+
+std::atomic<bool>& forked_after_threads() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+
+#if defined(_OPENMP) && defined(__unix__)
+void in_forked_child() {
+  if (threads_used().load()) forked_after_threads().store(true);
+}
+const bool kForkHandlerRegistered = pthread_atfork(nullptr, nullptr, in_forked_child) == 0;
+#endif
+
 }  // namespace
 
 const GemmKernels& active_kernels() { return *active().load(std::memory_order_relaxed); }
@@ -88,7 +111,12 @@ void get_tile(bool double_, int* mr, int* nr) {
   *nr = double_ ? k.nr_double : k.nr_float;
 }
 
-int get_num_threads() { return thread_count().load(std::memory_order_relaxed); }
+int get_num_threads() {
+  if (forked_after_threads().load(std::memory_order_relaxed)) return 1;
+  const int n = thread_count().load(std::memory_order_relaxed);
+  if (n > 1 && !threads_used().load(std::memory_order_relaxed)) threads_used().store(true);
+  return n;
+}
 
 void set_num_threads(int n) {
 #if defined(_OPENMP)
