@@ -142,7 +142,7 @@ class Call {
     double bytes = dtype_ == DType::float32 ? 4.0 : 8.0;  // in double: the product never overflows
     for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
     const std::string what = std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")";
-    if (bytes >= 9.2e18) throw py::value_error(what + " would be larger than the address space");
+    if (bytes > static_cast<double>(PY_SSIZE_T_MAX)) throw py::value_error(what + " would be larger than the address space");
     try {
       return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
     } catch (py::error_already_set& e) {
