@@ -26,3 +26,12 @@ def num_threads():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261122)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many inputs the fuzz campaigns tried (tests/test_fuzz.py)."""
+    from helpers import FUZZ_COUNTS
+
+    if FUZZ_COUNTS:
+        detail = ", ".join(f"{name} {count}" for name, count in FUZZ_COUNTS.items())
+        terminalreporter.write_line(f"lingrad fuzz campaigns: {sum(FUZZ_COUNTS.values())} inputs tried ({detail})")

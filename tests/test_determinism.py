@@ -28,7 +28,9 @@ def all_results(rng, dtype, batch, n_in, n_out):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3), (37, 3000, 500), (9000, 20, 1), (3000, 800, 3), (300, 300, 300)],
+@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3),
+                                   pytest.param((37, 3000, 500), marks=pytest.mark.slow), (9000, 20, 1),
+                                   (3000, 800, 3), (300, 300, 300)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
     run = all_results(np.random.default_rng(7), dtype, *shape)
@@ -45,3 +47,30 @@ def test_thread_setting_round_trips(num_threads):
     assert lingrad.get_num_threads() == 3
     num_threads(1)
     assert lingrad.get_num_threads() == 1
+
+
+RUN_TO_RUN_SHAPES = [(1, 3, 1), (300, 257, 70), (37, 3000, 50)]
+
+
+def results_digest(isa, threads):
+    """SHA-256 of every kernel's results on RUN_TO_RUN_SHAPES, both dtypes."""
+    import hashlib
+
+    lingrad.set_isa(isa)
+    lingrad.set_num_threads(threads)
+    digest = hashlib.sha256()
+    for dtype in (np.float32, np.float64):
+        for shape in RUN_TO_RUN_SHAPES:
+            for result in all_results(np.random.default_rng(7), dtype, *shape)():
+                digest.update(result.tobytes())
+    return digest.hexdigest()
+
+
+def test_same_bytes_run_to_run(isa, num_threads):
+    """Fresh processes (other addresses, another thread count) compute the same bytes as this one."""
+    from helpers import run_python
+
+    here = results_digest(isa, 2)
+    for threads in (1, 3):
+        child = run_python(f"import test_determinism as t; print(t.results_digest({isa!r}, {threads}))", timeout=300)
+        assert child.stdout.strip() == here, f"a fresh process with {threads} threads computed other bytes"

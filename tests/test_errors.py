@@ -172,3 +172,50 @@ def test_failed_calls_leave_outputs_untouched():
     with pytest.raises(TypeError):
         kernels.linear_forward(x, w, np.zeros(2), out=y)
     assert np.all(y == 7.0)
+
+
+# -- found by the fuzzing of issue 6 ---------------------------------------------------------
+
+def test_misaligned_single_element_out():
+    """A one-element out whose data is not aligned is rejected like any other misaligned out."""
+    x, w, _, _ = arrays()
+    out = np.zeros(16, np.uint8)[1:5].view(f32).reshape(1, 1)
+    with raises(ValueError, "out", "aligned"):
+        kernels.linear_forward(x[:1], w[:1], out=out)
+    with raises(ValueError, "out", "aligned"):
+        kernels.mse_backward(x[:1, :1], x[1:2, :1], out=out)
+
+
+def test_masked_arrays_are_rejected():
+    """A numpy.ma.MaskedArray would have its mask silently ignored: TypeError instead."""
+    x, w, b, t = arrays()
+    masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
+    with raises(TypeError, "x", "MaskedArray"):
+        kernels.linear_forward(masked, w)
+    with raises(TypeError, "target", "MaskedArray"):
+        kernels.mse_loss(t, np.ma.masked_array(t))
+    with raises(TypeError, "out", "MaskedArray"):
+        kernels.linear_forward(x, w, out=np.ma.masked_array(np.empty((4, 2), f32)))
+
+
+def test_memmap_is_read_as_an_array(tmp_path):
+    """An ndarray subclass without hidden semantics, such as np.memmap, is an ordinary array."""
+    x, w, b, _ = arrays()
+    mapped = np.memmap(tmp_path / "x.bin", dtype=f32, mode="w+", shape=x.shape)
+    mapped[...] = x
+    np.testing.assert_array_equal(kernels.linear_forward(mapped, w, b), kernels.linear_forward(x, w, b))
+    del mapped
+
+
+def test_flags_are_booleans():
+    """bias= of linear_backward_weight and input_grad= of linear_mse are switches: an array (as
+    for linear_forward's bias) or a string is a TypeError naming the argument, not its truth value."""
+    x, w, b, t = arrays()
+    for bad in (b, b[:1], "yes", 1):
+        with raises(TypeError, "bias", "True or False"):
+            kernels.linear_backward_weight(t, x, bias=bad)
+        with raises(TypeError, "input_grad", "True or False"):
+            kernels.linear_mse(x, w, b, t, input_grad=bad)
+    assert kernels.linear_backward_weight(t, x, bias=np.False_)[1] is None
+    assert kernels.linear_backward_weight(t, x, bias=None)[1] is None
+    assert kernels.linear_mse(x, w, b, t, input_grad=np.True_)[1].shape == x.shape

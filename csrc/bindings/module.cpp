@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <new>
 #include <optional>
 #include <string>
 #include <utility>
@@ -36,6 +38,20 @@ std::string shape_of(const py::array& a) {
 
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
+std::string byte_count(double bytes) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"};
+  int u = 0;
+  for (; bytes >= 1024 && u < 8; ++u) bytes /= 1024;
+  char text[32];
+  std::snprintf(text, sizeof text, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+  return text;
+}
+
+[[noreturn]] void throw_memory_error(const std::string& message) {
+  PyErr_SetString(PyExc_MemoryError, message.c_str());
+  throw py::error_already_set();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
@@ -44,6 +60,12 @@ enum class DType { float32, float64 };
 py::array as_ndarray(py::handle obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
+  // A subclass is read as the plain array it is, except a masked array: its mask would be
+  // silently ignored. (Only subclasses pay for this check; numpy.ma is already imported then.)
+  if (!py::type::handle_of(obj).is(py::handle(reinterpret_cast<PyObject*>(py::detail::npy_api::get().PyArray_Type_))) &&
+      py::isinstance(obj, py::module_::import("numpy.ma").attr("MaskedArray")))
+    throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
+                         name + ".filled(value) or " + name + ".data");
   return py::reinterpret_borrow<py::array>(obj);
 }
 
@@ -87,7 +109,7 @@ class Call {
   py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape) {
     py::array a;
     if (obj.is_none()) {
-      a = dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+      a = allocate(name, shape);
     } else {
       a = as_ndarray(obj, name);
       const std::string expect = shape_string(shape);
@@ -97,7 +119,7 @@ class Call {
       if (a.ndim() != static_cast<py::ssize_t>(shape.size()) ||
           !std::equal(shape.begin(), shape.end(), a.shape()))
         throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect);
-      if (!(a.flags() & py::array::c_style) || (a.size() > 1 && !is_aligned(a)))
+      if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
         throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect + ")");
       if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
       for (const auto& [other_name, other] : inputs_)
@@ -114,17 +136,34 @@ class Call {
   DType dtype() const { return dtype_; }
 
  private:
+  // A new output array. One that cannot exist is an error naming it: ValueError if it is larger
+  // than the address space, MemoryError if it cannot be allocated.
+  py::array allocate(const char* name, const std::vector<py::ssize_t>& shape) const {
+    double bytes = dtype_ == DType::float32 ? 4.0 : 8.0;  // in double: the product never overflows
+    for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
+    const std::string what = std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")";
+    if (bytes > static_cast<double>(PY_SSIZE_T_MAX)) throw py::value_error(what + " would be larger than the address space");
+    try {
+      return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+    } catch (py::error_already_set& e) {
+      if (!e.matches(PyExc_MemoryError)) throw;
+      throw_memory_error("cannot allocate " + what);
+    }
+  }
+
   static std::string shape_string(const std::vector<py::ssize_t>& shape) {
     std::string s = "(";
     for (std::size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
     return s + (shape.size() == 1 ? ",)" : ")");
   }
 
+  // Data and strides are multiples of the element size. The stride of a dimension of length 1
+  // is never used (NumPy may leave any value there), so it is not checked.
   static bool is_aligned(const py::array& a) {
     const py::ssize_t size = a.itemsize();
     if (reinterpret_cast<std::uintptr_t>(a.data()) % size) return false;
     for (py::ssize_t d = 0; d < a.ndim(); ++d)
-      if (a.strides(d) % size) return false;
+      if (a.shape(d) > 1 && a.strides(d) % size) return false;
     return true;
   }
 
@@ -156,18 +195,23 @@ class Call {
   std::vector<std::pair<const char*, py::array>> outputs_;
 };
 
-// Views of validated arrays (strides in elements). A 1-D array is one row.
+// Views of validated arrays (strides in elements; 0 for a dimension of length 1, whose stride
+// NumPy leaves unspecified). A 1-D array is one row.
+template <typename T>
+index_t stride(const py::array& a, py::ssize_t d) {
+  return a.shape(d) > 1 ? static_cast<index_t>(a.strides(d)) / static_cast<index_t>(sizeof(T)) : 0;
+}
+
 template <typename T>
 MatrixView<T> matrix(const py::array& a) {
-  const auto size = static_cast<index_t>(sizeof(T));
   const T* data = static_cast<const T*>(a.data());
-  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, a.strides(0) / size};
-  return {data, a.shape(0), a.shape(1), a.strides(0) / size, a.strides(1) / size};
+  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, stride<T>(a, 0)};
+  return {data, a.shape(0), a.shape(1), stride<T>(a, 0), stride<T>(a, 1)};
 }
 
 template <typename T>
 VectorView<T> vector(const py::array& a) {
-  return {static_cast<const T*>(a.data()), a.shape(0), a.strides(0) / static_cast<index_t>(sizeof(T))};
+  return {static_cast<const T*>(a.data()), a.shape(0), stride<T>(a, 0)};
 }
 
 template <typename T>
@@ -202,6 +246,15 @@ std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* 
     throw py::value_error(std::string(name) + " has shape " + shape_of(b) + " but weight has shape " +
                           shape_of(weight) + ": " + name + " must be (" + std::to_string(weight.shape(0)) + ",)");
   return b;
+}
+
+// A switch: True or False (Python or NumPy bools; None is False). Anything else, an array given
+// for linear_backward_weight's bias= for instance, is a TypeError rather than its truth value.
+bool parse_flag(py::handle obj, const char* name) {
+  if (obj.is_none()) return false;
+  if (py::isinstance<py::bool_>(obj) || py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+    return PyObject_IsTrue(obj.ptr()) == 1;
+  throw py::type_error(std::string(name) + " must be True or False, got " + type_name(obj));
 }
 
 Reduction parse_reduction(py::handle obj, bool allow_none) {
@@ -251,9 +304,10 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
   return dx;
 }
 
-py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, bool bias, py::handle out_obj,
+py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle bias_obj, py::handle out_obj,
                                  py::handle bias_out_obj) {
   Call call;
+  const bool bias = parse_flag(bias_obj, "bias");
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   require_same_columns(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
@@ -305,8 +359,9 @@ py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle re
 }
 
 py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
-                     py::handle reduction_obj, bool input_grad) {
+                     py::handle reduction_obj, py::handle input_grad_obj) {
   Call call;
+  const bool input_grad = parse_flag(input_grad_obj, "input_grad");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
@@ -321,16 +376,24 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
   py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)});
   if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)});
-  const double loss = with_dtype(call.dtype(), [&](auto zero) {
-    using T = decltype(zero);
-    const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
-    T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
-    T* db_data = db ? mutable_data<T>(*db) : nullptr;
-    T* dw_data = mutable_data<T>(dw);
-    py::gil_scoped_release release;
-    return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
-                                  db_data);
-  });
+  double loss = 0;
+  try {
+    loss = with_dtype(call.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
+      T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
+      T* db_data = db ? mutable_data<T>(*db) : nullptr;
+      T* dw_data = mutable_data<T>(dw);
+      py::gil_scoped_release release;
+      return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
+                                    db_data);
+    });
+  } catch (const std::bad_alloc&) {  // the step's one large buffer is dY; the GEMM's scratch is small
+    const double bytes = static_cast<double>(x.shape(0)) * static_cast<double>(w.shape(0)) * x.itemsize();
+    throw_memory_error("linear_mse cannot allocate its buffer for the output gradient, (batch, out_features) = (" +
+                       std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") elements (" +
+                       byte_count(bytes) + ")");
+  }
   return py::make_tuple(loss, or_none(dx), dw, or_none(db));
 }
 

@@ -1,5 +1,6 @@
 // Run-time choices: which build of the micro-kernels runs (from the CPU's features), and how
 // many threads. Both are process-wide atomics, safe to change from any thread.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -8,6 +9,9 @@
 #include "gemm.hpp"
 #if defined(_OPENMP)
 #include <omp.h>
+#endif
+#if defined(_OPENMP) && defined(__unix__)
+#include <pthread.h>
 #endif
 
 namespace lingrad {
@@ -63,6 +67,26 @@ std::atomic<int>& thread_count() {
   return n;
 }
 
+// GNU OpenMP cannot start a thread team again in a process forked from one whose team had run:
+// the child waits forever for threads that fork() did not copy. So a child forked after the kernels
+// ran with threads runs them with one thread (the same results, bitwise).
+std::atomic<bool>& threads_used() {
+  static std::atomic<bool> used{false};
+  return used;
+}
+
+std::atomic<bool>& forked_after_threads() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+
+#if defined(_OPENMP) && defined(__unix__)
+void in_forked_child() {
+  if (threads_used().load()) forked_after_threads().store(true);
+}
+const bool kForkHandlerRegistered = pthread_atfork(nullptr, nullptr, in_forked_child) == 0;
+#endif
+
 }  // namespace
 
 const GemmKernels& active_kernels() { return *active().load(std::memory_order_relaxed); }
@@ -92,15 +116,18 @@ void get_tile(bool double_, int* mr, int* nr) {
 double measure_fma_peak(int threads, double seconds) {
   using clock = std::chrono::steady_clock;
   const GemmKernels& k = active_kernels();
+  // a child forked after threads ran cannot start OpenMP threads again (see in_forked_child)
+  threads = forked_after_threads().load(std::memory_order_relaxed) ? 1 : std::max(threads, 1);
+  if (threads > 1) threads_used().store(true);
   const index_t iterations = 1 << 20;
   double best = 0, sink = 0;
   const auto stop = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
   do {
     const clock::time_point start = clock::now();
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(+ : sink)
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
     sink += k.fma_probe(iterations, 1.0f + 1e-3f * static_cast<float>(sink != sink));
     const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
-    const double flops = static_cast<double>(iterations) * k.fma_probe_flops * (threads > 0 ? threads : 1);
+    const double flops = static_cast<double>(iterations) * k.fma_probe_flops * threads;
     if (elapsed > 0 && flops / elapsed > best) best = flops / elapsed;
   } while (clock::now() < stop);
   volatile double keep = sink;  // the checksum must be used
@@ -108,7 +135,12 @@ double measure_fma_peak(int threads, double seconds) {
   return best * 1e-9;
 }
 
-int get_num_threads() { return thread_count().load(std::memory_order_relaxed); }
+int get_num_threads() {
+  if (forked_after_threads().load(std::memory_order_relaxed)) return 1;
+  const int n = thread_count().load(std::memory_order_relaxed);
+  if (n > 1 && !threads_used().load(std::memory_order_relaxed)) threads_used().store(true);
+  return n;
+}
 
 void set_num_threads(int n) {
 #if defined(_OPENMP)

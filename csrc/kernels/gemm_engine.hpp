@@ -157,44 +157,93 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
   return squares;
 }
 
-// Narrow products (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), with A's
-// rows and B's columns contiguous in k. A register tile would waste most of its columns, and the
-// product is bound by reading A once anyway. Rows are split over threads; each dot product is one
-// vectorised reduction whose order is fixed by the code, not the thread count.
+// Narrow products (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), and the
+// row sums of A if asked for. A register
+// tile would waste most of its columns, and the product is bound by reading A once anyway. Rows are
+// split over threads in blocks of kRows. K is walked in chunks of kChunk; an operand whose k stride
+// is not 1 is first copied, a chunk at a time, into a contiguous buffer, so every layout runs the
+// same vectorised reductions in the same order: the result depends on neither the thread count
+// nor the memory layout.
 template <typename T>
 void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
-  constexpr index_t kRows = 64;  // rows per work block, and per partial sum of the loss
+  constexpr index_t kRows = 64;     // rows per work block, and per partial sum of the loss
+  constexpr index_t kChunk = 2048;  // k per pass
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t blocks = ceil_div(M, kRows);
   const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  const bool copy_a = g.a_cs != 1, copy_b = g.b_rs != 1;
+  const index_t buffer = (copy_a ? 4 : 0) * kChunk + (copy_b ? kNarrowN : 0) * kChunk;  // per thread
+  Scratch<T> buffers(num_threads * buffer);
   Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
   for (index_t block = 0; block < blocks; ++block) {
-    const index_t m_end = imin(M, (block + 1) * kRows);
-    for (index_t m = block * kRows; m < m_end; m += 4) {
-      // Four rows at a time: four independent FMA chains share each load of B.
-      const index_t rows = imin(4, m_end - m);
-      const T* __restrict a0 = g.a + m * g.a_rs;
-      const T* __restrict a1 = rows > 1 ? a0 + g.a_rs : a0;  // a short group repeats its last row
-      const T* __restrict a2 = rows > 2 ? a0 + 2 * g.a_rs : a1;
-      const T* __restrict a3 = rows > 3 ? a0 + 3 * g.a_rs : a2;
+#if defined(_OPENMP)
+    T* const a_buf = buffers.get() + omp_get_thread_num() * buffer;
+#else
+    T* const a_buf = buffers.get();
+#endif
+    T* const b_buf = a_buf + (copy_a ? 4 * kChunk : 0);
+    const index_t m_begin = block * kRows, m_end = imin(M, m_begin + kRows);
+    T sums[kRows][kNarrowN] = {};  // this block's dot products, summed over the chunks
+    T row_sums[kRows] = {};        // and the rows' own sums, if asked for (the bias gradient)
+    for (index_t k0 = 0; k0 < K; k0 += kChunk) {
+      const index_t kc = imin(kChunk, K - k0);
+      const T* cols[kNarrowN];
       for (index_t n = 0; n < N; ++n) {
-        const T* __restrict b = g.b + n * g.b_cs;
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (index_t k = 0; k < K; ++k) {
-          s0 += a0[k] * b[k];
-          s1 += a1[k] * b[k];
-          s2 += a2[k] * b[k];
-          s3 += a3[k] * b[k];
+        const T* src = g.b + k0 * g.b_rs + n * g.b_cs;
+        if (copy_b) {
+          for (index_t k = 0; k < kc; ++k) b_buf[n * kChunk + k] = src[k * g.b_rs];
+          src = b_buf + n * kChunk;
         }
-        const T sums[4] = {s0, s1, s2, s3};
-        for (index_t r = 0; r < rows; ++r) g.c[(m + r) * g.ldc + n] = sums[r];
+        cols[n] = src;
+      }
+      for (index_t m = m_begin; m < m_end; m += 4) {
+        // Four rows at a time: four independent FMA chains share each load of B.
+        const index_t rows = imin(4, m_end - m);
+        const T* row[4];
+        for (index_t r = 0; r < 4; ++r) {
+          const T* src = g.a + imin(m + r, m + rows - 1) * g.a_rs + k0 * g.a_cs;  // a short group repeats its last row
+          if (copy_a) {
+            for (index_t k = 0; k < kc; ++k) a_buf[r * kChunk + k] = src[k * g.a_cs];
+            src = a_buf + r * kChunk;
+          }
+          row[r] = src;
+        }
+        const T* __restrict a0 = row[0];
+        const T* __restrict a1 = row[1];
+        const T* __restrict a2 = row[2];
+        const T* __restrict a3 = row[3];
+        for (index_t n = 0; n < N; ++n) {
+          const T* __restrict b = cols[n];
+          T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (index_t k = 0; k < kc; ++k) {
+            s0 += a0[k] * b[k];
+            s1 += a1[k] * b[k];
+            s2 += a2[k] * b[k];
+            s3 += a3[k] * b[k];
+          }
+          const T partial[4] = {s0, s1, s2, s3};
+          for (index_t r = 0; r < rows; ++r) sums[m - m_begin + r][n] += partial[r];
+        }
+        if (g.a_row_sums) {
+          for (index_t r = 0; r < rows; ++r) {
+            const T* __restrict a = row[r];
+            T s = 0;
+#pragma omp simd reduction(+ : s)
+            for (index_t k = 0; k < kc; ++k) s += a[k];
+            row_sums[m - m_begin + r] += s;
+          }
+        }
       }
     }
+    for (index_t m = m_begin; m < m_end; ++m)
+      for (index_t n = 0; n < N; ++n) g.c[m * g.ldc + n] = sums[m - m_begin][n];
+    if (g.a_row_sums)
+      for (index_t m = m_begin; m < m_end; ++m) g.a_row_sums[m] = row_sums[m - m_begin];
     double squares = 0;
     if (has_epilogue)
-      for (index_t m = block * kRows; m < m_end; ++m) squares += apply_epilogue(g.epilogue, g.c + m * g.ldc, g.ldc, m, 0, 1, N);
+      for (index_t m = m_begin; m < m_end; ++m) squares += apply_epilogue(g.epilogue, g.c + m * g.ldc, g.ldc, m, 0, 1, N);
     if (g.epilogue.loss) block_squares.get()[block] = squares;
   }
   if (g.epilogue.loss) {
@@ -226,7 +275,7 @@ void gemm(const GemmArgs<T>& g) {
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
   const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
   const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
-  if (N <= kNarrowN && g.a_cs == 1 && g.b_rs == 1 && !g.a_row_sums) return gemm_narrow(g, num_threads);
+  if (N <= kNarrowN) return gemm_narrow(g, num_threads);
   if constexpr (MR > 1) {
     // One or two rows (a batch of one, a layer with one output's dW): an MR-row tile would be
     // mostly padding, so use a one-row tile four times as wide (8 vector accumulators).

@@ -1,6 +1,8 @@
 // The standalone MSE loss and its gradient (the fused step does both in the GEMM epilogue).
 // The residual is formed in T, its square summed in double: per row, then the rows in order,
 // so the loss does not depend on the thread count.
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "lingrad.hpp"
@@ -8,11 +10,16 @@
 namespace lingrad {
 namespace {
 constexpr index_t kParallelMinElements = 1 << 15;  // below this a thread team costs more than it saves
+constexpr index_t kBlockElements = 1 << 16;        // rows are summed in blocks of this many elements,
+constexpr index_t kBlockMinRows = 1024;            // or of this many rows, whichever is more
 }
 
 template <typename T>
 double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T* out_none) {
   const index_t rows = pred.rows, cols = pred.cols;
+  const double count = static_cast<double>(rows) * static_cast<double>(cols);
+  if (rows == 0 || cols == 0)  // nothing to read (a zero-stride view may still have 2^40 empty rows)
+    return reduction == Reduction::mean ? std::numeric_limits<double>::quiet_NaN() : 0.0;  // mean of nothing
   const int threads = get_num_threads();
   const bool parallel = threads > 1 && rows * cols >= kParallelMinElements;
   if (reduction == Reduction::none) {
@@ -27,21 +34,26 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
     }
     return 0;
   }
-  std::vector<double> row_squares(static_cast<std::size_t>(rows));
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
-  for (index_t r = 0; r < rows; ++r) {
-    const T* p = pred.data + r * pred.rs;
-    const T* t = target.data + r * target.rs;
-    double s = 0;
-    for (index_t c = 0; c < cols; ++c) {
-      const T d = p[c * pred.cs] - t[c * target.cs];
-      s += static_cast<double>(d) * static_cast<double>(d);
-    }
-    row_squares[r] = s;
-  }
+  // Row sums for a block of rows at a time (in parallel), added to the total in row order: the
+  // scratch memory stays bounded whatever the number of rows (a zero-stride view may have 2^40).
+  const index_t block_rows = std::min(rows, std::max(kBlockMinRows, kBlockElements / cols));
+  std::vector<double> row_squares(static_cast<std::size_t>(block_rows));
   double total = 0;
-  for (double s : row_squares) total += s;
-  const double count = static_cast<double>(rows) * static_cast<double>(cols);
+  for (index_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const index_t block = std::min(block_rows, rows - r0);
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel && block * cols >= kParallelMinElements)
+    for (index_t i = 0; i < block; ++i) {
+      const T* p = pred.data + (r0 + i) * pred.rs;
+      const T* t = target.data + (r0 + i) * target.rs;
+      double s = 0;
+      for (index_t c = 0; c < cols; ++c) {
+        const T d = p[c * pred.cs] - t[c * target.cs];
+        s += static_cast<double>(d) * static_cast<double>(d);
+      }
+      row_squares[i] = s;
+    }
+    for (index_t i = 0; i < block; ++i) total += row_squares[i];
+  }
   return reduction == Reduction::mean ? total / count : total;
 }
 
@@ -50,6 +62,7 @@ void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction,
   const index_t rows = pred.rows, cols = pred.cols;
   const double count = static_cast<double>(rows) * static_cast<double>(cols);
   const T scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
+  if (rows == 0 || cols == 0) return;  // nothing to write (and a zero-stride view may have 2^40 empty rows)
   const int threads = get_num_threads();
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows * cols >= kParallelMinElements)
   for (index_t r = 0; r < rows; ++r) {

@@ -72,8 +72,9 @@ def mse(pred, target, reduction="mean"):
     if reduction == "none":
         loss, loss_bound = squares, sq_bound
     else:
+        # the squares are summed in double: count roundings of at most eps(float64) * the sum
         loss = squares.sum()
-        loss_bound = 4 * e * squares.sum() + 1e-300
+        loss_bound = (4 * e + (count + 1) * eps(np.float64)) * squares.sum() + 1e-300
         if reduction == "mean":
             loss, loss_bound = loss / max(count, 1) if count else np.nan, loss_bound / max(count, 1)
     scale = 2.0 / count if reduction == "mean" and count else 2.0
@@ -93,7 +94,7 @@ def linear_mse(x, w, b, t, reduction="mean"):
     dy = scale * r
     dy_bound = scale * r_bound + e * np.abs(dy)
     loss = (r * r).sum()
-    loss_bound = (2 * np.abs(r) * r_bound).sum() + 4 * e * loss
+    loss_bound = (2 * np.abs(r) * r_bound).sum() + (4 * e + (count + 1) * eps(np.float64)) * loss
     if reduction == "mean":
         loss, loss_bound = (loss / count, loss_bound / count) if count else (np.nan, 0.0)
     batch = x.shape[0]
