@@ -36,6 +36,7 @@ namespace {
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 constexpr double kSerialWork = 1 << 19;  // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kNarrowN = 4;          // at most this many columns: dot products (gemm_narrow)
+constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
 constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
 inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
@@ -90,18 +91,26 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
 
 // The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B (kc x NR).
 // A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
-// (a[i*a_rs + k]); B is a packed micro-panel (b[k*NR + j]) or, in place, rows of NR contiguous
-// elements (b[k*b_rs + j]). acc is a fixed-size tile indexed only by constants after unrolling, so it
+// (a[i*a_rs + k]); B is read as rows of NR contiguous elements b_rs apart (b[k*b_rs + j]): a packed
+// micro-panel as wide as the tile or wider, or B in place. acc is a fixed-size tile indexed only by constants after unrolling, so it
 // lives in registers.
-template <typename T, int MR, int NR, bool kPackedA, bool kPackedB>
+template <typename T, int MR, int NR, bool kPackedA>
 void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs,
-                  T* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate) {
+                  T* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate,
+                  bool prefetch_c) {
+  // The caller asks for C's rows to be fetched now when they are likely far away (too many to stay
+  // in L2 between K slices), so that the update after the loop does not wait for memory.
+  if (prefetch_c)
+    for (index_t i = 0; i < mr; ++i) {
+      __builtin_prefetch(c + i * ldc, 1);
+      __builtin_prefetch(c + i * ldc + nr - 1, 1);
+    }
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
 
   for (index_t k = 0; k < kc; ++k) {
-    const T* __restrict bk = kPackedB ? b + k * NR : b + k * b_rs;
+    const T* __restrict bk = b + k * b_rs;
     for (int i = 0; i < MR; ++i) {
       const T ai = kPackedA ? a[k * MR + i] : a[i * a_rs + k];
 #pragma omp simd
@@ -131,6 +140,18 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
       }
     }
   }
+}
+
+// One tile through the micro-kernel, its A panel packed (a_rs unused) or in place; B is read as rows
+// of W contiguous elements b_rs apart, which covers a packed micro-panel of width NR >= W (b_rs = NR)
+// as well as B in place. Each element of C is summed in the same order whatever W is.
+template <typename T, int MR, int W>
+void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c, index_t ldc,
+              index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+  if (packed_a)
+    micro_kernel<T, MR, W, true>(kc, a, 0, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+  else
+    micro_kernel<T, MR, W, false>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
 }
 
 // The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
@@ -313,6 +334,9 @@ void gemm(const GemmArgs<T>& g) {
   // when a B micro-panel is reused, by more than one row panel.
   const bool pack_b = !(m_blocks == 1 && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
   T* const b_pack = work.get();
+  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2
+  // by the next slice.
+  const bool c_block_spills = mc_step * nc_max * index_t(sizeof(T)) > kCacheBytes;
 
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
@@ -367,14 +391,13 @@ void gemm(const GemmArgs<T>& g) {
                 const bool packed_a = pack_a || mr < MR, packed_b = pack_b || nr < NR;
                 const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
                 const T* b_panel = packed_b ? b_slice + p * NR * kc : g.b + k0 * g.b_rs + j0;
-                if (packed_a && packed_b)
-                  micro_kernel<T, MR, NR, true, true>(kc, a_panel, 0, b_panel, 0, c, g.ldc, mr, nr, pc > 0);
-                else if (packed_b)
-                  micro_kernel<T, MR, NR, false, true>(kc, a_panel, g.a_rs, b_panel, 0, c, g.ldc, mr, nr, pc > 0);
-                else if (packed_a)
-                  micro_kernel<T, MR, NR, true, false>(kc, a_panel, 0, b_panel, g.b_rs, c, g.ldc, mr, nr, pc > 0);
+                const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
+                if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
+                  run_tile<T, MR, NR / 4>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, pc > 0, c_block_spills);
+                else if (nr <= NR / 2)
+                  run_tile<T, MR, NR / 2>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, pc > 0, c_block_spills);
                 else
-                  micro_kernel<T, MR, NR, false, false>(kc, a_panel, g.a_rs, b_panel, g.b_rs, c, g.ldc, mr, nr, pc > 0);
+                  run_tile<T, MR, NR>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, pc > 0, c_block_spills);
                 if (pc == num_pc - 1 && has_epilogue) {
                   const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
                   if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
