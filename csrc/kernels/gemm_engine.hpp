@@ -299,9 +299,12 @@ void gemm(const GemmArgs<T>& g) {
   if (N <= kNarrowN) return gemm_narrow(g, num_threads);
   if constexpr (MR > 1) {
     // One or two rows (a batch of one, a layer with one output's dW): an MR-row tile would be
-    // mostly padding, so use a one-row tile four times as wide (8 vector accumulators).
+    // mostly padding, so use a one-row tile four times as wide (8 vector accumulators). Such a
+    // product reads each element of B once or twice: it is bound by memory, and with short K
+    // slices a thread reads B's rows in long runs (all its panels of a few rows in turn) instead of
+    // one page per row, which the hardware prefetchers follow.
     constexpr int kWide = 4 * NR;
-    if (M <= 2) return gemm<T, 1, kWide, KC, MC, NC / kWide * kWide>(g);
+    if (M <= 2) return gemm<T, 1, kWide, KC / 8, MC, NC / kWide * kWide>(g);
   }
 
   // Block sizes depend on the problem only, never on the thread count, so every element of C is
@@ -309,7 +312,13 @@ void gemm(const GemmArgs<T>& g) {
   // blocks of at most MC rows (threads get equal work).
   const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
   const index_t kc_step = ceil_div(K, num_pc);
-  const index_t mc_step = ceil_div(ceil_div(M, ceil_div(M, MC)), MR) * MR;
+  // Rows that fit one block are still split in two (when there are enough for two) if N is too
+  // narrow to share out (N = 50: four column panels, one work item), or one thread would work and
+  // the other wait. Row blocks change who computes a row, not how it is summed.
+  const bool rows_fit_one_block = M <= MC;
+  const bool few_columns = ceil_div(N, NR * kPanelsPerItem) < 4;
+  const index_t row_blocks = rows_fit_one_block && few_columns && M >= 4 * MR ? 2 : ceil_div(M, MC);
+  const index_t mc_step = ceil_div(ceil_div(M, row_blocks), MR) * MR;
   const index_t m_blocks = ceil_div(M, mc_step);
   // B is packed a slab (several K slices of an NC column block) at a time: all of it between two
   // barriers when it fits in kSlabBytes, which is most layers; one K slice at a time otherwise.
@@ -328,11 +337,12 @@ void gemm(const GemmArgs<T>& g) {
   // zero-padded edge panels go through the packed path, and so do rows a multiple of
   // kAliasBytes apart: they would fall into the same L1 cache sets.
   const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
-  // B is packed to be reused by many row blocks; with a single row block (dW = dY^T X for up to
-  // MC outputs: the tall-skinny layers) packing would copy all of X for one use, so rows of B with
-  // unit n stride are read in place instead (edge panels still packed). Aliasing rows matter only
-  // when a B micro-panel is reused, by more than one row panel.
-  const bool pack_b = !(m_blocks == 1 && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
+  // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
+  // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
+  // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
+  // only when a B micro-panel is reused, by more than one row panel.
+  const bool pack_b =
+      !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
   T* const b_pack = work.get();
   // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2
   // by the next slice.

@@ -28,6 +28,16 @@ ODD = [(257, 511, 1000), (777, 1000, 257), (1000, 777, 511)]   # no power of two
 FLOAT64 = [(64, 784, 50), (512, 1024, 1024)]
 QUICK = [(1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024)]
 
+# NumPy's OpenBLAS runs its own thread pool, whose idle threads keep spinning on the cores for about
+# 0.1 s after each call (and lingrad's OpenMP threads for a few ms): timed right after the other,
+# each side would run with the other's spinning threads in its way (1024^3 forward: 2x slower after
+# a NumPy call; a small product up to 16 ms a call). Sleeping instead is no cure on a virtual
+# machine: its idle vCPUs can take milliseconds to get a core back. So in NumPy comparisons each
+# contestant runs untimed for NUMPY_SETTLE seconds before each timed batch, and batches are longer:
+# each side is timed as it runs on its own, in alternation.
+NUMPY_SETTLE = 0.2
+NUMPY_BATCH = 0.02
+
 
 @dataclass
 class Result:
@@ -45,21 +55,27 @@ class Result:
 
 
 def time_interleaved(contestants: dict[str, Callable[[], object]], budget: float = 0.6,
-                     min_rounds: int = 5, max_rounds: int = 200) -> dict[str, float]:
+                     min_rounds: int = 5, max_rounds: int = 200, batch: float = 1e-3,
+                     settle: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each contestant, timed in alternation.
 
-    A round calls each contestant `inner` times in a row (enough for ~1 ms), then the next one;
-    rounds repeat until `budget` seconds are spent (at least `min_rounds`)."""
+    A round calls each contestant `inner` times in a row (enough for about `batch` seconds), then
+    the next one; rounds repeat until `budget` seconds are spent (at least `min_rounds`). With
+    `settle`, each batch follows that many seconds of untimed calls of the same contestant: the
+    time another thread pool keeps spinning after its last call (see NUMPY_SETTLE)."""
     for f in contestants.values():  # warm up: first-touch allocations, thread pools, caches
         f()
         f()
     slowest = max(_once(f) for f in contestants.values())
-    inner = max(1, int(1e-3 / max(slowest, 1e-9)))
+    inner = max(1, int(batch / max(slowest, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in contestants}
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < max_rounds):
         for name, f in contestants.items():
+            settled = time.perf_counter() + settle
+            while time.perf_counter() < settled:
+                f()
             t0 = time.perf_counter()
             for _ in range(inner):
                 f()
@@ -176,14 +192,17 @@ def run(shapes: Iterable[tuple], dtype=np.float32, *, numpy_baseline: bool = Tru
     for shape in (progress(shapes) if progress else shapes):
         batch, n_in, n_out = shape
         product = 2.0 * batch * n_in * n_out
-        groups = []
+        groups = []  # PyTorch and NumPy are never timed together (see NUMPY_SETTLE)
         if torch_baseline:
-            groups.append((torch_cases(shape, dtype), 3 * product))
+            groups.append((torch_cases(shape, dtype), 3 * product, {}))
         if numpy_baseline:
-            groups.append((numpy_cases(shape, dtype), product))
-        for cases, flops in groups:  # PyTorch and NumPy are never timed together: their pools fight
+            groups.append((numpy_cases(shape, dtype), product,
+                           dict(settle=NUMPY_SETTLE, batch=NUMPY_BATCH, budget=budget + 10 * NUMPY_SETTLE)))
+        # (PyTorch's first batch at the next shape follows NumPy's last call: one slow batch of at
+        # least five, which the median leaves out)
+        for cases, flops, timing in groups:
             for case, contestants in cases.items():
-                seconds = time_interleaved(contestants, budget=budget)
+                seconds = time_interleaved(contestants, **{"budget": budget, **timing})
                 results.append(Result(case, shape, np.dtype(dtype).name, flops, seconds))
     return results
 
@@ -215,13 +234,11 @@ def _us(seconds: float) -> str:
 
 def plot(results: list[Result], path: str, peak: float) -> str:
     """A PNG chart of GFLOP/s per shape for each case: lingrad against its baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     cases = list(dict.fromkeys(r.case for r in results))
-    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 2.6 * len(cases)), squeeze=False)
+    fig = Figure(figsize=(11, 2.6 * len(cases)))
+    axes = fig.subplots(len(cases), 1, squeeze=False)
     for ax, case in zip(axes[:, 0], cases):
         rows = [r for r in results if r.case == case]
         labels = [f"{r.shape[0]},{r.shape[1]},{r.shape[2]}" + ("" if r.dtype == "float32" else " f64") for r in rows]
@@ -238,5 +255,4 @@ def plot(results: list[Result], path: str, peak: float) -> str:
     axes[-1, 0].set_xlabel("batch, in_features, out_features")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
