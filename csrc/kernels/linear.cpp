@@ -6,41 +6,42 @@
 namespace lingrad {
 namespace {
 
-// Y (B, out) = X (B, in) W^T: A = X, B[k, n] = W[n, k].
+// A view of the transpose: the same memory, rows and columns swapped.
 template <typename T>
-GemmArgs<T> forward_args(MatrixView<T> x, MatrixView<T> w, T* y) {
+MatrixView<T> transposed(MatrixView<T> v) {
+  return {v.data, v.cols, v.rows, v.cs, v.rs};
+}
+
+// C (a.rows x b.cols, dense) = A B for strided A and B.
+template <typename T>
+GemmArgs<T> product_args(MatrixView<T> a, MatrixView<T> b, T* c) {
   GemmArgs<T> g;
-  g.m = x.rows; g.n = w.rows; g.k = x.cols;
-  g.a = x.data; g.a_rs = x.rs; g.a_cs = x.cs;
-  g.b = w.data; g.b_rs = w.cs; g.b_cs = w.rs;
-  g.c = y; g.ldc = w.rows;
+  g.m = a.rows; g.n = b.cols; g.k = a.cols;
+  g.a = a.data; g.a_rs = a.rs; g.a_cs = a.cs;
+  g.b = b.data; g.b_rs = b.rs; g.b_cs = b.cs;
+  g.c = c; g.ldc = b.cols;
   g.num_threads = get_num_threads();
   return g;
+}
+
+// Y (B, out) = X (B, in) W^T.
+template <typename T>
+GemmArgs<T> forward_args(MatrixView<T> x, MatrixView<T> w, T* y) {
+  return product_args(x, transposed(w), y);
 }
 
 // dX (B, in) = dY (B, out) W (out, in).
 template <typename T>
 GemmArgs<T> input_grad_args(MatrixView<T> dy, MatrixView<T> w, T* dx) {
-  GemmArgs<T> g;
-  g.m = dy.rows; g.n = w.cols; g.k = dy.cols;
-  g.a = dy.data; g.a_rs = dy.rs; g.a_cs = dy.cs;
-  g.b = w.data; g.b_rs = w.rs; g.b_cs = w.cs;
-  g.c = dx; g.ldc = w.cols;
-  g.num_threads = get_num_threads();
-  return g;
+  return product_args(dy, w, dx);
 }
 
-// dW (out, in) = dY^T X, a reduction over the batch: A[m, k] = dY[k, m], B = X.
-// The row sums of A are the bias gradient, taken while A is packed.
+// dW (out, in) = dY^T X, a reduction over the batch. The row sums of dY^T are the bias gradient,
+// taken while it is packed.
 template <typename T>
 GemmArgs<T> weight_grad_args(MatrixView<T> dy, MatrixView<T> x, T* dw, T* db) {
-  GemmArgs<T> g;
-  g.m = dy.cols; g.n = x.cols; g.k = dy.rows;
-  g.a = dy.data; g.a_rs = dy.cs; g.a_cs = dy.rs;
-  g.b = x.data; g.b_rs = x.rs; g.b_cs = x.cs;
-  g.c = dw; g.ldc = x.cols;
+  GemmArgs<T> g = product_args(transposed(dy), x, dw);
   g.a_row_sums = db;
-  g.num_threads = get_num_threads();
   return g;
 }
 

@@ -157,30 +157,20 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
         for p in params:
             p.grad = None
 
-    def torch_step():
-        clear()
-        F.mse_loss(reference(x), t).backward()
+    def step(loss):
+        """A training step: the gradients cleared, the loss computed, backward."""
+        def run():
+            for p in params:
+                p.grad = None
+            loss().backward()
+        return run
 
-    def drop_in_step():
-        clear()
-        F.mse_loss(drop_in(x), t).backward()
-
-    def fused_step():
-        clear()
-        fused(x, t).backward()
-
-    def torch_mlp_step():
-        clear()
-        F.mse_loss(torch_mlp(x), t1).backward()
-
-    def mixed_mlp_step():
-        clear()
-        F.mse_loss(mixed_mlp(x), t1).backward()
-
+    torch_step = step(lambda: F.mse_loss(reference(x), t))
     return {
-        "step fused": {"lingrad": fused_step, "torch": torch_step},
-        "step drop-in": {"lingrad": drop_in_step, "torch": torch_step},
-        "mlp mixed": {"lingrad": mixed_mlp_step, "torch": torch_mlp_step},
+        "step fused": {"lingrad": step(lambda: fused(x, t)), "torch": torch_step},
+        "step drop-in": {"lingrad": step(lambda: F.mse_loss(drop_in(x), t)), "torch": torch_step},
+        "mlp mixed": {"lingrad": step(lambda: F.mse_loss(mixed_mlp(x), t1)),
+                      "torch": step(lambda: F.mse_loss(torch_mlp(x), t1))},
     }
 
 
