@@ -5,6 +5,7 @@
     python bench/sweep.py --plot bench/sweep.png --markdown bench/RESULTS.md
 """
 import argparse
+import datetime
 import platform
 import sys
 
@@ -28,6 +29,7 @@ def main(argv=None):
     results = benchmark.run(shapes, np.float32, torch_baseline=not args.no_torch, budget=args.budget)
     if not args.quick:
         results += benchmark.run(benchmark.FLOAT64, np.float64, torch_baseline=not args.no_torch, budget=args.budget)
+    peak = max(peak, benchmark.peak_gflops())  # measured twice: a busy core during one probe halves it
     header = describe_machine(peak)
     text = header + "\n\n" + benchmark.table(results, peak)
     print(text)
@@ -35,9 +37,11 @@ def main(argv=None):
         print("chart written to", benchmark.plot(results, args.plot, peak))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# Benchmark results\n\nWritten by `python bench/sweep.py --markdown bench/RESULTS.md`. "
-                    "Ratios are baseline time / lingrad time (> 1: lingrad is faster), medians of interleaved "
-                    "runs in one process.\n\n" + text + "\n")
+            f.write(f"# Benchmark results\n\nWritten by `python bench/sweep.py --budget {args.budget:g} --markdown "
+                    f"bench/RESULTS.md` on {datetime.date.today()}. Ratios are baseline time / lingrad time "
+                    "(> 1: lingrad is faster), medians of interleaved runs in one process; GFLOP/s count "
+                    "2 B in out per product (three per training step). README.md, section Benchmark, says what "
+                    "limits each result.\n\n" + text + "\n")
     return 0
 
 
@@ -45,8 +49,10 @@ def describe_machine(peak):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError, ValueError):
         pass
     info = lingrad.config()
     versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"

@@ -227,7 +227,7 @@ def plot(results: list[Result], path: str, peak: float) -> str:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     cases = list(dict.fromkeys(r.case for r in results))
-    fig = Figure(figsize=(11, 2.6 * len(cases)))
+    fig = Figure(figsize=(11, 2.9 * len(cases)))
     axes = fig.subplots(len(cases), 1, squeeze=False)
     for ax, case in zip(axes[:, 0], cases):
         rows = [r for r in results if r.case == case]
@@ -240,7 +240,7 @@ def plot(results: list[Result], path: str, peak: float) -> str:
         ax.axhline(peak, color="gray", linestyle="--", linewidth=1, label=f"FMA peak {peak:.0f}")
         ax.set_title(case)
         ax.set_ylabel("GFLOP/s")
-        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_xticks(xs, labels, fontsize=8, rotation=30, ha="right")
         ax.legend(fontsize=8, loc="upper left")
     axes[-1, 0].set_xlabel("batch, in_features, out_features")
     fig.tight_layout()
