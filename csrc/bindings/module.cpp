@@ -112,15 +112,15 @@ class Call {
       a = allocate(name, shape);
     } else {
       a = as_ndarray(obj, name);
-      const std::string expect = shape_string(shape);
+      auto expect = [&] { return shape_string(shape); };
       if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>()))
         throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) +
                               " but must be " + dtype_name(dtype_) + " like the inputs");
       if (a.ndim() != static_cast<py::ssize_t>(shape.size()) ||
           !std::equal(shape.begin(), shape.end(), a.shape()))
-        throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect);
+        throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect());
       if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
-        throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect + ")");
+        throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect() + ")");
       if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
       for (const auto& [other_name, other] : inputs_)
         if (overlap(a, other))
@@ -141,13 +141,14 @@ class Call {
   py::array allocate(const char* name, const std::vector<py::ssize_t>& shape) const {
     double bytes = dtype_ == DType::float32 ? 4.0 : 8.0;  // in double: the product never overflows
     for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
-    const std::string what = std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")";
-    if (bytes > static_cast<double>(PY_SSIZE_T_MAX)) throw py::value_error(what + " would be larger than the address space");
+    // (the message is built only when needed: it costs more than a small kernel)
+    auto what = [&] { return std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")"; };
+    if (bytes > static_cast<double>(PY_SSIZE_T_MAX)) throw py::value_error(what() + " would be larger than the address space");
     try {
       return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
     } catch (py::error_already_set& e) {
       if (!e.matches(PyExc_MemoryError)) throw;
-      throw_memory_error("cannot allocate " + what);
+      throw_memory_error("cannot allocate " + what());
     }
   }
 

@@ -196,8 +196,7 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
   const index_t buffer = (copy_a ? 4 : 0) * kChunk + (copy_b ? kNarrowN : 0) * kChunk;  // per thread
   Scratch<T> buffers(num_threads * buffer);
   Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-  for (index_t block = 0; block < blocks; ++block) {
+  auto run_block = [&](index_t block) {
 #if defined(_OPENMP)
     T* const a_buf = buffers.get() + omp_get_thread_num() * buffer;
 #else
@@ -266,6 +265,12 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
     if (has_epilogue)
       for (index_t m = m_begin; m < m_end; ++m) squares += apply_epilogue(g.epilogue, g.c + m * g.ldc, g.ldc, m, 0, 1, N);
     if (g.epilogue.loss) block_squares.get()[block] = squares;
+  };
+  if (num_threads > 1) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (index_t block = 0; block < blocks; ++block) run_block(block);
+  } else {
+    for (index_t block = 0; block < blocks; ++block) run_block(block);  // no team to set up
   }
   if (g.epilogue.loss) {
     double total = 0;
@@ -348,8 +353,9 @@ void gemm(const GemmArgs<T>& g) {
   // by the next slice.
   const bool c_block_spills = mc_step * nc_max * index_t(sizeof(T)) > kCacheBytes;
 
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
-  {
+  // The work of each thread; with one thread it runs without a team (the worksharing and barriers
+  // inside then act as a team of one), which saves setting one up for small products.
+  auto work_of_thread = [&] {
 #if defined(_OPENMP)
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
 #else
@@ -420,6 +426,12 @@ void gemm(const GemmArgs<T>& g) {
         // (everyone is done with the slab before it is repacked)
       }
     }
+  };
+  if (num_threads > 1) {
+#pragma omp parallel num_threads(num_threads)
+    work_of_thread();
+  } else {
+    work_of_thread();
   }
 
   if (e.loss) {  // a fixed order, whatever thread computed each tile

@@ -12,7 +12,19 @@ namespace {
 constexpr index_t kParallelMinElements = 1 << 15;  // below this a thread team costs more than it saves
 constexpr index_t kBlockElements = 1 << 16;        // rows are summed in blocks of this many elements,
 constexpr index_t kBlockMinRows = 1024;            // or of this many rows, whichever is more
+
+// body(i) for i in [0, n): split over `threads` if `parallel`, else in this thread without setting
+// up a team, which costs more than a small loop.
+template <typename Body>
+void for_each_row(index_t n, int threads, bool parallel, const Body& body) {
+  if (parallel) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (index_t i = 0; i < n; ++i) body(i);
+  } else {
+    for (index_t i = 0; i < n; ++i) body(i);
+  }
 }
+}  // namespace
 
 template <typename T>
 double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T* out_none) {
@@ -23,15 +35,14 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
   const int threads = get_num_threads();
   const bool parallel = threads > 1 && rows * cols >= kParallelMinElements;
   if (reduction == Reduction::none) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
-    for (index_t r = 0; r < rows; ++r) {
+    for_each_row(rows, threads, parallel, [&](index_t r) {
       const T* p = pred.data + r * pred.rs;
       const T* t = target.data + r * target.rs;
       for (index_t c = 0; c < cols; ++c) {
         const T d = p[c * pred.cs] - t[c * target.cs];
         out_none[r * cols + c] = d * d;
       }
-    }
+    });
     return 0;
   }
   // Row sums for a block of rows at a time (in parallel), added to the total in row order: the
@@ -41,8 +52,7 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
   double total = 0;
   for (index_t r0 = 0; r0 < rows; r0 += block_rows) {
     const index_t block = std::min(block_rows, rows - r0);
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel && block * cols >= kParallelMinElements)
-    for (index_t i = 0; i < block; ++i) {
+    for_each_row(block, threads, parallel && block * cols >= kParallelMinElements, [&](index_t i) {
       const T* p = pred.data + (r0 + i) * pred.rs;
       const T* t = target.data + (r0 + i) * target.rs;
       double s = 0;
@@ -51,7 +61,7 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
         s += static_cast<double>(d) * static_cast<double>(d);
       }
       row_squares[i] = s;
-    }
+    });
     for (index_t i = 0; i < block; ++i) total += row_squares[i];
   }
   return reduction == Reduction::mean ? total / count : total;
@@ -64,12 +74,11 @@ void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction,
   const T scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
   if (rows == 0 || cols == 0) return;  // nothing to write (and a zero-stride view may have 2^40 empty rows)
   const int threads = get_num_threads();
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows * cols >= kParallelMinElements)
-  for (index_t r = 0; r < rows; ++r) {
+  for_each_row(rows, threads, threads > 1 && rows * cols >= kParallelMinElements, [&](index_t r) {
     const T* p = pred.data + r * pred.rs;
     const T* t = target.data + r * target.rs;
     for (index_t c = 0; c < cols; ++c) grad[r * cols + c] = scale * (p[c * pred.cs] - t[c * target.cs]);
-  }
+  });
 }
 
 template double mse_loss<float>(MatrixView<float>, MatrixView<float>, Reduction, float*);
