@@ -34,7 +34,7 @@ namespace LINGRAD_ISA {
 namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
-constexpr double kSerialWork = 1 << 19;  // multiply-adds (M*N*K) below which one thread runs (measured)
+constexpr double kSerialWork = 1 << 18;  // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kNarrowN = 4;          // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
 constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
