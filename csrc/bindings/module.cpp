@@ -143,7 +143,8 @@ class Call {
     for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
     // (the message is built only when needed: it costs more than a small kernel)
     auto what = [&] { return std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")"; };
-    if (bytes > static_cast<double>(PY_SSIZE_T_MAX)) throw py::value_error(what() + " would be larger than the address space");
+    if (bytes > static_cast<double>(PY_SSIZE_T_MAX))
+      throw py::value_error(what() + " would be larger than the address space");
     try {
       return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
     } catch (py::error_already_set& e) {
