@@ -87,6 +87,15 @@ void in_forked_child() {
 const bool kForkHandlerRegistered = pthread_atfork(nullptr, nullptr, in_forked_child) == 0;
 #endif
 
+// The team a kernel may start when `requested` threads are asked for: one in a child forked after
+// threads ran, else at least one; a team of more is remembered for the fork handler.
+int usable_threads(int requested) {
+  if (forked_after_threads().load(std::memory_order_relaxed)) return 1;
+  requested = std::max(requested, 1);
+  if (requested > 1 && !threads_used().load(std::memory_order_relaxed)) threads_used().store(true);
+  return requested;
+}
+
 }  // namespace
 
 const GemmKernels& active_kernels() { return *active().load(std::memory_order_relaxed); }
@@ -116,9 +125,7 @@ void get_tile(bool double_, int* mr, int* nr) {
 double measure_fma_peak(int threads, double seconds) {
   using clock = std::chrono::steady_clock;
   const GemmKernels& k = active_kernels();
-  // a child forked after threads ran cannot start OpenMP threads again (see in_forked_child)
-  threads = forked_after_threads().load(std::memory_order_relaxed) ? 1 : std::max(threads, 1);
-  if (threads > 1) threads_used().store(true);
+  threads = usable_threads(threads);
   const index_t iterations = 1 << 20;
   double best = 0, sink = 0;
   const auto stop = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
@@ -135,12 +142,7 @@ double measure_fma_peak(int threads, double seconds) {
   return best * 1e-9;
 }
 
-int get_num_threads() {
-  if (forked_after_threads().load(std::memory_order_relaxed)) return 1;
-  const int n = thread_count().load(std::memory_order_relaxed);
-  if (n > 1 && !threads_used().load(std::memory_order_relaxed)) threads_used().store(true);
-  return n;
-}
+int get_num_threads() { return usable_threads(thread_count().load(std::memory_order_relaxed)); }
 
 void set_num_threads(int n) {
 #if defined(_OPENMP)

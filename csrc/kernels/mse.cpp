@@ -13,11 +13,13 @@ constexpr index_t kParallelMinElements = 1 << 15;  // below this a thread team c
 constexpr index_t kBlockElements = 1 << 16;        // rows are summed in blocks of this many elements,
 constexpr index_t kBlockMinRows = 1024;            // or of this many rows, whichever is more
 
-// body(i) for i in [0, n): split over `threads` if `parallel`, else in this thread without setting
-// up a team, which costs more than a small loop.
+// body(i) for each of n rows holding `elements` in all: split over the threads from
+// kParallelMinElements on, else in this thread without setting up a team, which costs more than a
+// small loop.
 template <typename Body>
-void for_each_row(index_t n, int threads, bool parallel, const Body& body) {
-  if (parallel) {
+void for_each_row(index_t n, index_t elements, const Body& body) {
+  const int threads = get_num_threads();
+  if (threads > 1 && elements >= kParallelMinElements) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (index_t i = 0; i < n; ++i) body(i);
   } else {
@@ -32,10 +34,8 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
   const double count = static_cast<double>(rows) * static_cast<double>(cols);
   if (rows == 0 || cols == 0)  // nothing to read (a zero-stride view may still have 2^40 empty rows)
     return reduction == Reduction::mean ? std::numeric_limits<double>::quiet_NaN() : 0.0;  // mean of nothing
-  const int threads = get_num_threads();
-  const bool parallel = threads > 1 && rows * cols >= kParallelMinElements;
   if (reduction == Reduction::none) {
-    for_each_row(rows, threads, parallel, [&](index_t r) {
+    for_each_row(rows, rows * cols, [&](index_t r) {
       const T* p = pred.data + r * pred.rs;
       const T* t = target.data + r * target.rs;
       for (index_t c = 0; c < cols; ++c) {
@@ -52,7 +52,7 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
   double total = 0;
   for (index_t r0 = 0; r0 < rows; r0 += block_rows) {
     const index_t block = std::min(block_rows, rows - r0);
-    for_each_row(block, threads, parallel && block * cols >= kParallelMinElements, [&](index_t i) {
+    for_each_row(block, block * cols, [&](index_t i) {
       const T* p = pred.data + (r0 + i) * pred.rs;
       const T* t = target.data + (r0 + i) * target.rs;
       double s = 0;
@@ -73,8 +73,7 @@ void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction,
   const double count = static_cast<double>(rows) * static_cast<double>(cols);
   const T scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
   if (rows == 0 || cols == 0) return;  // nothing to write (and a zero-stride view may have 2^40 empty rows)
-  const int threads = get_num_threads();
-  for_each_row(rows, threads, threads > 1 && rows * cols >= kParallelMinElements, [&](index_t r) {
+  for_each_row(rows, rows * cols, [&](index_t r) {
     const T* p = pred.data + r * pred.rs;
     const T* t = target.data + r * target.rs;
     for (index_t c = 0; c < cols; ++c) grad[r * cols + c] = scale * (p[c * pred.cs] - t[c * target.cs]);
