@@ -9,9 +9,9 @@ Campaigns:
   errors   every function with exactly one bad argument
 
 A valid call draws the shapes (0, 1, primes, the edges of the register tiles and cache blocks,
-large odd sizes), the dtype, the memory layout of every argument (C or Fortran order, transposed,
-sliced, negative steps, broadcast with zero strides, read-only, odd strides on length-1
-dimensions, inputs that are the same array), an `out` array or none, the ISA and the number of
+large odd sizes), the dtype, the memory layout of every argument (C or Fortran order, the latter
+being what a transposed C array is; sliced, negative steps, broadcast with zero strides,
+read-only, odd strides on length-1 dimensions; inputs that are the same array), an `out` array or none, the ISA and the number of
 threads. Gaps of sliced buffers and fresh `out` arrays hold NaN, so a stray read or a missed
 write shows. The result must
   * agree with the float64 reference (tests/reference.py) within its rigorous error bound,
@@ -49,7 +49,7 @@ SMALL = [0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 15, 16, 17, 23, 31, 32, 33, 47, 64]
 EDGES = [71, 72, 73, 95, 96, 97, 143, 144, 145, 167, 168, 169, 255, 256, 257, 263]
 LARGE = [509, 512, 1021, 4079, 4080, 4081, 4095, 4096, 4097, 4099, 8191]
 
-LAYOUTS_2D = ["c", "c", "fortran", "transposed", "sliced", "negative", "negative_sliced",
+LAYOUTS_2D = ["c", "c", "fortran", "sliced", "negative", "negative_sliced",
               "broadcast_rows", "broadcast_cols", "broadcast_all", "readonly", "odd_length1"]
 LAYOUTS_1D = ["c", "c", "strided", "negative", "broadcast", "readonly", "odd_length1"]
 
@@ -106,8 +106,6 @@ def lay_out_2d(rng, dense, layout: str):
     dtype = dense.dtype
     if layout == "fortran":
         return np.asfortranarray(dense)
-    if layout == "transposed":
-        return dense.T.copy().T
     if layout in ("sliced", "negative", "negative_sliced"):
         sr, sc = (1, 1) if layout == "negative" else (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
         o = int(rng.integers(0, 3))

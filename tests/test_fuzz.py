@@ -1,7 +1,7 @@
 """The property-based campaigns of fuzz.py (see its docstring for what they draw and check), each
 in a child process: a crash fails the test with the input that caused it, instead of ending the
 run. The campaigns are derandomized, so every run tries the same inputs; LINGRAD_FUZZ_SCALE
-multiplies their number (e.g. 20 for a long run by hand; scripts/sanitize.sh lowers it)."""
+multiplies their number (e.g. 20 for a long run by hand)."""
 import os
 import re
 

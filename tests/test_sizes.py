@@ -4,7 +4,6 @@ zero-stride views, and large offsets are views into a big mapping that is reserv
 allocated (MAP_NORESERVE). Each check runs in a child process, so a crash or a hang (the symptom
 of an overflowed index) fails its test instead of the whole run."""
 import mmap
-import sys
 
 import numpy as np
 import pytest

@@ -139,17 +139,20 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
 
 
-def _linear_backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grad_x = grad_weight = grad_bias = None
-    if need_x:
-        grad_x = linear_backward_input(grad_y, weight)
+def _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias) -> tuple:
+    """(grad_x, grad_weight, grad_bias) of y = x @ weight.T + bias for grad_y, each None unless needed."""
+    grad_x = linear_backward_input(grad_y, weight) if need_x else None
+    grad_weight = grad_bias = None
     if need_weight:
         grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias)
     elif need_bias:  # a frozen weight: only the column sums
         grad_bias = grad_y.sum(0)
     return grad_x, grad_weight, grad_bias
+
+
+def _linear_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    return _linear_grads(grad_y, x, weight, *ctx.needs_input_grad[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +337,7 @@ def linear_mse_backward(ctx, grad_loss, *_):
         )
         return (grad_x, grad_weight, grad_bias, None, *extra)
     grad_y = grad_loss * mse_backward(linear(x, weight, bias), target, ctx.reduction)
-    grad_x = linear_backward_input(grad_y, weight) if need_x else None
-    grad_weight = grad_bias = None
-    if need_weight:
-        grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias)
-    elif need_bias:
-        grad_bias = grad_y.sum(0)
+    grad_x, grad_weight, grad_bias = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
     return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
 
 

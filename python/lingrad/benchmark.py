@@ -153,10 +153,6 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
     params = [x, *reference.parameters(), *drop_in.parameters(), *fused.parameters(),
               *torch_mlp.parameters(), *mixed_mlp.parameters()]
 
-    def clear():
-        for p in params:
-            p.grad = None
-
     def step(loss):
         """A training step: the gradients cleared, the loss computed, backward."""
         def run():

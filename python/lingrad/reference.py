@@ -108,6 +108,14 @@ def linear_mse(x, w, b, t, reduction="mean"):
     return (loss, loss_bound), (dx, dx_bound), (dw, dw_bound), (db, db_bound)
 
 
+def _errors(got, want, bound):
+    """|got - want| elementwise (0 where both are NaN) and the bound broadcast to its shape, for
+    got and want of one shape (in float64)."""
+    both_nan = np.isnan(got) & np.isnan(want)
+    err = np.where(both_nan, 0.0, np.abs(got - want))
+    return err, np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
+
+
 def error_ratio(got, want, bound) -> float:
     """The worst |got - want| / bound over all elements: <= 1 means within the bound (0 / 0 and
     NaN where want is NaN count as 0; an error where the bound is 0 is inf, as is a shape mismatch)."""
@@ -115,9 +123,7 @@ def error_ratio(got, want, bound) -> float:
     want = f64(want)
     if got.shape != want.shape:
         return float("inf")
-    both_nan = np.isnan(got) & np.isnan(want)
-    err = np.where(both_nan, 0.0, np.abs(got - want))
-    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
+    err, bound = _errors(got, want, bound)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(err == 0, 0.0, err / bound)  # err > 0 with bound 0 is inf
     ratio = np.where(np.isnan(ratio), np.inf, ratio)  # NaN against a number
@@ -129,9 +135,7 @@ def assert_within(got, want, bound, name="result"):
     got = f64(got)
     want = f64(want)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    both_nan = np.isnan(got) & np.isnan(want)
-    err = np.where(both_nan, 0.0, np.abs(got - want))
-    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), err.shape)
+    err, bound = _errors(got, want, bound)
     bad = ~(err <= bound)
     if bad.any():
         i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), err.shape) if err.ndim else ()
