@@ -6,12 +6,8 @@
 """
 import argparse
 import datetime
-import platform
 import sys
 
-import numpy as np
-
-import lingrad
 from lingrad import benchmark
 
 
@@ -24,13 +20,8 @@ def main(argv=None):
     parser.add_argument("--markdown", metavar="MD", help="write the table with the machine's description")
     args = parser.parse_args(argv)
 
-    shapes = benchmark.QUICK if args.quick else benchmark.SWEEP + benchmark.ODD
-    peak = benchmark.peak_gflops()
-    results = benchmark.run(shapes, np.float32, torch_baseline=not args.no_torch, budget=args.budget)
-    if not args.quick:
-        results += benchmark.run(benchmark.FLOAT64, np.float64, torch_baseline=not args.no_torch, budget=args.budget)
-    peak = max(peak, benchmark.peak_gflops())  # measured twice: a busy core during one probe halves it
-    header = describe_machine(peak)
+    results, peak = benchmark.sweep(not args.quick, torch_baseline=not args.no_torch, budget=args.budget)
+    header = benchmark.describe_machine(peak)
     text = header + "\n\n" + benchmark.table(results, peak)
     print(text)
     if args.plot:
@@ -43,26 +34,6 @@ def main(argv=None):
                     "2 B in out per product (three per training step). README.md, section Benchmark, says what "
                     "limits each result.\n\n" + text + "\n")
     return 0
-
-
-def describe_machine(peak):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
-    except (OSError, KeyError, ValueError):
-        pass
-    info = lingrad.config()
-    versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"
-    try:
-        import torch
-        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    except ImportError:
-        pass
-    return f"CPU: {cpu}; measured float32 FMA peak {peak:.0f} GFLOP/s\n{versions}"
-
 
 if __name__ == "__main__":
     sys.exit(main())

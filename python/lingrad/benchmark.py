@@ -9,6 +9,7 @@ Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
 """
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -191,6 +192,41 @@ def run(shapes: Iterable[tuple], dtype=np.float32, *, numpy_baseline: bool = Tru
                 seconds = time_interleaved(contestants, **{"budget": budget, **timing})
                 results.append(Result(case, shape, np.dtype(dtype).name, flops, seconds))
     return results
+
+
+def sweep(full: bool, *, torch_baseline: bool = True, budget: float = 0.6,
+          progress: Callable[[Iterable], Iterable] | None = None) -> tuple[list[Result], float]:
+    """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK)
+    and the FMA peak in GFLOP/s, measured before and after: a busy core during one probe halves it."""
+    peak = peak_gflops()
+    results = run(SWEEP + ODD if full else QUICK, np.float32, torch_baseline=torch_baseline, budget=budget,
+                  progress=progress)
+    if full:
+        results += run(FLOAT64, np.float64, torch_baseline=torch_baseline, budget=budget, progress=progress)
+    return results, max(peak, peak_gflops())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, family and model (Linux), or what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
+def describe_machine(peak: float) -> str:
+    """Two lines: the CPU and its measured peak; lingrad's, NumPy's and PyTorch's versions and threads."""
+    info = lingrad.config()
+    versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"
+    try:
+        import torch
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    except ImportError:
+        versions += ", torch not installed"
+    return f"CPU: {cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s\n{versions}"
 
 
 def peak_gflops(threads: int | None = None) -> float:

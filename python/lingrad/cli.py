@@ -33,20 +33,14 @@ def _torch_version() -> str:
     return f"{torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     lingrad.show_config()
     env = os.environ.get("LINGRAD_ISA")
     if env:
         print(f"  LINGRAD_ISA     {env}")
-    print(f"  CPU             {_cpu_name()}")
+    from .benchmark import cpu_name
+
+    print(f"  CPU             {cpu_name()}")
     print(f"  Python          {platform.python_version()} ({sys.executable})")
     print(f"  NumPy           {np.__version__}")
     print(f"  PyTorch         {_torch_version()}")
@@ -94,19 +88,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         progress = partial(tqdm, desc="shapes", unit="shape", file=sys.stderr)
 
-    shapes = benchmark.SWEEP + benchmark.ODD if args.full else benchmark.QUICK
-    peak = benchmark.peak_gflops()
-    info = lingrad.config()
-    print(f"CPU: {_cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s with {info['num_threads']} threads")
-    print(f"lingrad {info['version']} ({info['isa']}), NumPy {np.__version__}, PyTorch {_torch_version()}")
-    print(f"{'full' if args.full else 'quick'} sweep: {len(shapes)} shapes (batch, in, out), "
+    n_shapes = len(benchmark.SWEEP + benchmark.ODD + benchmark.FLOAT64) if args.full else len(benchmark.QUICK)
+    print(f"{'full' if args.full else 'quick'} sweep: {n_shapes} shapes (batch, in, out), "
           f"{args.budget:g} s of interleaved timing per comparison; ratio = baseline time / lingrad time")
     sys.stdout.flush()
-    results = benchmark.run(shapes, np.float32, torch_baseline=use_torch, budget=args.budget, progress=progress)
-    if args.full:
-        results += benchmark.run(benchmark.FLOAT64, np.float64, torch_baseline=use_torch, budget=args.budget,
-                                 progress=progress)
-    peak = max(peak, benchmark.peak_gflops())  # measured twice: a busy core during one probe halves it
+    results, peak = benchmark.sweep(args.full, torch_baseline=use_torch, budget=args.budget, progress=progress)
+    print()
+    print(benchmark.describe_machine(peak))
     print()
     print(benchmark.table(results, peak))
     if args.plot:
