@@ -11,10 +11,10 @@ Campaigns:
 A valid call draws the shapes (0, 1, primes, the edges of the register tiles and cache blocks,
 large odd sizes), the dtype, the memory layout of every argument (C or Fortran order, the latter
 being what a transposed C array is; sliced, negative steps, broadcast with zero strides,
-read-only, odd strides on length-1 dimensions; inputs that are the same array), an `out` array or none, the ISA and the number of
-threads. Gaps of sliced buffers and fresh `out` arrays hold NaN, so a stray read or a missed
-write shows. The result must
-  * agree with the float64 reference (tests/reference.py) within its rigorous error bound,
+read-only, odd strides on length-1 dimensions; inputs that are the same array), an `out` array or
+none, the ISA and the number of threads. Gaps of sliced buffers and fresh `out` arrays hold NaN,
+so a stray read or a missed write shows. The result must
+  * agree with the float64 reference (lingrad.reference) within its rigorous error bound,
   * be bitwise identical to the same call on C-contiguous copies with one thread,
   * leave every input unchanged, and fill and return `out` when one is given.
 A bad call must raise exactly the expected TypeError or ValueError, with a message naming the bad
@@ -37,8 +37,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import lingrad
-import reference as ref
 from lingrad import kernels
+from lingrad import reference as ref
 
 DTYPES = [np.float32, np.float64]
 ISAS = lingrad.available_isas()

@@ -50,7 +50,7 @@ def run_threads(workers):
             try:
                 barrier.wait()
                 worker()
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            except BaseException as e:
                 errors.append(e)
         return run
 
@@ -91,7 +91,7 @@ def test_errors_from_many_threads(num_threads):
 
     def worker(k):
         def run():
-            for i in range(300):
+            for _i in range(300):
                 with pytest.raises(ValueError, match="weight"):
                     kernels.linear_forward(x, w[:, :2])
                 with pytest.raises(TypeError, match="bias"):

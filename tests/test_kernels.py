@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from lingrad import kernels
-
-import reference as ref
+from lingrad import reference as ref
 
 DTYPES = [np.float32, np.float64]
 

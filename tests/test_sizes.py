@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import lingrad
-from helpers import UNDER_ASAN, run_python
 from lingrad import kernels
+
+from helpers import UNDER_ASAN, run_python
 
 # ---------------------------------------------------------------------------------------------
 # Offsets beyond 2^31 and 2^32 elements
@@ -149,7 +150,7 @@ def test_huge_shapes_are_handled_or_rejected():
 @pytest.mark.skipif(UNDER_ASAN, reason="ASan's operator new aborts on an impossible allocation")
 def test_fused_step_buffer_that_cannot_exist_is_a_memory_error():
     """linear_mse needs a (batch, out) buffer for dY: if it cannot be allocated, MemoryError says so."""
-    code = f"""
+    code = """
         import numpy as np
         from lingrad import kernels
         from test_sizes import zero_stride as z

@@ -32,7 +32,7 @@ backward), and for tensor subclasses (FakeTensor, FunctionalTensor: AOTAutograd'
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,11 +49,11 @@ def _array(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _optional_array(t: Optional[Tensor]) -> Optional[np.ndarray]:
+def _optional_array(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
 
 
-def _tensor(a: Optional[np.ndarray]) -> Optional[Tensor]:
+def _tensor(a: np.ndarray | None) -> Tensor | None:
     return None if a is None else torch.from_numpy(a)
 
 
@@ -73,7 +73,7 @@ def _eager(t: Tensor) -> bool:
     return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
-def _scale(grad: Tensor, *tensors: Optional[Tensor]) -> tuple:
+def _scale(grad: Tensor, *tensors: Tensor | None) -> tuple:
     """grad (0-d) times each tensor. ``loss.backward()`` passes grad = 1: then, unless autograd
     records (create_graph=True differentiates with respect to grad too), the tensors are
     returned as they are. That is safe for gradients a backward saved: autograd takes over a
@@ -92,8 +92,8 @@ class Operator:
         self.impl = impl
         self.custom_op = torch.library.custom_op(f"lingrad::{name}", impl, mutates_args=(), schema="(" + signature)
         self.overload = getattr(torch.ops.lingrad, name).default
-        self.setup_context: Optional[Callable] = None
-        self.backward: Optional[Callable] = None
+        self.setup_context: Callable | None = None
+        self.backward: Callable | None = None
 
     def __call__(self, *args):
         # See the module docstring: the dispatcher only when tracing, recording or wrapping.
@@ -123,7 +123,7 @@ def operator(schema: str) -> Callable[[Callable], Operator]:
 
 
 @operator("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.from_numpy(kernels.linear_forward(_array(x), _array(weight), _optional_array(bias)))
 
 
@@ -190,7 +190,7 @@ def _linear_backward_input_backward(ctx, g):
 
 
 @operator("linear_backward_weight(Tensor grad_out, Tensor x, bool bias) -> (Tensor, Tensor?)")
-def linear_backward_weight(grad_out: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Optional[Tensor]]:
+def linear_backward_weight(grad_out: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
     grad_weight, grad_bias = kernels.linear_backward_weight(_array(grad_out), _array(x), bias=bias)
     return torch.from_numpy(grad_weight), _tensor(grad_bias)
 
@@ -280,8 +280,8 @@ def _mse_backward_backward(ctx, g):
     " -> (Tensor, Tensor?, Tensor, Tensor?)"
 )
 def linear_mse(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, reduction: str, input_grad: bool
-) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str, input_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     loss, grad_x, grad_weight, grad_bias = kernels.linear_mse(
         _array(x), _array(weight), _optional_array(bias), _array(target), reduction, input_grad=input_grad
     )

@@ -16,8 +16,6 @@ what ``ctx.needs_input_grad`` asks for, and LinearFunction's backward is itself 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -32,7 +30,7 @@ class LinearFunction(torch.autograd.Function):
     # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds the
     # arguments with inspect.signature on every call (about 35 us, more than the whole step).
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         y = _ops.linear(x, weight, bias)
         _ops.linear.setup_context(ctx, (x, weight, bias), y)
         return y
@@ -66,7 +64,7 @@ class LinearMSEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, reduction: str):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str):
         need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
         if reduction not in ("mean", "sum"):  # mse_loss below would also accept "none"
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -3,7 +3,8 @@
 Each comparison runs its contestants interleaved (A, B, A, B, ...) so that both see the same
 machine load, and reports medians and the ratio of medians (> 1 means lingrad is faster). GFLOP/s
 count 2*B*in*out per product: a forward pass is one product, a training step with the input
-gradient three (the mixed MLP's second layer, out -> 1, is not counted). The peak is measured here, with an FMA loop on the same threads.
+gradient three (the mixed MLP's second layer, out -> 1, is not counted). The peak is measured here,
+with an FMA loop on the same threads.
 
 Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 

@@ -135,7 +135,7 @@ def _torch_checks() -> list[tuple[str, Callable[[], str | None]]]:
         x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
         t = torch.randn(5, 3, generator=g, dtype=torch.float64)
         for reduction in ("mean", "sum"):
-            torch.autograd.gradcheck(lambda x, w, b: LinearMSEFunction.apply(x, w, b, t, reduction), (x, w, b),
+            torch.autograd.gradcheck(lambda x, w, b, r=reduction: LinearMSEFunction.apply(x, w, b, t, r), (x, w, b),
                                      raise_exception=True)
         return None
 

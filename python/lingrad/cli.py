@@ -16,7 +16,7 @@ import argparse
 import os
 import platform
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -13,7 +13,6 @@ without a warning and fail (or compute) exactly as they do in PyTorch.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _fallback_warned = False  # once per process; tests reset it
 
 
-def _kernels_handle(*tensors: Optional[Tensor]) -> bool:
+def _kernels_handle(*tensors: Tensor | None) -> bool:
     """True if lingrad's kernels take these tensors (None is an absent bias). Otherwise the caller
     uses PyTorch's implementation, after a one-time FallbackWarning for floating-point tensors."""
     global _fallback_warned
@@ -69,7 +68,7 @@ def _rows(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = input @ weight.T + bias, as torch.nn.functional.linear.
 
     input (*, in_features): any number of leading dimensions, or none (1-D); an empty batch is
@@ -107,7 +106,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def linear_mse_loss(
-    input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, reduction: str = "mean"
+    input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str = "mean"
 ) -> Tensor:
     """mse_loss(linear(input, weight, bias), target, reduction), reduction "mean" or "sum", fused:
     one kernel call computes the loss and, for backward, every gradient needed (see

@@ -1,7 +1,6 @@
 """Float64 references for every kernel, with rigorous error bounds for the fast results.
 
-Used by the test suite (tests/reference.py re-exports this module) and by ``lingrad check``,
-which runs them against the installed build.
+Used by the test suite and by ``lingrad check``, which runs them against the installed build.
 
 A float32 (or float64) dot product of length K carries a rounding error of at most about
 K * eps * (|a| . |b|), whatever the summation order. Each bound below follows that rule through
