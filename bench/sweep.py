@@ -1,9 +1,10 @@
 """Run the interleaved benchmark sweep and print (and optionally save) the table and chart.
 
-    python bench/sweep.py                 # the full sweep, float32 + float64 + odd sizes
-    python bench/sweep.py --quick         # five shapes
-    python bench/sweep.py --plot bench/sweep.png --markdown bench/RESULTS.md
+python bench/sweep.py                 # the full sweep, float32 + float64 + odd sizes
+python bench/sweep.py --quick         # five shapes
+python bench/sweep.py --plot bench/sweep.png --markdown bench/RESULTS.md
 """
+
 import argparse
 import datetime
 import sys
@@ -28,12 +29,15 @@ def main(argv=None):
         print("chart written to", benchmark.plot(results, args.plot, peak))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"# Benchmark results\n\nWritten by `python bench/sweep.py --budget {args.budget:g} --markdown "
-                    f"bench/RESULTS.md` on {datetime.date.today()}. Ratios are baseline time / lingrad time "
-                    "(> 1: lingrad is faster), medians of interleaved runs in one process; GFLOP/s count "
-                    "2 B in out per product (three per training step). README.md, section Benchmark, says what "
-                    "limits each result.\n\n" + text + "\n")
+            f.write(
+                f"# Benchmark results\n\nWritten by `python bench/sweep.py --budget {args.budget:g} --markdown "
+                f"bench/RESULTS.md` on {datetime.date.today()}. Ratios are baseline time / lingrad time "
+                "(> 1: lingrad is faster), medians of interleaved runs in one process; GFLOP/s count "
+                "2 B in out per product (three per training step). README.md, section Benchmark, says what "
+                "limits each result.\n\n" + text + "\n"
+            )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

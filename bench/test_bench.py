@@ -7,6 +7,7 @@
 Each group holds lingrad and its baseline at one shape; compare their medians. For ratios measured
 interleaved in one process (and GFLOP/s against the measured peak), use bench/sweep.py.
 """
+
 import numpy as np
 import pytest
 

@@ -18,6 +18,7 @@ one process with the variants interleaved; the median over repeats is printed in
 Python-layer overhead of the fused step = fused Function - empty Function - kernel only
 (and the same against "empty + grads", which leaves out the gradient accumulation every step has).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--number", type=int, default=2000)
     args = parser.parse_args()
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"lingrad {lingrad.__version__} ({lingrad.get_num_threads()} threads, {lingrad.get_isa()}); "
-          f"median of {args.repeat} x {args.number} steps, us")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"lingrad {lingrad.__version__} ({lingrad.get_num_threads()} threads, {lingrad.get_isa()}); "
+        f"median of {args.repeat} x {args.number} steps, us"
+    )
     for shape in [(1, 3, 1), (32, 64, 64)]:
         fns = variants(*shape)
         times: dict[str, list[float]] = {name: [] for name in fns}

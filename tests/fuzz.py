@@ -25,6 +25,7 @@ holds the example being run, so the input that crashed the process is known.
 Without --seed the campaign is derandomized (the same examples every run); with --seed S it
 explores other examples, for long runs by hand (e.g. --examples 20000 --seed 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,19 @@ SMALL = [0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 15, 16, 17, 23, 31, 32, 33, 47, 64]
 EDGES = [71, 72, 73, 95, 96, 97, 143, 144, 145, 167, 168, 169, 255, 256, 257, 263]
 LARGE = [509, 512, 1021, 4079, 4080, 4081, 4095, 4096, 4097, 4099, 8191]
 
-LAYOUTS_2D = ["c", "c", "fortran", "sliced", "negative", "negative_sliced",
-              "broadcast_rows", "broadcast_cols", "broadcast_all", "readonly", "odd_length1"]
+LAYOUTS_2D = [
+    "c",
+    "c",
+    "fortran",
+    "sliced",
+    "negative",
+    "negative_sliced",
+    "broadcast_rows",
+    "broadcast_cols",
+    "broadcast_all",
+    "readonly",
+    "odd_length1",
+]
 LAYOUTS_1D = ["c", "c", "strided", "negative", "broadcast", "readonly", "odd_length1"]
 
 examples_run = 0
@@ -71,6 +83,7 @@ def trace(text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Shapes, values and layouts
 
+
 @st.composite
 def sizes(draw, count: int):
     """`count` dimensions; at most one large, and the product bounded by max_work."""
@@ -83,7 +96,7 @@ def sizes(draw, count: int):
             dims.append(draw(st.one_of(st.sampled_from(SMALL + EDGES), st.integers(0, 80))))
     while np.prod(dims, dtype=np.int64) > max_work:
         i = int(np.argmax(dims))
-        dims[i] = max(1, max_work // max(1, int(np.prod(dims[:i] + dims[i + 1:], dtype=np.int64))))
+        dims[i] = max(1, max_work // max(1, int(np.prod(dims[:i] + dims[i + 1 :], dtype=np.int64))))
     return dims
 
 
@@ -164,7 +177,7 @@ def draw_out(data, rng, shape, dtype, label):
         return poisoned(shape, dtype)
     size = int(np.prod(shape))
     start = int(rng.integers(0, 4))
-    return poisoned(size + 6, dtype)[start:start + size].reshape(shape)
+    return poisoned(size + 6, dtype)[start : start + size].reshape(shape)
 
 
 def alias_inputs(data, arrays: dict) -> dict:
@@ -184,8 +197,10 @@ def describe(arrays: dict) -> str:
     parts = []
     for name, a in arrays.items():
         if isinstance(a, np.ndarray):
-            parts.append(f"{name}={a.dtype.str}{a.shape} strides={a.strides} writeable={a.flags.writeable} "
-                         f"addr%64={a.ctypes.data % 64}")
+            parts.append(
+                f"{name}={a.dtype.str}{a.shape} strides={a.strides} writeable={a.flags.writeable} "
+                f"addr%64={a.ctypes.data % 64}"
+            )
         else:
             parts.append(f"{name}={a!r}"[:80])
     return ", ".join(parts)
@@ -209,6 +224,7 @@ class Settings:
 
 # ---------------------------------------------------------------------------------------------
 # Valid calls
+
 
 def check_valid_call(data, function: str, arrays: dict, options: dict, outs: dict, compare):
     """Calls function(**arrays, **options, **outs) and checks it as the module docstring says.
@@ -236,7 +252,8 @@ def check_valid_call(data, function: str, arrays: dict, options: dict, outs: dic
             continue
         got_bytes, want_bytes = np.asarray(got).tobytes(), np.asarray(want).tobytes()
         assert got_bytes == want_bytes, (
-            f"{function}: result {i} differs bitwise from the call on C-contiguous copies with 1 thread")
+            f"{function}: result {i} differs bitwise from the call on C-contiguous copies with 1 thread"
+        )
     for name, out in given_outs.items():
         position = {"out": 0, "bias_out": 1}[name]
         assert flat[position] is out, f"{function} did not return the {name} array it was given"
@@ -253,8 +270,10 @@ def campaign_linear(data):
     batch, n_in, n_out = data.draw(sizes(3), label="(batch, in, out)")
     function = data.draw(st.sampled_from(["linear_forward", "linear_backward_input", "linear_backward_weight"]))
     if function == "linear_forward":
-        arrays = {"x": draw_array(data, rng, (batch, n_in), dtype, "x"),
-                  "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight")}
+        arrays = {
+            "x": draw_array(data, rng, (batch, n_in), dtype, "x"),
+            "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight"),
+        }
         if data.draw(st.booleans(), label="bias"):
             arrays["bias"] = draw_array(data, rng, (n_out,), dtype, "bias")
         arrays = alias_inputs(data, arrays)
@@ -265,8 +284,13 @@ def campaign_linear(data):
 
         check_valid_call(data, function, arrays, {}, outs, compare)
     elif function == "linear_backward_input":
-        arrays = alias_inputs(data, {"grad_out": draw_array(data, rng, (batch, n_out), dtype, "grad_out"),
-                                     "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight")})
+        arrays = alias_inputs(
+            data,
+            {
+                "grad_out": draw_array(data, rng, (batch, n_out), dtype, "grad_out"),
+                "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight"),
+            },
+        )
         outs = {"out": draw_out(data, rng, (batch, n_in), dtype, "out")}
 
         def compare(dx, a):
@@ -274,11 +298,18 @@ def campaign_linear(data):
 
         check_valid_call(data, function, arrays, {}, outs, compare)
     else:
-        arrays = alias_inputs(data, {"grad_out": draw_array(data, rng, (batch, n_out), dtype, "grad_out"),
-                                     "x": draw_array(data, rng, (batch, n_in), dtype, "x")})
+        arrays = alias_inputs(
+            data,
+            {
+                "grad_out": draw_array(data, rng, (batch, n_out), dtype, "grad_out"),
+                "x": draw_array(data, rng, (batch, n_in), dtype, "x"),
+            },
+        )
         bias = data.draw(st.booleans(), label="bias")
-        outs = {"out": draw_out(data, rng, (n_out, n_in), dtype, "out"),
-                "bias_out": draw_out(data, rng, (n_out,), dtype, "bias_out") if bias else None}
+        outs = {
+            "out": draw_out(data, rng, (n_out, n_in), dtype, "out"),
+            "bias_out": draw_out(data, rng, (n_out,), dtype, "bias_out") if bias else None,
+        }
 
         def compare(result, a):
             dw, db = result
@@ -296,10 +327,13 @@ def campaign_mse(data):
     dtype, rng = data.draw(dtype_and_rng())
     rows, cols = data.draw(sizes(2), label="(rows, cols)")
     shape = (rows * cols,) if data.draw(st.booleans(), label="1-D") and rows < 8 else (rows, cols)
-    arrays = alias_inputs(data, {"pred": draw_array(data, rng, shape, dtype, "pred"),
-                                 "target": draw_array(data, rng, shape, dtype, "target")})
+    arrays = alias_inputs(
+        data,
+        {"pred": draw_array(data, rng, shape, dtype, "pred"), "target": draw_array(data, rng, shape, dtype, "target")},
+    )
     reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
     if data.draw(st.booleans(), label="mse_loss"):
+
         def compare(loss, a):
             want, bound, _, _ = ref.mse(a["pred"], a["target"], reduction)
             if reduction == "none":
@@ -322,18 +356,23 @@ def campaign_mse(data):
 def campaign_fused(data):
     dtype, rng = data.draw(dtype_and_rng())
     batch, n_in, n_out = data.draw(sizes(3), label="(batch, in, out)")
-    arrays = {"x": draw_array(data, rng, (batch, n_in), dtype, "x"),
-              "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight"),
-              "bias": draw_array(data, rng, (n_out,), dtype, "bias") if data.draw(st.booleans(), label="bias") else None,
-              "target": draw_array(data, rng, (batch, n_out), dtype, "target")}
+    arrays = {
+        "x": draw_array(data, rng, (batch, n_in), dtype, "x"),
+        "weight": draw_array(data, rng, (n_out, n_in), dtype, "weight"),
+        "bias": draw_array(data, rng, (n_out,), dtype, "bias") if data.draw(st.booleans(), label="bias") else None,
+        "target": draw_array(data, rng, (batch, n_out), dtype, "target"),
+    }
     arrays = alias_inputs(data, arrays)
-    options = {"reduction": data.draw(st.sampled_from(["mean", "sum"]), label="reduction"),
-               "input_grad": data.draw(st.booleans(), label="input_grad")}
+    options = {
+        "reduction": data.draw(st.sampled_from(["mean", "sum"]), label="reduction"),
+        "input_grad": data.draw(st.booleans(), label="input_grad"),
+    }
 
     def compare(result, a):
         loss, dx, dw, db = result
-        want_loss, want_dx, want_dw, want_db = ref.linear_mse(a["x"], a["weight"], a["bias"], a["target"],
-                                                              options["reduction"])
+        want_loss, want_dx, want_dw, want_db = ref.linear_mse(
+            a["x"], a["weight"], a["bias"], a["target"], options["reduction"]
+        )
         assert isinstance(loss, float)
         ref.assert_within(loss, *want_loss, "loss")
         if options["input_grad"]:
@@ -355,21 +394,29 @@ def campaign_fused(data):
 # Each function's array arguments with their dimensions (B batch, I in, O out), the optional
 # ones, its `out` arguments and its reductions.
 SIGNATURES = {
-    "linear_forward": dict(inputs={"x": "BI", "weight": "OI", "bias": "O"}, optional={"bias"},
-                           outs={"out": "BO"}, reductions=None),
-    "linear_backward_input": dict(inputs={"grad_out": "BO", "weight": "OI"}, optional=set(),
-                                  outs={"out": "BI"}, reductions=None),
-    "linear_backward_weight": dict(inputs={"grad_out": "BO", "x": "BI"}, optional=set(),
-                                   outs={"out": "OI", "bias_out": "O"}, reductions=None),
-    "mse_loss": dict(inputs={"pred": "BO", "target": "BO"}, optional=set(), outs={},
-                     reductions=["mean", "sum", "none"]),
-    "mse_backward": dict(inputs={"pred": "BO", "target": "BO"}, optional=set(), outs={"out": "BO"},
-                         reductions=["mean", "sum", "none"]),
-    "linear_mse": dict(inputs={"x": "BI", "weight": "OI", "bias": "O", "target": "BO"}, optional={"bias"},
-                       outs={}, reductions=["mean", "sum"]),
+    "linear_forward": dict(
+        inputs={"x": "BI", "weight": "OI", "bias": "O"}, optional={"bias"}, outs={"out": "BO"}, reductions=None
+    ),
+    "linear_backward_input": dict(
+        inputs={"grad_out": "BO", "weight": "OI"}, optional=set(), outs={"out": "BI"}, reductions=None
+    ),
+    "linear_backward_weight": dict(
+        inputs={"grad_out": "BO", "x": "BI"}, optional=set(), outs={"out": "OI", "bias_out": "O"}, reductions=None
+    ),
+    "mse_loss": dict(
+        inputs={"pred": "BO", "target": "BO"}, optional=set(), outs={}, reductions=["mean", "sum", "none"]
+    ),
+    "mse_backward": dict(
+        inputs={"pred": "BO", "target": "BO"}, optional=set(), outs={"out": "BO"}, reductions=["mean", "sum", "none"]
+    ),
+    "linear_mse": dict(
+        inputs={"x": "BI", "weight": "OI", "bias": "O", "target": "BO"},
+        optional={"bias"},
+        outs={},
+        reductions=["mean", "sum"],
+    ),
 }
-BAD_DTYPES = [np.int32, np.int64, np.uint8, np.float16, np.complex64, np.complex128, np.bool_, object,
-              np.longdouble]
+BAD_DTYPES = [np.int32, np.int64, np.uint8, np.float16, np.complex64, np.complex128, np.bool_, object, np.longdouble]
 
 
 def names(message: str, name: str) -> bool:
@@ -377,7 +424,7 @@ def names(message: str, name: str) -> bool:
 
 
 def misaligned(a):
-    raw = np.zeros(a.nbytes + a.itemsize, np.uint8)[1:1 + a.nbytes]
+    raw = np.zeros(a.nbytes + a.itemsize, np.uint8)[1 : 1 + a.nbytes]
     view = raw.view(a.dtype).reshape(a.shape)
     view[...] = a
     return view
@@ -388,9 +435,9 @@ def overlapping_out(rng, source, shape, dtype):
     size = int(np.prod(shape))
     buffer = np.zeros(source.size + size, dtype)
     start = int(rng.integers(0, source.size))
-    copy = buffer[:source.size].reshape(source.shape)
+    copy = buffer[: source.size].reshape(source.shape)
     copy[...] = source
-    return copy, buffer[start:start + size].reshape(shape)
+    return copy, buffer[start : start + size].reshape(shape)
 
 
 def campaign_errors(data):
@@ -420,15 +467,21 @@ def campaign_errors(data):
     present = [n for n, a in arrays.items() if a is not None]
     for n in present:
         a = arrays[n]
-        faults += [(n, "a list", TypeError, lambda a=a: a.tolist()),
-                   (n, "a float", TypeError, lambda: 1.0),
-                   (n, "a string", TypeError, lambda: "x"),
-                   (n, "a masked array", TypeError, lambda a=a: np.ma.masked_array(a)),
-                   (n, "non-native byte order", TypeError, lambda a=a: a.astype(a.dtype.newbyteorder())),
-                   (n, "the other float dtype", TypeError,
-                    lambda a=a: a.astype(np.float64 if a.dtype == np.float32 else np.float32)),
-                   (n, "a 0-D array", ValueError, lambda a=a: np.array(1.0, a.dtype)),
-                   (n, "a 3-D array", ValueError, lambda a=a: a.reshape((1,) * (3 - a.ndim) + a.shape))]
+        faults += [
+            (n, "a list", TypeError, lambda a=a: a.tolist()),
+            (n, "a float", TypeError, lambda: 1.0),
+            (n, "a string", TypeError, lambda: "x"),
+            (n, "a masked array", TypeError, lambda a=a: np.ma.masked_array(a)),
+            (n, "non-native byte order", TypeError, lambda a=a: a.astype(a.dtype.newbyteorder())),
+            (
+                n,
+                "the other float dtype",
+                TypeError,
+                lambda a=a: a.astype(np.float64 if a.dtype == np.float32 else np.float32),
+            ),
+            (n, "a 0-D array", ValueError, lambda a=a: np.array(1.0, a.dtype)),
+            (n, "a 3-D array", ValueError, lambda a=a: a.reshape((1,) * (3 - a.ndim) + a.shape)),
+        ]
         faults += [(n, f"dtype {np.dtype(d).name}", TypeError, lambda a=a, d=d: a.astype(d)) for d in BAD_DTYPES]
         if n not in sig["optional"]:
             faults.append((n, "None", TypeError, lambda: None))
@@ -441,19 +494,32 @@ def campaign_errors(data):
         # a dimension that another argument must match
         for axis, d in enumerate(sig["inputs"][n]):
             if any(d in sig["inputs"][m] for m in present if m != n):
-                faults.append((n, f"dimension {d} + 1", ValueError,
-                               lambda a=a, axis=axis: np.zeros(a.shape[:axis] + (a.shape[axis] + 1,) + a.shape[axis + 1:],
-                                                               a.dtype)))
+                faults.append(
+                    (
+                        n,
+                        f"dimension {d} + 1",
+                        ValueError,
+                        lambda a=a, axis=axis: np.zeros(
+                            a.shape[:axis] + (a.shape[axis] + 1,) + a.shape[axis + 1 :], a.dtype
+                        ),
+                    )
+                )
     for n, o in outs.items():
         shape = o.shape
-        faults += [(n, "a list", TypeError, lambda o=o: o.tolist()),
-                   (n, "a masked array", TypeError, lambda o=o: np.ma.masked_array(o)),
-                   (n, "the other float dtype", ValueError,
-                    lambda o=o: o.astype(np.float64 if o.dtype == np.float32 else np.float32)),
-                   (n, "int64", ValueError, lambda o=o: o.astype(np.int64)),
-                   (n, "non-native byte order", ValueError, lambda o=o: o.astype(o.dtype.newbyteorder())),
-                   (n, "a wrong shape", ValueError, lambda shape=shape: np.zeros(shape[:-1] + (shape[-1] + 1,), dtype)),
-                   (n, "a wrong rank", ValueError, lambda o=o: o[None])]
+        faults += [
+            (n, "a list", TypeError, lambda o=o: o.tolist()),
+            (n, "a masked array", TypeError, lambda o=o: np.ma.masked_array(o)),
+            (
+                n,
+                "the other float dtype",
+                ValueError,
+                lambda o=o: o.astype(np.float64 if o.dtype == np.float32 else np.float32),
+            ),
+            (n, "int64", ValueError, lambda o=o: o.astype(np.int64)),
+            (n, "non-native byte order", ValueError, lambda o=o: o.astype(o.dtype.newbyteorder())),
+            (n, "a wrong shape", ValueError, lambda shape=shape: np.zeros(shape[:-1] + (shape[-1] + 1,), dtype)),
+            (n, "a wrong rank", ValueError, lambda o=o: o[None]),
+        ]
         ro = np.zeros(shape, dtype)
         ro.flags.writeable = False
         faults.append((n, "read-only", ValueError, lambda ro=ro: ro))
@@ -462,9 +528,13 @@ def campaign_errors(data):
         if len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
             faults.append((n, "Fortran order", ValueError, lambda o=o: np.asfortranarray(o)))
         if shape[0] > 1 and o.size > 1:
-            faults.append((n, "strided", ValueError, lambda shape=shape: np.zeros((2 * shape[0],) + shape[1:], dtype)[::2]))
+            faults.append(
+                (n, "strided", ValueError, lambda shape=shape: np.zeros((2 * shape[0],) + shape[1:], dtype)[::2])
+            )
         if o.size > 1:
-            faults.append((n, "a broadcast view", ValueError, lambda shape=shape: np.broadcast_to(np.zeros(1, dtype), shape)))
+            faults.append(
+                (n, "a broadcast view", ValueError, lambda shape=shape: np.broadcast_to(np.zeros(1, dtype), shape))
+            )
             for m in present:
                 if arrays[m].size > 0:
                     faults.append((n, f"overlapping {m}", ValueError, ("overlap", m)))
@@ -492,7 +562,9 @@ def campaign_errors(data):
     try:
         getattr(kernels, function)(**call)
     except (TypeError, ValueError) as e:
-        assert type(e) is expected, f"{function} with {name} = {what}: {type(e).__name__} ({e}), expected {expected.__name__}"
+        assert type(e) is expected, (
+            f"{function} with {name} = {what}: {type(e).__name__} ({e}), expected {expected.__name__}"
+        )
         assert names(str(e), name), f"{function} with {name} = {what}: the message does not name {name}: {e}"
     else:
         raise AssertionError(f"{function} with {name} = {what} was accepted; expected {expected.__name__}")
@@ -517,8 +589,14 @@ def main() -> int:
         trace_fd = os.open(args.trace, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     test = given(st.data())(CAMPAIGNS[args.campaign])
-    test = settings(max_examples=args.examples, deadline=None, database=None, derandomize=args.seed is None,
-                    suppress_health_check=list(HealthCheck), print_blob=True)(test)
+    test = settings(
+        max_examples=args.examples,
+        deadline=None,
+        database=None,
+        derandomize=args.seed is None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )(test)
     if args.seed is not None:
         test = seed(args.seed)(test)
     test()

@@ -1,6 +1,7 @@
 """Running test code in a child Python process, so that a crash, a hang or a memory measurement
 is isolated from pytest: a segfault or an abort becomes a test failure with the child's output
 instead of killing the whole run."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def run_python(args: list[str] | str, *, timeout: float = 300, env: dict | None = None,
-               context=None) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str] | str, *, timeout: float = 300, env: dict | None = None, context=None
+) -> subprocess.CompletedProcess:
     """Runs `python -X faulthandler <args>` (or `-c <code>` for a string) with tests/ on the path.
     Fails the calling test, with the child's output, unless the child exits with code 0.
     context() (if given) adds a description to that failure, e.g. the input being run."""
@@ -55,14 +57,19 @@ def run_python(args: list[str] | str, *, timeout: float = 300, env: dict | None 
     child_env.update(env or {})
     command = [sys.executable, "-X", "faulthandler", *args]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env,
-                                cwd=TESTS)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env, cwd=TESTS)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"child process hung (no result after {timeout:g} s){describe_context()}\n"
-                    f"--- stdout\n{_text(e.stdout)[-4000:]}\n--- stderr\n{_text(e.stderr)[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"child process hung (no result after {timeout:g} s){describe_context()}\n"
+            f"--- stdout\n{_text(e.stdout)[-4000:]}\n--- stderr\n{_text(e.stderr)[-4000:]}",
+            pytrace=False,
+        )
     if result.returncode != 0:
-        pytest.fail(f"child process failed: {describe_exit(result.returncode)}{describe_context()}\n"
-                    f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}", pytrace=False)
+        pytest.fail(
+            f"child process failed: {describe_exit(result.returncode)}{describe_context()}\n"
+            f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}",
+            pytrace=False,
+        )
     return result
 
 

@@ -1,4 +1,5 @@
 """The command line (lingrad.cli) and the examples: every subcommand runs, on small inputs."""
+
 import importlib.metadata
 import importlib.util
 import io
@@ -89,8 +90,9 @@ def demo_deps():
 def test_demo_small(capsys, tmp_path, demo_deps):
     png = tmp_path / "demo.png"
     threads = lingrad.get_num_threads()
-    code, out, err = run_cli(capsys, "demo", "--images", "300", "--steps", "8", "--out", str(png), "--no-progress",
-                             "--threads", "1")
+    code, out, err = run_cli(
+        capsys, "demo", "--images", "300", "--steps", "8", "--out", str(png), "--no-progress", "--threads", "1"
+    )
     assert lingrad.get_num_threads() == threads  # restored
     assert code == 0, out + err
     assert "agree to float32 tolerance" in out
@@ -211,8 +213,13 @@ def test_single_neuron_example():
     done = run_example("single_neuron.py")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for text in ("prediction   2.5", "loss         6.25", "[-5, -10, -15]", "dL/db        [-5]",
-                 "loss         6.25 -> 3.0625"):
+    for text in (
+        "prediction   2.5",
+        "loss         6.25",
+        "[-5, -10, -15]",
+        "dL/db        [-5]",
+        "loss         6.25 -> 3.0625",
+    ):
         assert text in out
 
 

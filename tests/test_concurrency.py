@@ -1,6 +1,7 @@
 """Many Python threads calling the kernels at once (the GIL is released while a kernel runs, so
 they really overlap) get the same bytes as serial calls, while other threads change the thread
 count and the ISA. Results are bitwise identical for any thread count, so "right" is exact here."""
+
 import threading
 
 import numpy as np
@@ -25,7 +26,10 @@ def tasks(rng):
             tag = f"{dtype.__name__} {batch}x{n_in}x{n_out}"
             out += [
                 (f"linear_forward {tag}", lambda x=x, w=w, b=b: kernels.linear_forward(x, w, b)),
-                (f"linear_forward strided {tag}", lambda x=x, w=w, b=b: kernels.linear_forward(x[::-1], w.T.copy().T, b)),
+                (
+                    f"linear_forward strided {tag}",
+                    lambda x=x, w=w, b=b: kernels.linear_forward(x[::-1], w.T.copy().T, b),
+                ),
                 (f"linear_backward_input {tag}", lambda dy=dy, w=w: kernels.linear_backward_input(dy, w)),
                 (f"linear_backward_weight {tag}", lambda dy=dy, x=x: kernels.linear_backward_weight(dy, x)),
                 (f"mse_loss {tag}", lambda dy=dy, t=t: np.float64(kernels.mse_loss(dy, t))),
@@ -52,6 +56,7 @@ def run_threads(workers):
                 worker()
             except BaseException as e:
                 errors.append(e)
+
         return run
 
     threads = [threading.Thread(target=wrap(w)) for w in workers]
@@ -79,6 +84,7 @@ def test_many_threads_get_right_answers(isa, num_threads, rng):
                     lingrad.set_num_threads(1 + (k + repeat + int(i)) % 3)
                     name, call = work[i]
                     assert as_bytes(call()) == expected[name], f"{name} differs in thread {k}"
+
         return run
 
     run_threads([worker(k) for k in range(PYTHON_THREADS)])
@@ -97,6 +103,7 @@ def test_errors_from_many_threads(num_threads):
                 with pytest.raises(TypeError, match="bias"):
                     kernels.linear_forward(x, w, np.ones(2))
                 assert kernels.linear_forward(x, w).tolist() == [[3.0, 3.0]] * 8
+
         return run
 
     run_threads([worker(k) for k in range(PYTHON_THREADS)])
@@ -111,6 +118,7 @@ def test_set_num_threads_from_many_threads(num_threads):
             for i in range(2000):
                 lingrad.set_num_threads(1 + (i + k) % 3)
                 seen.add(lingrad.get_num_threads())
+
         return run
 
     run_threads([worker(k) for k in range(PYTHON_THREADS)])
@@ -147,6 +155,7 @@ def test_set_isa_while_kernels_run(num_threads, rng):
                     assert kernels.linear_forward(x, w).tobytes() in answers, "a result from no single ISA"
             finally:
                 stop.set()
+
         return run
 
     try:

@@ -1,4 +1,5 @@
 """Bitwise identical results for any number of threads, run to run, on every SIMD path."""
+
 import numpy as np
 import pytest
 
@@ -21,17 +22,29 @@ def all_results(rng, dtype, batch, n_in, n_out):
             *kernels.linear_backward_weight(dy, x),
             np.array(kernels.mse_loss(dy, t)),
             kernels.mse_backward(dy, t),
-            np.array(loss), dx, dw, db,
+            np.array(loss),
+            dx,
+            dw,
+            db,
         ]
 
     return run
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 3, 1), (300, 257, 70), (2000, 100, 3),
-                                   pytest.param((37, 3000, 500), marks=pytest.mark.slow), (9000, 20, 1),
-                                   (3000, 800, 3), (300, 300, 300)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 3, 1),
+        (300, 257, 70),
+        (2000, 100, 3),
+        pytest.param((37, 3000, 500), marks=pytest.mark.slow),
+        (9000, 20, 1),
+        (3000, 800, 3),
+        (300, 300, 300),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
     run = all_results(np.random.default_rng(7), dtype, *shape)
     num_threads(1)

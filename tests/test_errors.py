@@ -1,4 +1,5 @@
 """Bad input raises TypeError or ValueError naming the argument: never a crash, copy or cast."""
+
 import re
 
 import numpy as np
@@ -25,6 +26,7 @@ def raises(exc, *words):
 
 
 # -- types and dtypes ------------------------------------------------------------------------
+
 
 def test_not_an_array():
     x, w, b, t = arrays()
@@ -63,6 +65,7 @@ def test_mixed_dtypes():
 
 # -- ranks and shapes ------------------------------------------------------------------------
 
+
 def test_wrong_rank():
     x, w, b, t = arrays()
     with raises(ValueError, "x", "2-D", "(3,)"):
@@ -100,6 +103,7 @@ def test_bias_length():
 
 
 # -- layout ----------------------------------------------------------------------------------
+
 
 def test_misaligned_input():
     x, w, _, _ = arrays()
@@ -147,6 +151,7 @@ def test_out_overlapping_an_input():
 
 # -- reductions and settings -----------------------------------------------------------------
 
+
 def test_reduction():
     x, w, b, t = arrays()
     with raises(ValueError, "reduction", "'avg'"):
@@ -175,6 +180,7 @@ def test_failed_calls_leave_outputs_untouched():
 
 
 # -- found by the fuzzing of issue 6 ---------------------------------------------------------
+
 
 def test_misaligned_single_element_out():
     """A one-element out whose data is not aligned is rejected like any other misaligned out."""

@@ -2,6 +2,7 @@
 in a child process: a crash fails the test with the input that caused it, instead of ending the
 run. The campaigns are derandomized, so every run tries the same inputs; LINGRAD_FUZZ_SCALE
 multiplies their number (e.g. 20 for a long run by hand)."""
+
 import os
 import re
 
@@ -22,8 +23,11 @@ def test_fuzz_campaign(campaign, tmp_path):
         text = trace.read_text() if trace.exists() else "(none)\n"
         return f"the example being run: {text}"
 
-    result = run_python(["-W", "error", str(TESTS / "fuzz.py"), campaign, "--examples", str(examples),
-                         "--trace", str(trace)], timeout=900, context=last_example)
+    result = run_python(
+        ["-W", "error", str(TESTS / "fuzz.py"), campaign, "--examples", str(examples), "--trace", str(trace)],
+        timeout=900,
+        context=last_example,
+    )
     match = re.search(rf"fuzz {campaign}: (\d+) examples", result.stdout)
     assert match, f"no summary line from the campaign:\n{result.stdout[-2000:]}"
     FUZZ_COUNTS[campaign] = int(match.group(1))

@@ -1,4 +1,5 @@
 """Every kernel against the float64 reference, on every SIMD path, over many shapes."""
+
 import numpy as np
 import pytest
 
@@ -24,11 +25,11 @@ SHAPES = [
     (1, 1000, 1),
     (3, 4, 600),
     (97, 61, 89),
-    (3, 5, 4100),    # out > NC: several column blocks in the forward pass
-    (4, 3, 4099),    # in > NC: several column blocks for dX and dW
+    (3, 5, 4100),  # out > NC: several column blocks in the forward pass
+    (4, 3, 4099),  # in > NC: several column blocks for dX and dW
     (3000, 800, 3),  # dW's packed X (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
-    (3, 0, 2),       # no input features: y = bias
-    (0, 5, 3),       # empty batch
+    (3, 0, 2),  # no input features: y = bias
+    (0, 5, 3),  # empty batch
 ]
 
 
@@ -182,22 +183,28 @@ def test_strided_inputs_are_read_in_place(rng, isa):
     """Transposed, sliced, negative-step and broadcast views give the same answer as copies."""
     base = rng.standard_normal((40, 30))
     views = {
-        "transposed": base.T[:25, :17],                     # column-major
-        "sliced": base[::3, 1::2][:, :13][:7],              # row and column steps
-        "negative": base[::-2, ::-1][:9, :11],              # negative strides
-        "broadcast": np.broadcast_to(base[0], (6, 30)),     # zero row stride
+        "transposed": base.T[:25, :17],  # column-major
+        "sliced": base[::3, 1::2][:, :13][:7],  # row and column steps
+        "negative": base[::-2, ::-1][:9, :11],  # negative strides
+        "broadcast": np.broadcast_to(base[0], (6, 30)),  # zero row stride
     }
     for name, x in views.items():
         w = rng.standard_normal((5, x.shape[1]))
         b = rng.standard_normal(5)[::-1]
         t = rng.standard_normal((x.shape[0], 5))
         dense = np.ascontiguousarray(x)
-        np.testing.assert_array_equal(kernels.linear_forward(x, w, b), kernels.linear_forward(dense, w, b), err_msg=name)
-        np.testing.assert_array_equal(kernels.linear_forward(x.T.T, w.T.copy().T, b), kernels.linear_forward(dense, w, b))
+        np.testing.assert_array_equal(
+            kernels.linear_forward(x, w, b), kernels.linear_forward(dense, w, b), err_msg=name
+        )
+        np.testing.assert_array_equal(
+            kernels.linear_forward(x.T.T, w.T.copy().T, b), kernels.linear_forward(dense, w, b)
+        )
         for got, want in zip(kernels.linear_mse(x, w, b, t), kernels.linear_mse(dense, w, b.copy(), t)):
             np.testing.assert_array_equal(got, want, err_msg=name)
         dy = rng.standard_normal((x.shape[0], 5)).T.copy().T  # column-major gradient
-        for got, want in zip(kernels.linear_backward_weight(dy, x), kernels.linear_backward_weight(np.ascontiguousarray(dy), dense)):
+        for got, want in zip(
+            kernels.linear_backward_weight(dy, x), kernels.linear_backward_weight(np.ascontiguousarray(dy), dense)
+        ):
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 

@@ -6,6 +6,7 @@ outputs plus a bounded scratch space. Measured in a fresh child process each tim
   * tracemalloc's peak, which sees NumPy's array allocations: a hidden copy of an input would
     show there.
 Skipped under AddressSanitizer, whose quarantine keeps freed memory resident by design."""
+
 import sys
 import textwrap
 
@@ -159,7 +160,8 @@ def test_many_calls_do_not_grow_memory():
             traced.append(tracemalloc.get_traced_memory()[0])
         print("rss", rss, "traced", traced)
         assert rss[-1] - rss[0] <= 1 << 20, f"resident memory grew by {rss[-1] - rss[0]} bytes in 33,000 calls"
-        assert traced[-1] - traced[0] <= 1 << 16, f"live NumPy/Python allocations grew by {traced[-1] - traced[0]} bytes"
+        growth = traced[-1] - traced[0]
+        assert growth <= 1 << 16, f"live NumPy/Python allocations grew by {growth} bytes"
         print("ok")
     """)
     assert out.rstrip().endswith("ok")

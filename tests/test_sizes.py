@@ -3,6 +3,7 @@ handled or rejected clearly. Nothing here allocates more than a few MB: large sh
 zero-stride views, and large offsets are views into a big mapping that is reserved, not
 allocated (MAP_NORESERVE). Each check runs in a child process, so a crash or a hang (the symptom
 of an overflowed index) fails its test instead of the whole run."""
+
 import mmap
 
 import numpy as np
@@ -39,8 +40,9 @@ class FarViews:
         base = self.next_base + (span if negative else 0)
         self.next_base += 1 << 20
         sign = -1 if negative else 1
-        a = np.lib.stride_tricks.as_strided(self.buffer[base:].view(dtype), shape=shape,
-                                            strides=tuple(sign * s * itemsize for s in strides))
+        a = np.lib.stride_tricks.as_strided(
+            self.buffer[base:].view(dtype), shape=shape, strides=tuple(sign * s * itemsize for s in strides)
+        )
         assert a.ctypes.data + (0 if negative else span) + itemsize <= self.buffer.ctypes.data + self.buffer.size
         a[...] = self.rng.standard_normal(shape)
         return a
@@ -59,9 +61,9 @@ def _check_far_offsets():
         lingrad.set_isa(isa)
         for dtype in (np.float32, np.float64):
             per_row = (1 << 32) + 3 if dtype == np.float32 else (1 << 31) + 5  # elements (> 2^32 or > 2^31)
-            x = far.view(dtype, (7, 5), (per_row, 1))                     # rows 2^32 elements apart
-            w = far.view(dtype, (4, 5), (1, (1 << 31) + 1))               # columns 2^31 elements apart
-            b = far.view(dtype, (4,), ((1 << 31) + 7,), negative=True)    # negative stride
+            x = far.view(dtype, (7, 5), (per_row, 1))  # rows 2^32 elements apart
+            w = far.view(dtype, (4, 5), (1, (1 << 31) + 1))  # columns 2^31 elements apart
+            b = far.view(dtype, (4,), ((1 << 31) + 7,), negative=True)  # negative stride
             t = far.view(dtype, (7, 4), (per_row, 3), negative=True)
             dy = far.view(dtype, (7, 4), (2, (1 << 31) + 11))
             pairs = [

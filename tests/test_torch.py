@@ -5,6 +5,7 @@ is compared element by element with a bound that follows the rounding of each re
 product of length K is off by at most about K * eps * (|a| . |b|). A wrong answer (a missing,
 doubled or misplaced term) is far above such a bound.
 """
+
 from __future__ import annotations
 
 import os
@@ -286,6 +287,7 @@ def kernel_calls(monkeypatch):
         def recorded(*args, **kwargs):
             calls.append((name, args, kwargs))
             return kernel(*args, **kwargs)
+
         return recorded
 
     for name in kernels.__all__:
@@ -560,6 +562,7 @@ def test_bad_input_raises_errors_naming_arguments_and_shapes():
 # ---------------------------------------------------------------------------------------------
 # torch.compile, DistributedDataParallel, import without torch
 
+
 # torch 2.13's own code warns while compiling: Dynamo instantiates torch.autograd.Function to
 # trace ours, and importing Inductor runs torch.jit.script_method. Neither comes from lingrad.
 @pytest.mark.filterwarnings(
@@ -613,11 +616,21 @@ def free_port() -> int:
 
 def test_distributed_data_parallel_gloo(tmp_path):
     worker = Path(__file__).with_name("torch_ddp_worker.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(tmp_path)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(worker), str(rank), "2", str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in range(2)
     ]
     try:

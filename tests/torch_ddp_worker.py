@@ -6,6 +6,7 @@ Joins a gloo process group on the loopback interface, trains one step on this ra
 three DDP-wrapped copies of one MLP (nn.Linear; lingrad.Linear via swap_linear; lingrad.Linear
 with the fused LinearMSELoss head) and saves their all-reduced gradients to OUT_DIR/rank<RANK>.pt.
 """
+
 import copy
 import sys
 from datetime import timedelta

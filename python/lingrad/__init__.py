@@ -13,6 +13,7 @@ With PyTorch installed (``pip install lingrad[torch]``), ``lingrad.Linear`` (a d
 ``lingrad.swap_linear``, ``lingrad.functional`` and ``lingrad.autograd`` are imported on first
 use, so that ``import lingrad`` never needs torch.
 """
+
 from __future__ import annotations
 
 import importlib

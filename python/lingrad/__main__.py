@@ -1,4 +1,5 @@
 """`python -m lingrad`: the same command line as the `lingrad` script (see lingrad.cli)."""
+
 import sys
 
 from lingrad.cli import main

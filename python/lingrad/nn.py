@@ -1,4 +1,5 @@
 """Modules: a drop-in for torch.nn.Linear, the fused Linear + MSE block, and swap_linear."""
+
 from __future__ import annotations
 
 import torch

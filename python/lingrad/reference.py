@@ -7,6 +7,7 @@ K * eps * (|a| . |b|), whatever the summation order. Each bound below follows th
 the computation, so tolerances grow with the reduction length and a wrong answer (a missing or
 doubled term is an error of order |a_k b_k|, far above K * eps * sum) cannot hide inside them.
 """
+
 from __future__ import annotations
 
 import numpy as np
