@@ -98,8 +98,8 @@ class Call {
                            " has dtype " + dtype_name(dtype_) + "; all arrays must share one dtype");
     }
     if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1))
-      throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning +
-                            ", got shape " + shape_of(a));
+      throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning + ", got shape " +
+                            shape_of(a));
     require_aligned(a, name);
     inputs_.emplace_back(name, a);
     return a;
@@ -114,10 +114,9 @@ class Call {
       a = as_ndarray(obj, name);
       auto expect = [&] { return shape_string(shape); };
       if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>()))
-        throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) +
-                              " but must be " + dtype_name(dtype_) + " like the inputs");
-      if (a.ndim() != static_cast<py::ssize_t>(shape.size()) ||
-          !std::equal(shape.begin(), shape.end(), a.shape()))
+        throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
+                              dtype_name(dtype_) + " like the inputs");
+      if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
         throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect());
       if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
         throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect() + ")");
@@ -267,8 +266,8 @@ Reduction parse_reduction(py::handle obj, bool allow_none) {
   if (r == "mean") return Reduction::mean;
   if (r == "sum") return Reduction::sum;
   if (r == "none" && allow_none) return Reduction::none;
-  throw py::value_error("reduction must be 'mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") +
-                        ", got '" + r + "'");
+  throw py::value_error("reduction must be 'mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") + ", got '" +
+                        r + "'");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,7 +295,8 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
   Call call;
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
-  require_same_columns(w, "weight", 0, dy, "grad_out", 1, "weight must be (out_features, in_features) with grad_out's out_features");
+  require_same_columns(w, "weight", 0, dy, "grad_out", 1,
+                       "weight must be (out_features, in_features) with grad_out's out_features");
   py::array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -371,8 +371,8 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   const py::array t = call.input(target_obj, "target", 2, "(batch, out_features)");
   if (t.shape(0) != x.shape(0) || t.shape(1) != w.shape(0))
     throw py::value_error("target has shape " + shape_of(t) + " but must be (batch, out_features) = (" +
-                          std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") for x " +
-                          shape_of(x) + " and weight " + shape_of(w));
+                          std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") for x " + shape_of(x) +
+                          " and weight " + shape_of(w));
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/false);
   std::optional<py::array> dx, db;
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
@@ -475,8 +475,8 @@ Input gradient of a Linear layer: grad_input = grad_out @ weight.
 grad_out (batch, out_features), weight (out_features, in_features); returns (batch, in_features).
 Inputs and out follow the rules of linear_forward.)doc");
 
-  m.def("linear_backward_weight", &linear_backward_weight, arg("grad_out"), arg("x"), py::kw_only(),
-        arg("bias") = true, arg("out") = py::none(), arg("bias_out") = py::none(),
+  m.def("linear_backward_weight", &linear_backward_weight, arg("grad_out"), arg("x"), py::kw_only(), arg("bias") = true,
+        arg("out") = py::none(), arg("bias_out") = py::none(),
         R"doc(linear_backward_weight(grad_out, x, *, bias=True, out=None, bias_out=None) -> (grad_weight, grad_bias)
 
 Weight and bias gradients of a Linear layer:
@@ -504,8 +504,8 @@ pred and target: 1-D or 2-D arrays of one shape and dtype.)doc");
 Gradient of mse_loss with respect to pred: 2 * (pred - target) / N, where N is the number of
 elements for "mean" and 1 for "sum" and "none" (the gradient of each element's own square).)doc");
 
-  m.def("linear_mse", &linear_mse, arg("x"), arg("weight"), arg("bias"), arg("target"),
-        arg("reduction") = "mean", py::kw_only(), arg("input_grad") = true,
+  m.def("linear_mse", &linear_mse, arg("x"), arg("weight"), arg("bias"), arg("target"), arg("reduction") = "mean",
+        py::kw_only(), arg("input_grad") = true,
         R"doc(linear_mse(x, weight, bias, target, reduction="mean", *, input_grad=True)
     -> (loss, grad_input or None, grad_weight, grad_bias or None)
 

@@ -15,21 +15,24 @@ namespace lingrad {
 //   y = c + bias[n];   with a target: r = y - target[m, n], loss += r*r (in double), c = grad_scale*r
 template <typename T>
 struct Epilogue {
-  VectorView<T> bias;                 // (N), or absent
-  const T* target = nullptr;          // (M, N) at target[m*target_rs + n*target_cs], or absent
+  VectorView<T> bias;         // (N), or absent
+  const T* target = nullptr;  // (M, N) at target[m*target_rs + n*target_cs], or absent
   index_t target_rs = 0, target_cs = 0;
   T grad_scale = 0;
-  double* loss = nullptr;             // out: sum of r*r, summed in a fixed order
+  double* loss = nullptr;  // out: sum of r*r, summed in a fixed order
 };
 
 template <typename T>
 struct GemmArgs {
   index_t m = 0, n = 0, k = 0;
-  const T* a = nullptr; index_t a_rs = 0, a_cs = 0;   // A[m, k] = a[m*a_rs + k*a_cs]
-  const T* b = nullptr; index_t b_rs = 0, b_cs = 0;   // B[k, n] = b[k*b_rs + n*b_cs]
-  T* c = nullptr; index_t ldc = 0;                     // C[m, n] = c[m*ldc + n], never read before written
+  const T* a = nullptr;
+  index_t a_rs = 0, a_cs = 0;  // A[m, k] = a[m*a_rs + k*a_cs]
+  const T* b = nullptr;
+  index_t b_rs = 0, b_cs = 0;  // B[k, n] = b[k*b_rs + n*b_cs]
+  T* c = nullptr;
+  index_t ldc = 0;  // C[m, n] = c[m*ldc + n], never read before written
   Epilogue<T> epilogue;
-  T* a_row_sums = nullptr;   // (M): if set, receives sum_k A[m, k] (computed while packing A)
+  T* a_row_sums = nullptr;  // (M): if set, receives sum_k A[m, k] (computed while packing A)
   int num_threads = 1;
 };
 

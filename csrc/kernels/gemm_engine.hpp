@@ -34,10 +34,10 @@ namespace LINGRAD_ISA {
 namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
-constexpr double kSerialWork = 1 << 18;  // multiply-adds (M*N*K) below which one thread runs (measured)
-constexpr index_t kNarrowN = 4;          // at most this many columns: dot products (gemm_narrow)
+constexpr double kSerialWork = 1 << 18;     // multiply-adds (M*N*K) below which one thread runs (measured)
+constexpr index_t kNarrowN = 4;             // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
-constexpr index_t kAliasBytes = 2048;    // row strides that are multiples of this are packed (see pack_a)
+constexpr index_t kAliasBytes = 2048;       // row strides that are multiples of this are packed (see pack_a)
 inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 // 64-byte aligned scratch memory, freed on scope exit.
@@ -62,14 +62,13 @@ class Scratch {
 //   panel[k*R + r] = src[r*rs + k*cs], and zero for r >= rows, so that edge tiles run the same
 // micro-kernel. If sums is set, sums[r] += sum over k of the row (the bias gradient).
 template <typename T, int R>
-void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs, index_t rows,
-                      index_t kc, T* sums) {
+void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs, index_t rows, index_t kc, T* sums) {
   if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
     for (index_t r = 0; r < rows; ++r) {
       const T* s = src + r * rs;
       for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
     }
-  } else {        // rows contiguous or general strides
+  } else {  // rows contiguous or general strides
     for (index_t k = 0; k < kc; ++k) {
       const T* s = src + k * cs;
       T* p = panel + k * R;
@@ -95,9 +94,8 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
 // micro-panel as wide as the tile or wider, or B in place. acc is a fixed-size tile indexed only by
 // constants after unrolling, so it lives in registers.
 template <typename T, int MR, int NR, bool kPackedA>
-void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs,
-                  T* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate,
-                  bool prefetch_c) {
+void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs, T* __restrict c,
+                  index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
   // The caller asks for C's rows to be fetched now when they are likely far away (too many to stay
   // in L2 between K slices), so that the update after the loop does not wait for memory.
   if (prefetch_c)
@@ -157,8 +155,7 @@ void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, i
 // The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
 // Returns the tile's sum of squared residuals (0 without a target).
 template <typename T>
-double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr,
-                      index_t nr) {
+double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr, index_t nr) {
   double squares = 0;
   for (index_t i = 0; i < mr; ++i) {
     T* ci = c + i * ldc;
@@ -283,8 +280,8 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
 template <typename T, int MR, int NR, int KC, int MC, int NC>
 void gemm(const GemmArgs<T>& g) {
   static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
-  constexpr index_t kPanelsPerItem = 4;                  // jr panels in one work item
-  constexpr index_t kSlabBytes = index_t(8) << 20;       // packed B shared between two barriers
+  constexpr index_t kPanelsPerItem = 4;             // jr panels in one work item
+  constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B shared between two barriers
   const index_t M = g.m, N = g.n, K = g.k;
   const Epilogue<T>& e = g.epilogue;
 
@@ -378,8 +375,8 @@ void gemm(const GemmArgs<T>& g) {
           const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
           if (pack_b || nc - p * NR < NR)
             pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
-                                    g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs,
-                                    imin(NR, nc - p * NR), kc, nullptr);
+                                    g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - p * NR),
+                                    kc, nullptr);
         }
         // (implicit barrier: the slab is complete before anyone reads it)
 
@@ -395,8 +392,8 @@ void gemm(const GemmArgs<T>& g) {
             const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
             for (index_t ip = 0; ip < mc; ip += MR)
               if (pack_a || mc - ip < MR)
-                pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs,
-                                        g.a_cs, imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
+                pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
+                                        imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
             const T* b_slice = b_pack + (pc - pc0) * slice;
             const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
             for (index_t p = part_begin * kPanelsPerItem; p < p_end; ++p) {
@@ -469,8 +466,15 @@ double fma_probe(index_t iterations, float seed) {
 // The table this build exports (declared in gemm.hpp), from the file's tile and block sizes.
 template <int MRf, int NRf, int MCf, int MRd, int NRd, int MCd, int KC, int NC>
 constexpr GemmKernels make_kernels(const char* name) {
-  return GemmKernels{name, &gemm<float, MRf, NRf, KC, MCf, NC>, &gemm<double, MRd, NRd, KC, MCd, NC>,
-                     &fma_probe<NRf / 2>, 2 * 12 * (NRf / 2), MRf, NRf, MRd, NRd};
+  return GemmKernels{name,
+                     &gemm<float, MRf, NRf, KC, MCf, NC>,
+                     &gemm<double, MRd, NRd, KC, MCd, NC>,
+                     &fma_probe<NRf / 2>,
+                     2 * 12 * (NRf / 2),
+                     MRf,
+                     NRf,
+                     MRd,
+                     NRd};
 }
 
 }  // namespace LINGRAD_ISA

@@ -16,10 +16,17 @@ MatrixView<T> transposed(MatrixView<T> v) {
 template <typename T>
 GemmArgs<T> product_args(MatrixView<T> a, MatrixView<T> b, T* c) {
   GemmArgs<T> g;
-  g.m = a.rows; g.n = b.cols; g.k = a.cols;
-  g.a = a.data; g.a_rs = a.rs; g.a_cs = a.cs;
-  g.b = b.data; g.b_rs = b.rs; g.b_cs = b.cs;
-  g.c = c; g.ldc = b.cols;
+  g.m = a.rows;
+  g.n = b.cols;
+  g.k = a.cols;
+  g.a = a.data;
+  g.a_rs = a.rs;
+  g.a_cs = a.cs;
+  g.b = b.data;
+  g.b_rs = b.rs;
+  g.b_cs = b.cs;
+  g.c = c;
+  g.ldc = b.cols;
   g.num_threads = get_num_threads();
   return g;
 }
@@ -65,8 +72,8 @@ void linear_backward_weight(MatrixView<T> dy, MatrixView<T> x, T* dw, T* db) {
 }
 
 template <typename T>
-double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target,
-                  Reduction reduction, T* dx, T* dw, T* db) {
+double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
+                  T* dx, T* dw, T* db) {
   const index_t batch = x.rows, out = w.rows;
   const double count = static_cast<double>(batch) * static_cast<double>(out);
   std::unique_ptr<T[]> dy_buffer(new T[batch * out > 0 ? batch * out : 1]);
@@ -89,12 +96,11 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
   return reduction == Reduction::mean ? squares / count : squares;  // mean of nothing is NaN, as in torch
 }
 
-#define LINGRAD_INSTANTIATE(T)                                                                   \
-  template void linear_forward<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, T*);               \
-  template void linear_backward_input<T>(MatrixView<T>, MatrixView<T>, T*);                       \
-  template void linear_backward_weight<T>(MatrixView<T>, MatrixView<T>, T*, T*);                  \
-  template double linear_mse<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, MatrixView<T>,       \
-                                Reduction, T*, T*, T*);
+#define LINGRAD_INSTANTIATE(T)                                                      \
+  template void linear_forward<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, T*); \
+  template void linear_backward_input<T>(MatrixView<T>, MatrixView<T>, T*);         \
+  template void linear_backward_weight<T>(MatrixView<T>, MatrixView<T>, T*, T*);    \
+  template double linear_mse<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, MatrixView<T>, Reduction, T*, T*, T*);
 LINGRAD_INSTANTIATE(float)
 LINGRAD_INSTANTIATE(double)
 #undef LINGRAD_INSTANTIATE

@@ -62,17 +62,17 @@ void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction,
 // the forward GEMM, then dX (if dx is not null), dW and db (if db is not null).
 // Returns the loss. Y is never stored: its tiles become dY while still in cache.
 template <typename T>
-double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target,
-                  Reduction reduction, T* dx, T* dw, T* db);
+double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
+                  T* dx, T* dw, T* db);
 
 // ---------------------------------------------------------------------------------------------
 // Threads and instruction sets (process-wide, thread-safe).
 int get_num_threads();
-void set_num_threads(int n);       // n >= 1; ignored (stays 1) in a build without OpenMP
+void set_num_threads(int n);  // n >= 1; ignored (stays 1) in a build without OpenMP
 bool has_openmp();
 
-const char* get_isa();                       // the micro-kernel set in use: "avx512", "avx2" or "generic"
-bool set_isa(const char* name);              // false if unknown or not supported by this CPU
+const char* get_isa();                                 // the micro-kernel set in use: "avx512", "avx2" or "generic"
+bool set_isa(const char* name);                        // false if unknown or not supported by this CPU
 int available_isas(const char** names, int capacity);  // supported by this build and CPU, best first
 // Register tile (MR x NR) of the micro-kernels in use, for float (double_=false) or double.
 void get_tile(bool double_, int* mr, int* nr);
