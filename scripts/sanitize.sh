@@ -23,19 +23,15 @@
 #   MemoryError), as without ASan, instead of ending the process.
 # - UBSan errors are not recoverable (-fno-sanitize-recover=all in CMakeLists.txt): the first one
 #   ends the process.
-# - The venv gets requirements-dev.txt without torch (torch's own libraries are not built for
+# - The venv (scripts/variant_venv.sh) has no torch (torch's own libraries are not built for
 #   ASan): tests that need torch must skip without it (pytest.importorskip("torch")).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
 venv=.venv-sanitize
-python3 -m venv "$venv"
-grep -v -E '^[[:space:]]*torch' requirements-dev.txt > "$venv/requirements.txt"
-# the build tools live in the venv (no build isolation), so a second run rebuilds only what changed
-"$venv/bin/pip" install -q -r "$venv/requirements.txt" scikit-build-core pybind11 ninja
-"$venv/bin/pip" install -q --no-build-isolation . -Cbuild-dir=build/sanitize -Ccmake.define.LINGRAD_SANITIZE=ON \
-  -Ccmake.build-type=Release -Cinstall.strip=false
+source scripts/variant_venv.sh
+variant_venv "$venv" build/sanitize -Ccmake.define.LINGRAD_SANITIZE=ON -Ccmake.build-type=Release -Cinstall.strip=false
 echo "sanitize.sh: venv and sanitizer build ready after $((SECONDS - start)) s"
 
 cxx="${CXX:-g++}"

@@ -57,7 +57,8 @@ def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
 
 def test_thread_setting_round_trips(num_threads):
     num_threads(3)
-    assert lingrad.get_num_threads() == 3
+    # a build without OpenMP (scripts/serial.sh) always computes with one thread
+    assert lingrad.get_num_threads() == (3 if lingrad.config()["openmp"] else 1)
     num_threads(1)
     assert lingrad.get_num_threads() == 1
 
