@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+import lingrad
+
 from helpers import UNDER_ASAN, run_python
 
 pytestmark = [
@@ -20,10 +22,20 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-# The GEMM's scratch: a packed KC x NC panel of B (at most 256 x 4096 doubles, 8 MiB; 1.6 MiB at
-# in_features = 784) and one MC x KC block of A per thread (under 0.4 MiB each), plus the
-# allocator's and the thread stacks' slack. The mse kernels need at most 512 KiB.
-SCRATCH = 10 * MiB
+
+
+def gemm_scratch_bound(itemsize: int) -> int:
+    """The GEMM's scratch as the engine bounds it (lingrad.config()): the packed B slab, at most
+    max(gemm_slab_bytes, one KC x NC slice), and one MC x KC block of A per thread."""
+    info = lingrad.config()
+    blocking = info["blocking_float32" if itemsize == 4 else "blocking_float64"]
+    slab = max(info["gemm_slab_bytes"], blocking["kc"] * blocking["nc"] * itemsize)
+    return slab + info["num_threads"] * blocking["mc"] * blocking["kc"] * itemsize
+
+
+# The float32 tests' scratch: the GEMM's, plus the allocator's and the thread stacks' slack (the mse
+# kernels need at most 512 KiB).
+SCRATCH = gemm_scratch_bound(4) + 2 * MiB
 
 PRELUDE = """
 import re, tracemalloc
@@ -79,6 +91,25 @@ def test_peak_memory_of_the_weight_gradient():
             assert rss <= nbytes((dw, db)) + {SCRATCH}, f"{{layout}}: peak rose by {{rss}} bytes"
             assert traced <= nbytes((dw, db)) + 65536, f"{{layout}}: NumPy allocated {{traced}} bytes"
             np.testing.assert_allclose(dw[:2, :50], dy[:, :2].T.astype(np.float64) @ x[:, :50], rtol=1e-4)
+        print("ok")
+    """)
+    assert out.rstrip().endswith("ok")
+
+
+def test_peak_memory_of_a_float64_product_with_a_large_packed_b():
+    """dX (600, 4080) = dY (600, 2048) W (2048, 4080) in float64: B is packed in slabs of K slices,
+    each 256 x 4080 doubles (8 MiB); the slab must stay within the engine's stated bound."""
+    scratch = gemm_scratch_bound(8) + 2 * MiB
+    out = run_measurement(f"""
+        rng = np.random.default_rng(0)
+        dy = rng.random((600, 2048))
+        w = rng.random((2048, 4080))
+        kernels.linear_backward_input(dy[:300], w)
+        dx, rss, traced = measure(lambda: kernels.linear_backward_input(dy, w))
+        print(rss, traced, dx.nbytes)
+        assert rss <= dx.nbytes + {scratch}, f"peak rose by {{rss}} bytes, more than {{dx.nbytes}} + {scratch}"
+        assert traced <= dx.nbytes + 65536, f"NumPy allocated {{traced}} bytes"
+        np.testing.assert_allclose(dx[:3, :5], dy[:3] @ w[:, :5], rtol=1e-12)
         print("ok")
     """)
     assert out.rstrip().endswith("ok")

@@ -438,11 +438,15 @@ py::dict build_info() {
 #endif
   info["isa"] = lingrad::get_isa();
   info["available_isas"] = available_isas();
-  int mr = 0, nr = 0;
-  lingrad::get_tile(false, &mr, &nr);
-  info["tile_float32"] = py::make_tuple(mr, nr);
-  lingrad::get_tile(true, &mr, &nr);
-  info["tile_float64"] = py::make_tuple(mr, nr);
+  // The GEMM engine's block sizes for the active ISA, per dtype, and the choices shared by all.
+  for (const bool double_ : {false, true}) {
+    const lingrad::GemmBlocking b = lingrad::get_blocking(double_);
+    info[double_ ? "tile_float64" : "tile_float32"] = py::make_tuple(b.mr, b.nr);
+    info[double_ ? "blocking_float64" : "blocking_float32"] = py::dict(
+        py::arg("mr") = b.mr, py::arg("nr") = b.nr, py::arg("mc") = b.mc, py::arg("kc") = b.kc, py::arg("nc") = b.nc);
+  }
+  info["gemm_serial_work"] = lingrad::gemm_serial_work();
+  info["gemm_slab_bytes"] = lingrad::gemm_slab_bytes();
   info["num_threads"] = lingrad::get_num_threads();
   return info;
 }

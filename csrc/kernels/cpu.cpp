@@ -115,11 +115,13 @@ int available_isas(const char** names, int capacity) {
   return count;
 }
 
-void get_tile(bool double_, int* mr, int* nr) {
+GemmBlocking get_blocking(bool double_) {
   const GemmKernels& k = active_kernels();
-  *mr = double_ ? k.mr_double : k.mr_float;
-  *nr = double_ ? k.nr_double : k.nr_float;
+  return double_ ? k.blocking_double : k.blocking_float;
 }
+
+double gemm_serial_work() { return kSerialWork; }
+index_t gemm_slab_bytes() { return kSlabBytes; }
 
 double measure_fma_peak(int threads, double seconds) {
   using clock = std::chrono::steady_clock;

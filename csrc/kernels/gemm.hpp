@@ -36,6 +36,10 @@ struct GemmArgs {
   int num_threads = 1;
 };
 
+// Choices shared by every build of the engine (reported by build_info(); the tests read them there).
+constexpr double kSerialWork = 1 << 18;           // multiply-adds (M*N*K) below which one thread runs (measured)
+constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barriers: at most this, or one K slice
+
 // One instruction set's build of the engine.
 struct GemmKernels {
   const char* name;
@@ -43,7 +47,7 @@ struct GemmKernels {
   void (*dgemm)(const GemmArgs<double>&);
   double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
   int fma_probe_flops;                                  // float flops per probe iteration
-  int mr_float, nr_float, mr_double, nr_double;
+  GemmBlocking blocking_float, blocking_double;
 };
 
 namespace isa_generic { extern const GemmKernels kernels; }

@@ -34,7 +34,6 @@ namespace LINGRAD_ISA {
 namespace {
 
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
-constexpr double kSerialWork = 1 << 18;     // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kNarrowN = 4;             // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
 constexpr index_t kAliasBytes = 2048;       // row strides that are multiples of this are packed (see pack_a)
@@ -280,8 +279,7 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
 template <typename T, int MR, int NR, int KC, int MC, int NC>
 void gemm(const GemmArgs<T>& g) {
   static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
-  constexpr index_t kPanelsPerItem = 4;             // jr panels in one work item
-  constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B shared between two barriers
+  constexpr index_t kPanelsPerItem = 4;  // jr panels in one work item
   const index_t M = g.m, N = g.n, K = g.k;
   const Epilogue<T>& e = g.epilogue;
 
@@ -322,11 +320,13 @@ void gemm(const GemmArgs<T>& g) {
   const index_t row_blocks = rows_fit_one_block && few_columns && M >= 4 * MR ? 2 : ceil_div(M, MC);
   const index_t mc_step = ceil_div(ceil_div(M, row_blocks), MR) * MR;
   const index_t m_blocks = ceil_div(M, mc_step);
-  // B is packed a slab (several K slices of an NC column block) at a time: all of it between two
-  // barriers when it fits in kSlabBytes, which is most layers; one K slice at a time otherwise.
+  // B is packed a slab (as many K slices of an NC column block as fit in kSlabBytes, at least one)
+  // at a time, between two barriers: all of K at once for most layers. One slice is at most
+  // KC x NC elements (8 MiB of doubles), so the slab never exceeds max(kSlabBytes, one slice).
   const index_t nc_max = imin(NC, ceil_div(N, NR) * NR);
   const index_t slice = (kc_step > 0 ? kc_step : 1) * nc_max;  // elements of one packed K slice
-  const index_t pcs_per_slab = imin(num_pc, kSlabBytes / static_cast<index_t>(sizeof(T)) / slice + 1);
+  const index_t slices_in_slab = kSlabBytes / static_cast<index_t>(sizeof(T)) / slice;
+  const index_t pcs_per_slab = imin(num_pc, slices_in_slab > 1 ? slices_in_slab : 1);
 
   const index_t b_slab = pcs_per_slab * slice;
   const index_t a_block = ceil_div((kc_step > 0 ? kc_step : 1) * mc_step, 16) * 16;
@@ -471,10 +471,8 @@ constexpr GemmKernels make_kernels(const char* name) {
                      &gemm<double, MRd, NRd, KC, MCd, NC>,
                      &fma_probe<NRf / 2>,
                      2 * 12 * (NRf / 2),
-                     MRf,
-                     NRf,
-                     MRd,
-                     NRd};
+                     {MRf, NRf, MCf, KC, NC},
+                     {MRd, NRd, MCd, KC, NC}};
 }
 
 }  // namespace LINGRAD_ISA

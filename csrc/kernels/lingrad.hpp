@@ -74,8 +74,14 @@ bool has_openmp();
 const char* get_isa();                                 // the micro-kernel set in use: "avx512", "avx2" or "generic"
 bool set_isa(const char* name);                        // false if unknown or not supported by this CPU
 int available_isas(const char** names, int capacity);  // supported by this build and CPU, best first
-// Register tile (MR x NR) of the micro-kernels in use, for float (double_=false) or double.
-void get_tile(bool double_, int* mr, int* nr);
+// The block sizes of the GEMM engine in use (Goto/BLIS names): an MR x NR register tile, MC rows
+// of A and KC of the reduction per packed block, NC columns of B per packed panel.
+struct GemmBlocking {
+  int mr, nr, mc, kc, nc;
+};
+GemmBlocking get_blocking(bool double_);  // for float (double_=false) or double
+double gemm_serial_work();                // multiply-adds below which a product runs on one thread
+index_t gemm_slab_bytes();                // the packed B panels' scratch: at most this, or one KC x NC slice
 
 // The machine's float32 FMA peak in GFLOP/s with the given threads, measured with the active
 // build's instructions (12 independent FMA chains per thread, best of repeats over ~seconds).
