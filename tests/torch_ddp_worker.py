@@ -8,6 +8,7 @@ with the fused LinearMSELoss head) and saves their all-reduced gradients to OUT_
 """
 
 import copy
+import os
 import sys
 from datetime import timedelta
 
@@ -58,7 +59,19 @@ def main() -> None:
         },
         f"{out_dir}/rank{rank}.pt",
     )
+    # Teardown, in the order that avoids PyTorch's own. This test once died here (rank 0 with
+    # SIGABRT, "terminate called without an active exception": a C++ std::thread destroyed while
+    # still running). DistributedDataParallel keeps a C++ reference to the gloo process group even
+    # after its wrappers are deleted and destroy_process_group() has run: with torch 2.13, gloo's
+    # worker and transport threads and the TCPStore server thread are all still alive at exit
+    # (seen in /proc/self/task). Left alone, they are torn down during interpreter finalization and
+    # C++ static destruction, in an order nothing controls, while the other rank closes its sockets.
+    # So both ranks first finish every collective (the barrier), the results are on disk, and the
+    # process then ends with os._exit, which skips that teardown.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
