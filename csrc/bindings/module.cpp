@@ -326,15 +326,17 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
   return py::make_tuple(dw, or_none(db));
 }
 
-py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj) {
+py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj, py::handle out_obj) {
   Call call;
   const py::array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
   const py::array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
   require_same_shape(t, "target", p, "pred");
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/true);
+  if (reduction != Reduction::none && !out_obj.is_none())
+    throw py::value_error("out was given but reduction is not 'none' (the mean and the sum are Python floats)");
   std::vector<py::ssize_t> shape(p.shape(), p.shape() + p.ndim());
   std::optional<py::array> out;
-  if (reduction == Reduction::none) out = call.output(py::none(), "out", shape);
+  if (reduction == Reduction::none) out = call.output(out_obj, "out", shape);
   const double loss = with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     T* out_data = out ? mutable_data<T>(*out) : nullptr;
@@ -361,7 +363,7 @@ py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle re
 }
 
 py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
-                     py::handle reduction_obj, py::handle input_grad_obj) {
+                     py::handle reduction_obj, py::handle input_grad_obj, py::handle grad_output_obj) {
   Call call;
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
@@ -378,6 +380,8 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
   py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)});
   if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)});
+  std::optional<py::array> dy;
+  if (!grad_output_obj.is_none()) dy = call.output(grad_output_obj, "grad_output", {x.shape(0), w.shape(0)});
   double loss = 0;
   try {
     loss = with_dtype(call.dtype(), [&](auto zero) {
@@ -386,9 +390,10 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
       T* dx_data = dx ? mutable_data<T>(*dx) : nullptr;
       T* db_data = db ? mutable_data<T>(*db) : nullptr;
       T* dw_data = mutable_data<T>(dw);
+      T* dy_data = dy ? mutable_data<T>(*dy) : nullptr;
       py::gil_scoped_release release;
       return lingrad::linear_mse<T>(matrix<T>(x), matrix<T>(w), bias, matrix<T>(t), reduction, dx_data, dw_data,
-                                    db_data);
+                                    db_data, dy_data);
     });
   } catch (const std::bad_alloc&) {  // the step's one large buffer is dY; the GEMM's scratch is small
     const double bytes = static_cast<double>(x.shape(0)) * static_cast<double>(w.shape(0)) * x.itemsize();
@@ -417,9 +422,10 @@ void set_isa(const std::string& name) {
 }
 
 void set_num_threads(py::handle n_obj) {
-  if (!py::isinstance<py::int_>(n_obj) || py::isinstance<py::bool_>(n_obj))
+  // Any integer (int, numpy.int64, anything with __index__), but not a bool.
+  if (py::isinstance<py::bool_>(n_obj) || !PyIndex_Check(n_obj.ptr()))
     throw py::type_error("n must be an int, got " + type_name(n_obj));
-  const long long n = n_obj.cast<long long>();
+  const long long n = py::reinterpret_steal<py::int_>(PyNumber_Index(n_obj.ptr())).cast<long long>();
   if (n < 1 || n > 4096) throw py::value_error("n must be between 1 and 4096, got " + std::to_string(n));
   lingrad::set_num_threads(static_cast<int>(n));
 }
@@ -451,14 +457,22 @@ py::dict build_info() {
   return info;
 }
 
+// An argument of a binding. pybind11 interns each argument's name to look it up in a call's
+// keyword arguments; a name that nothing else keeps alive would be interned and released again on
+// every such call (and the churn makes CPython rebuild its interned-string table now and then,
+// which the memory tests see). So the name is interned here once, for good (a deliberate reference).
+py::arg keyword(const char* name) {
+  PyUnicode_InternFromString(name);
+  return py::arg(name);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lingrad's compiled kernels; use them through lingrad.kernels.";
-  using py::arg;
 
-  m.def("linear_forward", &linear_forward, arg("x"), arg("weight"), arg("bias") = py::none(), py::kw_only(),
-        arg("out") = py::none(),
+  m.def("linear_forward", &linear_forward, keyword("x"), keyword("weight"), keyword("bias") = py::none(), py::kw_only(),
+        keyword("out") = py::none(),
         R"doc(linear_forward(x, weight, bias=None, *, out=None) -> y
 
 Forward pass of a Linear layer: y = x @ weight.T + bias.
@@ -470,8 +484,8 @@ copied. out, if given, must be a C-contiguous, writeable array of y's shape and 
 not overlap an input. Raises TypeError for a wrong type or dtype, ValueError for a wrong rank,
 shape, layout or out.)doc");
 
-  m.def("linear_backward_input", &linear_backward_input, arg("grad_out"), arg("weight"), py::kw_only(),
-        arg("out") = py::none(),
+  m.def("linear_backward_input", &linear_backward_input, keyword("grad_out"), keyword("weight"), py::kw_only(),
+        keyword("out") = py::none(),
         R"doc(linear_backward_input(grad_out, weight, *, out=None) -> grad_input
 
 Input gradient of a Linear layer: grad_input = grad_out @ weight.
@@ -479,8 +493,8 @@ Input gradient of a Linear layer: grad_input = grad_out @ weight.
 grad_out (batch, out_features), weight (out_features, in_features); returns (batch, in_features).
 Inputs and out follow the rules of linear_forward.)doc");
 
-  m.def("linear_backward_weight", &linear_backward_weight, arg("grad_out"), arg("x"), py::kw_only(), arg("bias") = true,
-        arg("out") = py::none(), arg("bias_out") = py::none(),
+  m.def("linear_backward_weight", &linear_backward_weight, keyword("grad_out"), keyword("x"), py::kw_only(),
+        keyword("bias") = true, keyword("out") = py::none(), keyword("bias_out") = py::none(),
         R"doc(linear_backward_weight(grad_out, x, *, bias=True, out=None, bias_out=None) -> (grad_weight, grad_bias)
 
 Weight and bias gradients of a Linear layer:
@@ -493,24 +507,26 @@ grad_out (batch, out_features), x (batch, in_features). out and bias_out, if giv
 the results and follow the rules of linear_forward. The batch reduction is never split across
 threads, so the result is bitwise identical for any thread count.)doc");
 
-  m.def("mse_loss", &mse_loss, arg("pred"), arg("target"), arg("reduction") = "mean",
-        R"doc(mse_loss(pred, target, reduction="mean") -> float or array
+  m.def("mse_loss", &mse_loss, keyword("pred"), keyword("target"), keyword("reduction") = "mean", py::kw_only(),
+        keyword("out") = py::none(),
+        R"doc(mse_loss(pred, target, reduction="mean", *, out=None) -> float or array
 
 Mean-squared-error loss, as torch.nn.functional.mse_loss: "mean" averages (pred - target)**2
 over all elements, "sum" adds them (both return a Python float accumulated in double; the mean of
-an empty array is nan), "none" returns the elementwise squares as a new array.
+an empty array is nan), "none" returns the elementwise squares as a new array (or in out, which
+follows the rules of linear_forward; out is only for "none").
 pred and target: 1-D or 2-D arrays of one shape and dtype.)doc");
 
-  m.def("mse_backward", &mse_backward, arg("pred"), arg("target"), arg("reduction") = "mean", py::kw_only(),
-        arg("out") = py::none(),
+  m.def("mse_backward", &mse_backward, keyword("pred"), keyword("target"), keyword("reduction") = "mean", py::kw_only(),
+        keyword("out") = py::none(),
         R"doc(mse_backward(pred, target, reduction="mean", *, out=None) -> grad
 
 Gradient of mse_loss with respect to pred: 2 * (pred - target) / N, where N is the number of
 elements for "mean" and 1 for "sum" and "none" (the gradient of each element's own square).)doc");
 
-  m.def("linear_mse", &linear_mse, arg("x"), arg("weight"), arg("bias"), arg("target"), arg("reduction") = "mean",
-        py::kw_only(), arg("input_grad") = true,
-        R"doc(linear_mse(x, weight, bias, target, reduction="mean", *, input_grad=True)
+  m.def("linear_mse", &linear_mse, keyword("x"), keyword("weight"), keyword("bias"), keyword("target"),
+        keyword("reduction") = "mean", py::kw_only(), keyword("input_grad") = true, keyword("grad_output") = py::none(),
+        R"doc(linear_mse(x, weight, bias, target, reduction="mean", *, input_grad=True, grad_output=None)
     -> (loss, grad_input or None, grad_weight, grad_bias or None)
 
 One fused training step of Linear + MSE: y = x @ weight.T + bias, loss = mse(y, target), and
@@ -519,13 +535,15 @@ grad_y = 2 (y - target) / N are computed while each tile of y is produced; y is 
 
 x (batch, in_features), weight (out_features, in_features), bias (out_features,) or None,
 target (batch, out_features); reduction "mean" or "sum". The loss is a Python float accumulated
-in double. grad_bias is None when bias is None; grad_input is None when input_grad=False.)doc");
+in double. grad_bias is None when bias is None; grad_input is None when input_grad=False.
+grad_output, if given, is a (batch, out_features) array (the rules of linear_forward's out) that
+receives grad_y, the gradient of the loss with respect to y (that of the target is -grad_y).)doc");
 
   m.def("get_num_threads", &lingrad::get_num_threads, "Number of threads the kernels use.");
-  m.def("set_num_threads", &set_num_threads, arg("n"),
+  m.def("set_num_threads", &set_num_threads, keyword("n"),
         "Set the number of threads the kernels use (n >= 1). Results do not depend on it.");
   m.def("get_isa", &lingrad::get_isa, "The micro-kernel instruction set in use ('avx512', 'avx2' or 'generic').");
-  m.def("set_isa", &set_isa, arg("name"),
+  m.def("set_isa", &set_isa, keyword("name"),
         "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
   m.def(
@@ -534,7 +552,7 @@ in double. grad_bias is None when bias is None; grad_input is None when input_gr
         py::gil_scoped_release release;
         return lingrad::measure_fma_peak(threads, seconds);
       },
-      arg("threads"), arg("seconds") = 0.3,
+      keyword("threads"), keyword("seconds") = 0.3,
       "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path.");
   m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
 }

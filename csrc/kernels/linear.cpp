@@ -73,11 +73,14 @@ void linear_backward_weight(MatrixView<T> dy, MatrixView<T> x, T* dw, T* db) {
 
 template <typename T>
 double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
-                  T* dx, T* dw, T* db) {
+                  T* dx, T* dw, T* db, T* dy) {
   const index_t batch = x.rows, out = w.rows;
   const double count = static_cast<double>(batch) * static_cast<double>(out);
-  std::unique_ptr<T[]> dy_buffer(new T[batch * out > 0 ? batch * out : 1]);
-  T* dy = dy_buffer.get();
+  std::unique_ptr<T[]> dy_buffer;
+  if (!dy) {
+    dy_buffer.reset(new T[batch * out > 0 ? batch * out : 1]);
+    dy = dy_buffer.get();
+  }
 
   // Forward with the loss in the epilogue: each tile of Y becomes dY = 2 (Y - T) / N in cache.
   double squares = 0;
@@ -100,7 +103,7 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
   template void linear_forward<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, T*); \
   template void linear_backward_input<T>(MatrixView<T>, MatrixView<T>, T*);         \
   template void linear_backward_weight<T>(MatrixView<T>, MatrixView<T>, T*, T*);    \
-  template double linear_mse<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, MatrixView<T>, Reduction, T*, T*, T*);
+  template double linear_mse<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, MatrixView<T>, Reduction, T*, T*, T*, T*);
 LINGRAD_INSTANTIATE(float)
 LINGRAD_INSTANTIATE(double)
 #undef LINGRAD_INSTANTIATE

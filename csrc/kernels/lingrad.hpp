@@ -60,10 +60,12 @@ void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction,
 
 // The fused training step: the forward pass, the loss (mean or sum) and dY in the epilogue of
 // the forward GEMM, then dX (if dx is not null), dW and db (if db is not null).
-// Returns the loss. Y is never stored: its tiles become dY while still in cache.
+// Returns the loss. Y is never stored: its tiles become dY while still in cache. dY (B, out) is
+// written to dy when it is not null (the caller keeps it, e.g. for a later backward pass), else
+// to a buffer of the call's own.
 template <typename T>
 double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
-                  T* dx, T* dw, T* db);
+                  T* dx, T* dw, T* db, T* dy = nullptr);
 
 // ---------------------------------------------------------------------------------------------
 // Threads and instruction sets (process-wide, thread-safe).
