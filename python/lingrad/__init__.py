@@ -17,13 +17,26 @@ use, so that ``import lingrad`` never needs torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import warnings
 from typing import IO, Any
 
 from . import _C, kernels
 from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
 
 __version__: str = _C.build_info()["version"]
+
+_KNOWN_ISAS = ("avx512", "avx2", "generic")  # every build's names, best first (csrc/kernels/cpu.cpp)
+if os.environ.get("LINGRAD_ISA") and os.environ["LINGRAD_ISA"] not in available_isas():
+    _requested = os.environ["LINGRAD_ISA"]
+    warnings.warn(
+        f"LINGRAD_ISA={_requested!r} "
+        + ("is not supported by this CPU or build" if _requested in _KNOWN_ISAS else "is not an instruction set name")
+        + f"; it is ignored and lingrad uses {get_isa()!r}. Valid here: {', '.join(map(repr, available_isas()))}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 __all__ = [
     "__version__",
@@ -60,6 +73,12 @@ def __getattr__(name: str) -> Any:
     value = module if name == _TORCH_NAMES[name] else getattr(module, name)
     globals()[name] = value  # later accesses skip this function
     return value
+
+
+# With torch already imported, register the operators (torch.ops.lingrad.*) now, so that a program
+# saved with torch.export loads after `import torch, lingrad` alone. Without torch, nothing is imported.
+if sys.modules.get("torch") is not None:
+    from . import _ops  # noqa: F401
 
 
 def __dir__() -> list[str]:

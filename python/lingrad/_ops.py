@@ -1,4 +1,4 @@
-"""lingrad's kernels as PyTorch operators (``torch.ops.lingrad.*``), with their derivatives.
+"""lingrad's kernels as PyTorch operators (``torch.ops.lingrad.*``), with every derivative rule.
 
 Shapes as in the kernels: x (B, in), weight (out, in), bias (out,), y / target / grad_out (B, out).
 
@@ -8,42 +8,48 @@ Shapes as in the kernels: x (B, in), weight (out, in), bias (out,), y / target /
     mse_loss(pred, target, reduction)             -> loss: 0-d for "mean"/"sum", pred's shape for "none"
     mse_backward(pred, target, reduction)         -> grad_pred = 2 (pred - target) / N
     linear_mse(x, weight, bias?, target, reduction, input_grad)
-                                                  -> (loss, grad_x or None, grad_weight, grad_bias or None)
+                                                  -> (loss, grad_x or None, grad_weight, grad_bias or None, grad_y)
 
-Each operator has three parts, kept together here: its implementation (tensors -> NumPy views ->
-kernel -> tensors, zero-copy on CPU), a fake implementation (shapes only: what torch.compile
-traces) and its derivative. Derivatives are written with these same operators, and the three
-linear operators are closed under differentiation, so every order of derivative runs on lingrad's
-kernels:
+Each operator keeps its parts together here:
+  * the implementation: tensors -> NumPy views -> kernel -> tensors allocated by torch (zero-copy
+    on the way in; outputs are ordinary, resizable tensors);
+  * a fake implementation (shapes only: what torch.compile and torch.export trace);
+  * its derivative rules: ``setup_context`` and ``backward`` (reverse mode), ``jvp`` (forward mode:
+    torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) and ``vmap`` (torch.func.vmap: a
+    batch of inputs in one kernel call where the kernels can take it, PyTorch's batched matmul
+    where the weight itself is batched).
+The rules are written with these same operators, so every order of derivative, and any nesting of
+torch.func transforms, runs on lingrad's kernels.
 
-    d linear                 : grad_x = linear_backward_input(g, weight),
-                               (grad_weight, grad_bias) = linear_backward_weight(g, x)
-    d linear_backward_input  : grad_grad_out = linear(g, weight),
-                               grad_weight = linear_backward_weight(grad_out, g)[0]
-    d linear_backward_weight : grad_grad_out = linear(x, g_weight, g_bias),
-                               grad_x = linear_backward_input(grad_out, g_weight)
-
-Calling an operator object here (``linear(x, weight, bias)``) goes straight to its implementation
-in plain eager code: the dispatcher path of a Python custom operator (autograd kernel, redispatch,
-checks) measured about 45 us per call against 7 us for the implementation itself, half of
-PyTorch's whole step at a tiny shape. The dispatcher is used only when it is needed: while
-torch.compile traces, while autograd records (a backward run with create_graph=True, for double
-backward), and for tensor subclasses (FakeTensor, FunctionalTensor: AOTAutograd's tracing).
+From the rules each operator builds one ``torch.autograd.Function`` (``Operator.function``;
+``lingrad.autograd`` re-exports them) and registers it as the operator's Autograd kernel, so the
+dispatcher path (torch.compile, torch.export, torch.func, tensor subclasses) and eager code share
+one formula. Calling an operator object (``linear(x, weight, bias)``) routes by what the call
+needs (see ``Operator.__call__``): with no graph to record, straight to the kernel; in eager
+autograd, to the Function through its C-level apply (Python's ``Function.apply`` binds the
+arguments with inspect.signature and walks them for functorch wrappers: over 10 us a call); under
+torch.func, tracing or a tensor subclass, through the dispatcher.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
 
 from . import kernels
 
+# The library that defines the operators; it must stay alive as long as they are used.
+_LIB = torch.library.Library("lingrad", "DEF")  # noqa: TOR901 (a fragment would need a DEF elsewhere)
+
 # ---------------------------------------------------------------------------------------------
-# The one bridge between tensors and arrays: a CPU tensor and its array share memory, with the
-# same strides (transposed or sliced views stay views). The kernels validate the arrays.
+# The bridge between tensors and arrays: a CPU tensor and its array share memory, with the same
+# strides (transposed or sliced views stay views). The kernels validate the arrays.
 
 
 def _array(t: Tensor) -> np.ndarray:
@@ -54,62 +60,128 @@ def _optional_array(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
 
 
-def _tensor(a: np.ndarray | None) -> Tensor | None:
-    return None if a is None else torch.from_numpy(a)
+def _empty(like: Tensor, *shape: int) -> tuple[Tensor, np.ndarray]:
+    """A new tensor of like's dtype (allocated by torch) and the array that shares its memory."""
+    t = torch.empty(shape, dtype=like.dtype)
+    return t, t.numpy()
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _scalar(loss: float, like: Tensor) -> Tensor:
     # The kernels return mean/sum losses as Python floats (accumulated in double); torch wants a
-    # 0-d tensor of the input's dtype.
+    # 0-d tensor of the input's dtype. A float32 loss beyond float32's range is inf, as PyTorch's
+    # own float32 sum gives (scalar_tensor would raise on the overflow).
+    if like.dtype == torch.float32 and math.isfinite(loss) and abs(loss) > _FLOAT32_MAX:
+        loss = math.copysign(math.inf, loss)
     return torch.scalar_tensor(loss, dtype=like.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# An operator: implementation, fake implementation, derivative.
+# Which path a call takes
 
 
-def _eager(t: Tensor) -> bool:
-    """True for a real tensor in plain eager code; False while torch.compile or AOTAutograd
-    traces (FakeTensor, FunctionalTensor and other subclasses, which have no data to read)."""
-    return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+_PLAIN = (Tensor, torch.nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
 
 
-def _scale(grad: Tensor, *tensors: Tensor | None) -> tuple:
-    """grad (0-d) times each tensor. ``loss.backward()`` passes grad = 1: then, unless autograd
-    records (create_graph=True differentiates with respect to grad too), the tensors are
-    returned as they are. That is safe for gradients a backward saved: autograd takes over a
-    returned tensor only when nothing else holds it (retain_graph=False frees the saved ones
-    first), and otherwise copies it, so a second backward still finds them unchanged."""
-    if not torch.is_grad_enabled() and _eager(grad) and grad.item() == 1.0:
-        return tensors
-    return tuple(None if t is None else grad * t for t in tensors)
+def _transforming() -> bool:
+    """True while torch.func transforms or forward-mode AD are active, or torch.compile traces:
+    tensors may carry tangents or batch dimensions, or have no data; only the dispatcher (or a
+    Function's rules) treats them right."""
+    return _functorch_active() or forward_ad._current_level >= 0 or torch.compiler.is_compiling()
+
+
+def _plain(t) -> bool:
+    """Not a tensor, or a real tensor whose data the kernels can read: not FakeTensor,
+    FunctionalTensor or another subclass, not a batched or functorch-wrapped tensor (the kernels
+    validate dtype, device and layout)."""
+    return not isinstance(t, Tensor) or (type(t) in _PLAIN and not _functorch_wrapped(t) and not _legacy_batched(t))
 
 
 class Operator:
-    """A lingrad kernel registered as ``torch.ops.lingrad.<name>``."""
+    """A lingrad kernel registered as ``torch.ops.lingrad.<name>``, with its derivative rules."""
 
     def __init__(self, schema: str, impl: Callable) -> None:
-        name, signature = schema.split("(", 1)
+        self.name = schema.split("(", 1)[0]
+        self.qualname = f"lingrad::{self.name}"
+        _LIB.define(schema)
+        _LIB.impl(self.name, impl, "CPU")
         self.impl = impl
-        self.custom_op = torch.library.custom_op(f"lingrad::{name}", impl, mutates_args=(), schema="(" + signature)
-        self.overload = getattr(torch.ops.lingrad, name).default
-        self.setup_context: Callable | None = None
-        self.backward: Callable | None = None
+        self.overload = getattr(torch.ops.lingrad, self.name).default
+        self.function: type[torch.autograd.Function] | None = None
+        self._apply: Callable | None = None
 
     def __call__(self, *args):
-        # See the module docstring: the dispatcher only when tracing, recording or wrapping.
-        if torch.is_grad_enabled() or not _eager(args[0]):
+        if torch.compiler.is_compiling():  # tracing: the dispatcher (fake implementation, Autograd kernel)
             return self.overload(*args)
-        return self.impl(*args)
+        if _functorch_active():  # torch.func: Function.apply, which hands each level to its rule
+            return self.function.apply(*args)
+        if any(isinstance(a, Tensor) and _legacy_batched(a) for a in args):
+            # the legacy vmap of jacobian(vectorize=True) and grad(is_grads_batched=True) batches
+            # PyTorch's own operators only: the same formula in them
+            return self.composite(*args)
+        if all(_plain(a) for a in args):
+            if forward_ad._current_level < 0 and not (
+                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            ):
+                return self.impl(*args)  # no graph, no tangents: the kernel
+            return self._apply(
+                *args
+            )  # eager autograd or forward AD: the Function, without Function.apply's Python layer
+        return self.overload(*args)  # tensor subclasses: the dispatcher
 
     def register_fake(self, fake: Callable) -> Callable:
-        self.custom_op.register_fake(fake)
+        torch.library.register_fake(self.qualname, fake, lib=_LIB)
         return fake
 
-    def register_derivative(self, setup_context: Callable, backward: Callable) -> None:
-        # Kept on the object too: lingrad.autograd's Functions reuse the very same formulas.
-        self.setup_context, self.backward = setup_context, backward
-        self.custom_op.register_autograd(backward, setup_context=setup_context)
+    def register_rules(
+        self, setup_context: Callable, backward: Callable, jvp: Callable, vmap: Callable, composite: Callable
+    ) -> None:
+        """Builds the operator's autograd.Functions from its rules: ``self.function`` for calls from
+        Python, and a single-level one for the dispatcher's Autograd kernel; registers the vmap rule.
+        ``composite`` is the operator written with PyTorch's operators (for the legacy vmap)."""
+        name, overload, impl = self.name, self.overload, self.impl
+        self.composite = composite
+
+        def forward(*args):
+            if _functorch_active():  # the next lower torch.func level
+                return self.function.apply(*args)
+            if all(_plain(a) for a in args):
+                return impl(*args)
+            with torch._C._AutoDispatchBelowAutograd():  # FakeTensor, FunctionalTensor: their kernels
+                return overload(*args)
+
+        class_name = "".join(part.capitalize() for part in name.split("_")) + "Function"  # e.g. LinearFunction
+        self.function = _function(class_name, forward, setup_context, backward, jvp, vmap)
+        self._apply = super(torch.autograd.Function, self.function).apply  # the C-level apply
+
+        # In the dispatcher (torch.compile, torch.export, a direct call of torch.ops.lingrad.*), the
+        # Autograd kernel records this level only and hands the rest of the dispatch on, as PyTorch's
+        # own operators do: a Function whose forward redispatches below autograd with the key set.
+        def dispatch_forward(*args):
+            *args, keyset = args
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+        dispatch_function = _function(
+            class_name + "Dispatch",
+            dispatch_forward,
+            lambda ctx, inputs, output: setup_context(ctx, inputs[:-1], output),
+            lambda ctx, *grads: (*_as_tuple(backward(ctx, *grads)), None),
+            lambda ctx, *tangents: jvp(ctx, *tangents[:-1]),
+            None,
+        )
+        dispatch_apply = super(torch.autograd.Function, dispatch_function).apply
+
+        def autograd_kernel(keyset, *args):
+            with enable_single_level_autograd_function():
+                return dispatch_apply(*args, keyset)
+
+        _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+        torch.library.register_vmap(self.qualname, vmap, lib=_LIB)
 
     def __repr__(self) -> str:
         return f"<lingrad operator {self.overload}>"
@@ -119,13 +191,58 @@ def operator(schema: str) -> Callable[[Callable], Operator]:
     return lambda impl: Operator(schema, impl)
 
 
+def _function(name: str, forward, setup_context, backward, jvp, vmap) -> type[torch.autograd.Function]:
+    rules = {"forward": forward, "setup_context": setup_context, "backward": backward, "jvp": jvp}
+    if vmap is not None:
+        rules["vmap"] = vmap
+    return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in rules.items()})
+
+
+def _as_tuple(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+# Helpers of the rules.
+
+
+def _sum(*terms: Tensor | None) -> Tensor | None:
+    """The sum of the terms that are not None (None if all are)."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        return None
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total
+
+
+def _save_for_forward(ctx, *tensors) -> None:
+    # Only where a jvp can follow: otherwise the references would keep the tensors alive.
+    if forward_ad._current_level >= 0 or _functorch_active():
+        ctx.save_for_forward(*tensors)
+
+
+def _front(t: Tensor | None, dim: int | None) -> Tensor | None:
+    """t with its vmap dimension first; an unbatched t gets a leading dimension of 1 (broadcast)."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.unsqueeze(0)
+
+
+def _expand_front(t: Tensor, dim: int | None, size: int) -> Tensor:
+    """t with its vmap dimension first, an unbatched t expanded to the batch (a view)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear: y (B, out) = x (B, in) @ weight.T (out, in) + bias (out,)
 
 
 @operator("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.from_numpy(kernels.linear_forward(_array(x), _array(weight), _optional_array(bias)))
+    y, out = _empty(x, x.shape[0], weight.shape[0])
+    kernels.linear_forward(_array(x), _array(weight), _optional_array(bias), out=out)
+    return y
 
 
 @linear.register_fake
@@ -136,8 +253,9 @@ def _(x, weight, bias):
 def _linear_setup(ctx, inputs, output):
     x, weight, _ = inputs
     need_x, need_weight, _ = ctx.needs_input_grad[:3]
-    # grad_x needs the weight, grad_weight needs x: keep only what backward will read.
+    # grad_x needs the weight, grad_weight needs x: keep only what backward will read (as nn.Linear).
     ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
+    _save_for_forward(ctx, x, weight)
 
 
 def _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias) -> tuple:
@@ -156,13 +274,46 @@ def _linear_backward(ctx, grad_y):
     return _linear_grads(grad_y, x, weight, *ctx.needs_input_grad[:3])
 
 
+def _linear_jvp(ctx, t_x, t_weight, t_bias):
+    x, weight = ctx.saved_tensors
+    t_y = _linear_tangent(x, weight, t_x, t_weight, t_bias)
+    return t_y if t_y is not None else x.new_zeros(x.shape[0], weight.shape[0])
+
+
+def _linear_tangent(x, weight, t_x, t_weight, t_bias) -> Tensor | None:
+    """The tangent of y = x @ weight.T + bias (None if no input has one)."""
+    return _sum(
+        None if t_x is None else linear(t_x, weight, None),
+        None if t_weight is None else linear(x, t_weight, None),
+        t_bias,
+    )
+
+
+def _linear_vmap(info, in_dims, x, weight, bias):
+    x_dim, weight_dim, bias_dim = in_dims
+    if weight_dim is None and bias_dim is None:  # a batch of inputs: one kernel call on all its rows
+        xs = x.movedim(x_dim, 0)
+        y = linear(xs.reshape(-1, xs.shape[-1]), weight, bias)
+        return y.reshape(*xs.shape[:-1], y.shape[-1]), 0
+    # a batch of weights (model ensembles, jacobians with respect to the weight): batched matmul
+    y = torch.matmul(_front(x, x_dim), _front(weight, weight_dim).mT)
+    if bias is not None:
+        y = y + _front(bias, bias_dim).unsqueeze(-2)
+    return y, 0
+
+
+linear.register_rules(_linear_setup, _linear_backward, _linear_jvp, _linear_vmap, torch.nn.functional.linear)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_backward_input: grad_x (B, in) = grad_out (B, out) @ weight (out, in)
 
 
 @operator("linear_backward_input(Tensor grad_out, Tensor weight) -> Tensor")
 def linear_backward_input(grad_out: Tensor, weight: Tensor) -> Tensor:
-    return torch.from_numpy(kernels.linear_backward_input(_array(grad_out), _array(weight)))
+    grad_x, out = _empty(grad_out, grad_out.shape[0], weight.shape[1])
+    kernels.linear_backward_input(_array(grad_out), _array(weight), out=out)
+    return grad_x
 
 
 @linear_backward_input.register_fake
@@ -174,6 +325,7 @@ def _linear_backward_input_setup(ctx, inputs, output):
     grad_out, weight = inputs
     need_grad_out, need_weight = ctx.needs_input_grad[:2]
     ctx.save_for_backward(grad_out if need_weight else None, weight if need_grad_out else None)
+    _save_for_forward(ctx, grad_out, weight)
 
 
 def _linear_backward_input_backward(ctx, g):
@@ -186,14 +338,43 @@ def _linear_backward_input_backward(ctx, g):
     )
 
 
+def _linear_backward_input_jvp(ctx, t_grad_out, t_weight):
+    grad_out, weight = ctx.saved_tensors
+    return _sum(
+        None if t_grad_out is None else linear_backward_input(t_grad_out, weight),
+        None if t_weight is None else linear_backward_input(grad_out, t_weight),
+    )
+
+
+def _linear_backward_input_vmap(info, in_dims, grad_out, weight):
+    grad_dim, weight_dim = in_dims
+    if weight_dim is None:
+        gs = grad_out.movedim(grad_dim, 0)
+        grad_x = linear_backward_input(gs.reshape(-1, gs.shape[-1]), weight)
+        return grad_x.reshape(*gs.shape[:-1], grad_x.shape[-1]), 0
+    return torch.matmul(_front(grad_out, grad_dim), _front(weight, weight_dim)), 0
+
+
+linear_backward_input.register_rules(
+    _linear_backward_input_setup,
+    _linear_backward_input_backward,
+    _linear_backward_input_jvp,
+    _linear_backward_input_vmap,
+    torch.matmul,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_backward_weight: grad_weight (out, in) = grad_out.T @ x, grad_bias (out,) = grad_out.sum(0)
 
 
 @operator("linear_backward_weight(Tensor grad_out, Tensor x, bool bias) -> (Tensor, Tensor?)")
 def linear_backward_weight(grad_out: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
-    grad_weight, grad_bias = kernels.linear_backward_weight(_array(grad_out), _array(x), bias=bias)
-    return torch.from_numpy(grad_weight), _tensor(grad_bias)
+    out_features = grad_out.shape[1]
+    grad_weight, out = _empty(grad_out, out_features, x.shape[1])
+    grad_bias, bias_out = _empty(grad_out, out_features) if bias else (None, None)
+    kernels.linear_backward_weight(_array(grad_out), _array(x), bias=bias, out=out, bias_out=bias_out)
+    return grad_weight, grad_bias
 
 
 @linear_backward_weight.register_fake
@@ -203,9 +384,11 @@ def _(grad_out, x, bias):
 
 
 def _linear_backward_weight_setup(ctx, inputs, output):
-    grad_out, x, _ = inputs
+    grad_out, x, bias = inputs
     need_grad_out, need_x = ctx.needs_input_grad[:2]
     ctx.save_for_backward(grad_out if need_x else None, x if need_grad_out else None)
+    _save_for_forward(ctx, grad_out, x)
+    ctx.bias = bias
 
 
 def _linear_backward_weight_backward(ctx, g_weight, g_bias):
@@ -219,14 +402,59 @@ def _linear_backward_weight_backward(ctx, g_weight, g_bias):
     )
 
 
+def _linear_backward_weight_jvp(ctx, t_grad_out, t_x, _):
+    grad_out, x = ctx.saved_tensors
+    t_weight = _sum(
+        None if t_grad_out is None else linear_backward_weight(t_grad_out, x, False)[0],
+        None if t_x is None else linear_backward_weight(grad_out, t_x, False)[0],
+    )
+    t_bias = None
+    if ctx.bias:
+        t_bias = t_grad_out.sum(0) if t_grad_out is not None else grad_out.new_zeros(grad_out.shape[1])
+    return t_weight, t_bias
+
+
+def _linear_backward_weight_vmap(info, in_dims, grad_out, x, bias):
+    grad_dim, x_dim, _ = in_dims
+    n = info.batch_size
+    if x_dim is None:  # a batch of output gradients, one x: (n*out, in) = grad_out' (B, n*out).T @ x
+        gs = grad_out.movedim(grad_dim, 1)  # (B, n, out)
+        grad_weight, grad_bias = linear_backward_weight(gs.reshape(gs.shape[0], -1), x, bias)
+        grad_weight = grad_weight.reshape(n, -1, x.shape[-1])
+        return (grad_weight, None if grad_bias is None else grad_bias.reshape(n, -1)), (
+            0,
+            None if grad_bias is None else 0,
+        )
+    if grad_dim is None:  # one output gradient, a batch of x: (out, n*in) = grad_out.T @ x' (B, n*in)
+        xs = x.movedim(x_dim, 1)  # (B, n, in)
+        grad_weight, grad_bias = linear_backward_weight(grad_out, xs.reshape(xs.shape[0], -1), bias)
+        return (grad_weight.reshape(grad_weight.shape[0], n, -1), grad_bias), (1, None)
+    # both batched (per-sample gradients): batched matmul
+    gs, xs = grad_out.movedim(grad_dim, 0), x.movedim(x_dim, 0)
+    grad_bias = gs.sum(-2) if bias else None
+    return (torch.matmul(gs.mT, xs), grad_bias), (0, None if grad_bias is None else 0)
+
+
+linear_backward_weight.register_rules(
+    _linear_backward_weight_setup,
+    _linear_backward_weight_backward,
+    _linear_backward_weight_jvp,
+    _linear_backward_weight_vmap,
+    lambda grad_out, x, bias: (grad_out.mT @ x, grad_out.sum(-2) if bias else None),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # mse_loss and mse_backward: pred and target of one shape, 1-D or 2-D
 
 
 @operator("mse_loss(Tensor pred, Tensor target, str reduction) -> Tensor")
 def mse_loss(pred: Tensor, target: Tensor, reduction: str) -> Tensor:
-    loss = kernels.mse_loss(_array(pred), _array(target), reduction)
-    return torch.from_numpy(loss) if reduction == "none" else _scalar(loss, pred)
+    if reduction == "none":
+        loss, out = _empty(pred, *pred.shape)
+        kernels.mse_loss(_array(pred), _array(target), reduction, out=out)
+        return loss
+    return _scalar(kernels.mse_loss(_array(pred), _array(target), reduction), pred)
 
 
 @mse_loss.register_fake
@@ -237,6 +465,7 @@ def _(pred, target, reduction):
 def _mse_loss_setup(ctx, inputs, output):
     pred, target, reduction = inputs
     ctx.save_for_backward(pred, target)
+    _save_for_forward(ctx, pred, target)
     ctx.reduction = reduction
 
 
@@ -244,14 +473,32 @@ def _mse_loss_backward(ctx, grad_loss):
     # grad_loss is 0-d for "mean"/"sum", pred's shape for "none".
     pred, target = ctx.saved_tensors
     need_pred, need_target = ctx.needs_input_grad[:2]
-    grad_pred = mse_backward(pred, target, ctx.reduction)
-    grad_pred = grad_loss * grad_pred if ctx.reduction == "none" else _scale(grad_loss, grad_pred)[0]
+    grad_pred = grad_loss * mse_backward(pred, target, ctx.reduction)
     return (grad_pred if need_pred else None, -grad_pred if need_target else None, None)
+
+
+def _mse_loss_jvp(ctx, t_pred, t_target, _):
+    pred, target = ctx.saved_tensors
+    t_residual = _sum(t_pred, None if t_target is None else -t_target)
+    product = mse_backward(pred, target, ctx.reduction) * t_residual  # d (r^2) = 2 r dr, scaled by 1/N
+    return product if ctx.reduction == "none" else product.sum()
+
+
+def _mse_loss_vmap(info, in_dims, pred, target, reduction):
+    pred_dim, target_dim, _ = in_dims
+    p = _expand_front(pred, pred_dim, info.batch_size)
+    t = _expand_front(target, target_dim, info.batch_size)
+    squares = mse_loss(p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1), "none")  # the kernel, all at once
+    if reduction == "none":
+        return squares.reshape(p.shape), 0
+    return (squares.mean(1) if reduction == "mean" else squares.sum(1)), 0
 
 
 @operator("mse_backward(Tensor pred, Tensor target, str reduction) -> Tensor")
 def mse_backward(pred: Tensor, target: Tensor, reduction: str) -> Tensor:
-    return torch.from_numpy(kernels.mse_backward(_array(pred), _array(target), reduction))
+    grad, out = _empty(pred, *pred.shape)
+    kernels.mse_backward(_array(pred), _array(target), reduction, out=out)
+    return grad
 
 
 @mse_backward.register_fake
@@ -259,10 +506,14 @@ def _(pred, target, reduction):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
+def _mse_backward_scale(pred: Tensor, reduction: str) -> float:
+    # grad_pred = scale (pred - target): linear in both, scale = 2 / N for "mean" (N = numel), else 2.
+    return 2.0 / max(pred.numel(), 1) if reduction == "mean" else 2.0
+
+
 def _mse_backward_setup(ctx, inputs, output):
     pred, _, reduction = inputs
-    # grad_pred = (2 / N) (pred - target): linear in both, with N = numel for "mean", else 1.
-    ctx.scale = 2.0 / max(pred.numel(), 1) if reduction == "mean" else 2.0
+    ctx.scale = _mse_backward_scale(pred, reduction)
 
 
 def _mse_backward_backward(ctx, g):
@@ -271,22 +522,62 @@ def _mse_backward_backward(ctx, g):
     return (grad_pred if need_pred else None, -grad_pred if need_target else None, None)
 
 
+def _mse_backward_jvp(ctx, t_pred, t_target, _):
+    return ctx.scale * _sum(t_pred, None if t_target is None else -t_target)
+
+
+def _mse_backward_vmap(info, in_dims, pred, target, reduction):
+    pred_dim, target_dim, _ = in_dims
+    p = _expand_front(pred, pred_dim, info.batch_size)
+    t = _expand_front(target, target_dim, info.batch_size)
+    # each sample's own N: the kernel's "sum" (2 r), scaled per sample
+    grad = mse_backward(p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1), "sum").reshape(p.shape)
+    return (grad / max(p[0].numel(), 1) if reduction == "mean" else grad), 0
+
+
+mse_loss.register_rules(
+    _mse_loss_setup,
+    _mse_loss_backward,
+    _mse_loss_jvp,
+    _mse_loss_vmap,
+    lambda pred, target, reduction: torch.nn.functional.mse_loss(pred, target, reduction=reduction),
+)
+mse_backward.register_rules(
+    _mse_backward_setup,
+    _mse_backward_backward,
+    _mse_backward_jvp,
+    _mse_backward_vmap,
+    lambda pred, target, reduction: _mse_backward_scale(pred, reduction) * (pred - target),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_mse: the fused training step. Its gradients are outputs (computed in the forward pass
-# while dY is at hand); autograd only scales them by the incoming gradient of the loss.
+# while dY is at hand); backward only scales them by the incoming gradient of the loss.
 
 
 @operator(
     "linear_mse(Tensor x, Tensor weight, Tensor? bias, Tensor target, str reduction, bool input_grad)"
-    " -> (Tensor, Tensor?, Tensor, Tensor?)"
+    " -> (Tensor, Tensor?, Tensor, Tensor?, Tensor)"
 )
 def linear_mse(
     x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str, input_grad: bool
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
+    grad_y, grad_y_out = _empty(x, x.shape[0], weight.shape[0])
     loss, grad_x, grad_weight, grad_bias = kernels.linear_mse(
-        _array(x), _array(weight), _optional_array(bias), _array(target), reduction, input_grad=input_grad
+        _array(x),
+        _array(weight),
+        _optional_array(bias),
+        _array(target),
+        reduction,
+        input_grad=input_grad,
+        grad_output=grad_y_out,
     )
-    return _scalar(loss, x), _tensor(grad_x), torch.from_numpy(grad_weight), _tensor(grad_bias)
+    # The gradients stay inside the Function (backward returns scaled copies): NumPy's memory is fine.
+    grad_x, grad_weight, grad_bias = (
+        None if g is None else torch.from_numpy(g) for g in (grad_x, grad_weight, grad_bias)
+    )
+    return _scalar(loss, x), grad_x, grad_weight, grad_bias, grad_y
 
 
 @linear_mse.register_fake
@@ -296,57 +587,99 @@ def _(x, weight, bias, target, reduction, input_grad):
         x.new_empty(x.shape) if input_grad else None,
         weight.new_empty(weight.shape),
         None if bias is None else bias.new_empty(bias.shape),
+        x.new_empty(x.shape[0], weight.shape[0]),
     )
-
-
-def save_linear_mse(ctx, inputs, grads, reduction) -> None:
-    """Shared by the operator and lingrad.autograd.LinearMSEFunction: keep the inputs (x, weight,
-    bias, target) for the unfused backward and the gradients (grad_x, grad_weight, grad_bias,
-    each None if not computed) that the forward pass produced."""
-    grad_x, grad_weight, _ = grads
-    need_x, _, _, need_target = ctx.needs_input_grad[:4]
-    # The saved gradients answer backward if they were computed (grad_bias is, whenever there
-    # is a bias) and the target needs none (its gradient is -dY, which the kernel does not keep).
-    ctx.fused = grad_weight is not None and (grad_x is not None or not need_x) and not need_target
-    ctx.save_for_backward(*inputs, *grads)
-    ctx.reduction = reduction
 
 
 def _linear_mse_setup(ctx, inputs, output):
     x, weight, bias, target, reduction, _ = inputs
-    _, *grads = output
-    ctx.mark_non_differentiable(*(g for g in grads if g is not None))
-    save_linear_mse(ctx, (x, weight, bias, target), grads, reduction)
-
-
-def linear_mse_backward(ctx, grad_loss, *_):
-    """The backward of the fused step, shared by the operator and LinearMSEFunction.
-
-    Usually grad_loss (0-d) times the gradients saved by the forward pass. When they cannot
-    answer (the target needs a gradient, or create_graph=True asks for differentiable gradients),
-    the unfused path recomputes dY = 2 (x W^T + b - t) / N and calls the differentiable linear
-    operators."""
-    x, weight, bias, target, grad_x, grad_weight, grad_bias = ctx.saved_tensors
+    _, grad_x, grad_weight, grad_bias, grad_y = output
+    ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
     need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
-    extra = (None,) * (len(ctx.needs_input_grad) - 4)  # the non-tensor arguments
-    if ctx.fused and not torch.is_grad_enabled():
-        grad_x, grad_weight, grad_bias = _scale(
-            grad_loss,
-            grad_x if need_x else None,
-            grad_weight if need_weight else None,
-            grad_bias if need_bias else None,
-        )
-        return (grad_x, grad_weight, grad_bias, None, *extra)
-    grad_y = grad_loss * mse_backward(linear(x, weight, bias), target, ctx.reduction)
-    grad_x, grad_weight, grad_bias = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
-    return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
+    # As nn.Linear + F.mse_loss keep: x if the weight needs a gradient, the weight if x does, and
+    # (instead of y and the target) grad_y = 2 (y - target) / N; plus the gradients already made.
+    ctx.save_for_backward(
+        x if need_weight else None, weight if need_x else None, grad_y, grad_x, grad_weight, grad_bias
+    )
+    # The inputs that need gradients, for double backward only: their values are never read there.
+    ctx.inputs = tuple(t if need else None for t, need in zip((x, weight, bias, target), ctx.needs_input_grad))
+    ctx.scale = 2.0 / max(grad_y.numel(), 1) if reduction == "mean" else 2.0
+    _save_for_forward(ctx, x, weight, grad_y)
 
 
-# ---------------------------------------------------------------------------------------------
+def _differentiable_grad_y(ctx, x, weight, grad_y) -> Tensor:
+    """grad_y = scale (x @ weight.T + bias - target) as a function of the inputs that need gradients,
+    for double backward: its value is the saved grad_y; its derivatives, to every order, are those of
+    the formula. Each input appears as `t - t.detach()` (or, for the bilinear term, a product minus
+    its detached copy): zero-valued, so no input's current value matters, only its place in the graph."""
+    x_in, weight_in, bias_in, target_in = ctx.inputs
+    xs = x if x is not None else x_in  # the saved value where backward needs it, else the input itself
+    ws = weight if weight is not None else weight_in
+    delta = [None, None, None]
+    if x_in is not None or weight_in is not None:
+        delta[0] = linear(xs, ws, None) - linear(xs.detach(), ws.detach(), None)
+    if bias_in is not None:
+        delta[1] = bias_in - bias_in.detach()
+    if target_in is not None:
+        delta[2] = target_in.detach() - target_in
+    return grad_y + ctx.scale * _sum(*delta)
 
-linear.register_derivative(_linear_setup, _linear_backward)
-linear_backward_input.register_derivative(_linear_backward_input_setup, _linear_backward_input_backward)
-linear_backward_weight.register_derivative(_linear_backward_weight_setup, _linear_backward_weight_backward)
-mse_loss.register_derivative(_mse_loss_setup, _mse_loss_backward)
-mse_backward.register_derivative(_mse_backward_setup, _mse_backward_backward)
-linear_mse.register_derivative(_linear_mse_setup, linear_mse_backward)
+
+def _linear_mse_backward(ctx, grad_loss, *_):
+    x, weight, grad_y, grad_x, grad_weight, grad_bias = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
+    extra = (None, None)  # reduction, input_grad
+    if torch.is_grad_enabled():  # create_graph=True (or torch.func): differentiable gradients
+        grad_y = grad_loss * _differentiable_grad_y(ctx, x, weight, grad_y)
+        grad_x, grad_weight, grad_bias = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
+        return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
+    if need_x and grad_x is None:  # the kernel was asked not to make it
+        grad_x = linear_backward_input(grad_y, weight)
+    # New tensors every time: a returned gradient never aliases saved state (retain_graph=True).
+    return (
+        grad_loss * grad_x if need_x else None,
+        grad_loss * grad_weight if need_weight else None,
+        grad_loss * grad_bias if need_bias else None,
+        grad_loss * -grad_y if need_target else None,
+        *extra,
+    )
+
+
+def _linear_mse_jvp(ctx, t_x, t_weight, t_bias, t_target, *_):
+    x, weight, grad_y = ctx.saved_tensors
+    t_y = _linear_tangent(x, weight, t_x, t_weight, t_bias)
+    t_residual = _sum(t_y, None if t_target is None else -t_target)
+    if t_residual is None:
+        return grad_y.new_zeros(()), None, None, None, None
+    return (grad_y * t_residual).sum(), None, None, None, None  # d loss = <grad_y, d (y - target)>
+
+
+def _linear_mse_vmap(info, in_dims, x, weight, bias, target, reduction, input_grad):
+    # Per-sample losses of the fused step: each sample has its own weight gradient, so the batch is
+    # PyTorch's batched matmul over the kernels' operators' formulas.
+    n = info.batch_size
+    xs, ws, ts = (_expand_front(t, d, n) for t, d in zip((x, weight, target), (in_dims[0], in_dims[1], in_dims[3])))
+    bs = None if bias is None else _expand_front(bias, in_dims[2], n)
+    y = torch.matmul(xs, ws.mT) + (0 if bs is None else bs.unsqueeze(-2))
+    residual = y - ts
+    count = residual[0].numel()
+    scale = 2.0 / max(count, 1) if reduction == "mean" else 2.0
+    loss = residual.square().flatten(1).sum(1) * (scale / 2)
+    grad_y = scale * residual
+    grad_x = torch.matmul(grad_y, ws) if input_grad else None
+    grad_weight = torch.matmul(grad_y.mT, xs)
+    grad_bias = None if bias is None else grad_y.sum(-2)
+    outputs = (loss, grad_x, grad_weight, grad_bias, grad_y)
+    return outputs, tuple(None if o is None else 0 for o in outputs)
+
+
+def _linear_mse_composite(x, weight, bias, target, reduction, input_grad):
+    grad_y = _mse_backward_scale(target, reduction) * (torch.nn.functional.linear(x, weight, bias) - target)
+    loss = torch.nn.functional.mse_loss(torch.nn.functional.linear(x, weight, bias), target, reduction=reduction)
+    grad_weight = grad_y.mT @ x
+    return loss, grad_y @ weight if input_grad else None, grad_weight, None if bias is None else grad_y.sum(-2), grad_y
+
+
+linear_mse.register_rules(
+    _linear_mse_setup, _linear_mse_backward, _linear_mse_jvp, _linear_mse_vmap, _linear_mse_composite
+)

@@ -1,14 +1,20 @@
 """Functions with torch.nn.functional's semantics, computed by lingrad's kernels.
 
     linear(input (*, in), weight (out, in), bias (out,) = None)        -> (*, out)
-    mse_loss(input, target, reduction="mean")                          -> 0-d ("mean", "sum") or input's shape
+    mse_loss(input, target, reduction="mean")                          -> 0-d ("mean", "sum") or the broadcast shape
     linear_mse_loss(input (*, in), weight, bias, target (*, out), reduction="mean")
                                            -> 0-d: mse_loss(linear(input, weight, bias), target, reduction)
 
-lingrad's kernels run on CPU float32 and float64 tensors. Other floating-point tensors (float16,
-bfloat16, complex, another device) go to PyTorch's own implementation, with one
-:class:`FallbackWarning` per process (none while torch.compile traces); integer tensors go there
-without a warning and fail (or compute) exactly as they do in PyTorch.
+They agree with torch.nn.functional wherever it works: leading dimensions, 1-D input, empty
+batches, any strides; mse_loss promotes mixed dtypes and broadcasts (with PyTorch's warning) as
+F.mse_loss does; autograd, torch.func transforms, forward-mode AD and torch.compile all apply.
+
+lingrad's kernels run on CPU float32 and float64 tensors with ordinary strided storage. Anything
+else goes to PyTorch's own implementation: float16, bfloat16 and complex tensors, other devices,
+other layouts (sparse, nested, MKL-DNN), negative or conjugate views, and every call under
+``torch.autocast`` to a lower precision (lingrad then gives what nn.Linear gives, in bfloat16),
+with one :class:`FallbackWarning` per process (none while torch.compile traces). Integer tensors
+go there without a warning and fail (or compute) exactly as they do in PyTorch.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import LinearFunction, LinearMSEFunction, MSELossFunction
+from . import _ops
 
 __all__ = ["linear", "mse_loss", "linear_mse_loss", "FallbackWarning"]
 
@@ -35,15 +41,29 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _fallback_warned = False  # once per process; tests reset it
 
 
-def _kernels_handle(*tensors: Tensor | None) -> bool:
-    """True if lingrad's kernels take these tensors (None is an absent bias). Otherwise the caller
-    uses PyTorch's implementation, after a one-time FallbackWarning for floating-point tensors."""
-    global _fallback_warned
-    for t in tensors:
-        if t is not None and not (isinstance(t, Tensor) and t.is_cpu and t.dtype in _KERNEL_DTYPES):
-            break
-    else:
+def _readable(t: Tensor | None) -> bool:
+    """The kernels can read t in place (None is an absent bias)."""
+    return t is None or (
+        isinstance(t, Tensor)
+        and t.dtype in _KERNEL_DTYPES
+        and t.is_cpu
+        and t.layout == torch.strided
+        and not t.is_nested
+        and (torch.compiler.is_compiling() or not t.is_neg())  # (Dynamo cannot trace is_neg)
+    )
+
+
+def _autocast_lowers() -> bool:
+    """True under torch.autocast("cpu") to a lower precision: nn.Linear then computes in it."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") not in _KERNEL_DTYPES
+
+
+def _kernels_take(*tensors: Tensor | None, autocast_lowers: bool = False) -> bool:
+    """True if lingrad's kernels take these tensors. Otherwise the caller uses PyTorch's
+    implementation, after a one-time FallbackWarning for floating-point tensors."""
+    if all(_readable(t) for t in tensors) and not autocast_lowers:
         return True
+    global _fallback_warned
     present = [t for t in tensors if t is not None]
     if (
         not torch.compiler.is_compiling()  # Dynamo cannot trace warnings.warn (a graph break)
@@ -51,14 +71,22 @@ def _kernels_handle(*tensors: Tensor | None) -> bool:
         and all(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in present)
     ):
         _fallback_warned = True
-        kinds = ", ".join(sorted({f"{t.dtype} on {t.device}" for t in present}))
+        if autocast_lowers:
+            kinds = f"torch.autocast to {torch.get_autocast_dtype('cpu')}"
+        else:
+            kinds = ", ".join(sorted({_describe(t) for t in present}))
         warnings.warn(
-            f"lingrad computes on CPU float32/float64 tensors; got {kinds}, so PyTorch's own "
+            f"lingrad computes on CPU float32/float64 strided tensors; got {kinds}, so PyTorch's own "
             "implementation is used (this warning is shown once per process)",
             FallbackWarning,
             stacklevel=3,
         )
     return False
+
+
+def _describe(t: Tensor) -> str:
+    layout = "" if t.layout == torch.strided and not t.is_nested else f" {'nested' if t.is_nested else t.layout}"
+    return f"{t.dtype}{layout} on {t.device}"
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -77,32 +105,56 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     cannot be merged into one without a copy are copied, as in torch.matmul.
     weight (out_features, in_features), bias (out_features,) or None. Returns (*, out_features).
     """
-    if not _kernels_handle(input, weight, bias):
+    if not _kernels_take(input, weight, bias, autocast_lowers=_autocast_lowers()):
         return F.linear(input, weight, bias)
-    if input.dim() == 2:  # the common case, straight to the kernel
-        return LinearFunction.apply(input, weight, bias)
+    if input.dim() == 2:  # the common case, straight to the kernel (or the Function, with a graph)
+        return _ops.linear(input, weight, bias)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (*, in_features), got a 0-d tensor")
-    y = LinearFunction.apply(_rows(input), weight, bias)
+    y = _ops.linear(_rows(input), weight, bias)
     return y.reshape(*input.shape[:-1], y.shape[-1])
+
+
+def _mse_operands(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor] | None:
+    """input and target as the kernels take them, with F.mse_loss's type promotion and
+    broadcasting; None if they go to PyTorch."""
+    dtype = torch.result_type(input, target) if input.dtype != target.dtype else input.dtype
+    if dtype not in _KERNEL_DTYPES:
+        _kernels_take(input, target)  # the warning, for floating-point tensors
+        return None
+    if input.dtype != dtype:  # differentiable casts, as PyTorch's promotion
+        input = input.to(dtype)
+    if target.dtype != dtype:
+        target = target.to(dtype)
+    if not _kernels_take(input, target):
+        return None
+    if input.shape != target.shape:
+        warnings.warn(  # F.mse_loss's own warning, word for word
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+        input, target = torch.broadcast_tensors(input, target)  # zero-stride views, read in place
+    return input, target
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean-squared error, as torch.nn.functional.mse_loss: "mean" (0-d), "sum" (0-d) or "none"
-    (input's shape). input and target must have the same shape (no broadcasting)."""
-    if not _kernels_handle(input, target):
+    (the broadcast shape). Mixed dtypes are promoted and different shapes broadcast (with
+    PyTorch's warning), as F.mse_loss does."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' or 'none', got {reduction!r}")
+    operands = _mse_operands(input, target) if isinstance(input, Tensor) and isinstance(target, Tensor) else None
+    if operands is None:
         return F.mse_loss(input, target, reduction=reduction)
-    if input.shape != target.shape:
-        raise ValueError(
-            f"target has shape {tuple(target.shape)} but input has shape {tuple(input.shape)}; "
-            "lingrad's mse_loss does not broadcast: they must match"
-        )
+    input, target = operands
     shape = input.shape
     if input.dim() == 0:  # the kernels take 1-D or 2-D
         input, target = input.reshape(1), target.reshape(1)
     elif input.dim() > 2:
         input, target = _rows(input), _rows(target)
-    loss = MSELossFunction.apply(input, target, reduction)
+    loss = _ops.mse_loss(input, target, reduction)
     return loss.reshape(shape) if reduction == "none" else loss
 
 
@@ -110,23 +162,26 @@ def linear_mse_loss(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str = "mean"
 ) -> Tensor:
     """mse_loss(linear(input, weight, bias), target, reduction), reduction "mean" or "sum", fused:
-    one kernel call computes the loss and, for backward, every gradient needed (see
-    :class:`lingrad.autograd.LinearMSEFunction`).
+    one kernel call computes the loss and, for backward, every gradient needed.
 
-    input (*, in_features), target (*, out_features) with the same leading dimensions.
+    input (*, in_features), target (*, out_features) with the same leading dimensions. A target of
+    another dtype or shape takes the unfused path with F.mse_loss's promotion and broadcasting.
     """
-    if not _kernels_handle(input, weight, bias, target):
-        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
-    if input.dim() != 2 or target.dim() != 2:
-        if input.dim() == 0 or target.dim() == 0 or target.shape[:-1] != input.shape[:-1]:
-            raise ValueError(
-                f"input has shape {tuple(input.shape)} and target {tuple(target.shape)}: they must be "
-                "(*, in_features) and (*, out_features) with the same leading dimensions *"
-            )
-        input, target = _rows(input), _rows(target)
-    if not torch.is_grad_enabled():
-        # No graph will be recorded, but the Function sees only requires_grad: detached inputs
-        # tell it that no gradient is wanted (it then runs the forward GEMM and the loss only).
-        input, weight, target = input.detach(), weight.detach(), target.detach()
-        bias = None if bias is None else bias.detach()
-    return LinearMSEFunction.apply(input, weight, bias, target, reduction)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    fusable = (
+        isinstance(target, Tensor)
+        and target.dtype == input.dtype
+        and target.shape[:-1] == input.shape[:-1]
+        and input.dim() > 0
+        and not torch._C._are_functorch_transforms_active()  # torch.func: the per-operator rules
+    )
+    if not fusable or not _kernels_take(input, weight, bias, target, autocast_lowers=_autocast_lowers()):
+        return mse_loss(linear(input, weight, bias), target, reduction)
+    x, t = (input, target) if input.dim() == 2 else (_rows(input), _rows(target))
+    tensors = (x, weight, bias, t)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in tensors):
+        need_x = x.requires_grad
+        return _ops.linear_mse(x, weight, bias, t, reduction, need_x)[0]  # the loss; the gradients wait inside
+    # No graph: the forward GEMM and the loss only (the fused kernel would also make dW).
+    return _ops.mse_loss(_ops.linear(x, weight, bias), t, reduction)

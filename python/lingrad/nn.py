@@ -77,11 +77,14 @@ def swap_linear(module: torch.nn.Module) -> torch.nn.Module:
     Each layer keeps its identity and so its very Parameter objects (an optimizer built before
     the swap keeps working), its hooks and its state: only its class changes, as
     ``torch.nn.LazyLinear`` does when it materialises. Only layers of exactly type
-    ``torch.nn.Linear`` change; subclasses may have their own ``forward`` and are left alone.
+    ``torch.nn.Linear`` change; subclasses may have their own ``forward`` and are left alone. A
+    ``torch.nn.LazyLinear`` that has not yet seen an input becomes a :class:`Linear` when it does.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     for m in module.modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = Linear
+        elif type(m) is torch.nn.LazyLinear:
+            m.cls_to_become = Linear  # the class it takes on at its first forward (instead of nn.Linear)
     return module
