@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <new>
 #include <optional>
 #include <string>
@@ -57,7 +58,65 @@ std::string byte_count(double bytes) {
 
 enum class DType { float32, float64 };
 
+// DLPack (the unversioned ABI that torch.utils.dlpack.to_dlpack exports, as a capsule named
+// "dltensor"): lingrad's PyTorch layer hands tensors over this way. Tensor.numpy() would mark the
+// tensor's storage as not resizable for good, which nn.Linear never does to its inputs and outputs.
+struct DLDevice {
+  std::int32_t device_type;  // 1: CPU
+  std::int32_t device_id;
+};
+struct DLDataType {
+  std::uint8_t code;  // 2: IEEE float
+  std::uint8_t bits;
+  std::uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  std::int32_t ndim;
+  DLDataType dtype;
+  std::int64_t* shape;
+  std::int64_t* strides;  // in elements; null means C-contiguous
+  std::uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// The array view of a DLPack capsule, which it consumes: the producer's tensor stays alive as
+// long as the array (or a view of it) does.
+py::array from_dlpack(py::handle capsule, const char* name) {
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (!managed) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  if (t.device.device_type != 1)
+    throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
+  if (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64)) {
+    const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    const std::string kind = t.dtype.code < 7 ? kinds[t.dtype.code] : "code " + std::to_string(t.dtype.code);
+    throw py::type_error(std::string(name) + " has dtype " + kind + std::to_string(t.dtype.bits) +
+                         "; lingrad computes in float32 or float64 (convert explicitly)");
+  }
+  const py::ssize_t itemsize = t.dtype.bits / 8;
+  std::vector<py::ssize_t> shape(t.shape, t.shape + t.ndim), strides(t.ndim);
+  for (int d = t.ndim - 1; d >= 0; --d)
+    strides[d] = t.strides ? t.strides[d] * itemsize : (d + 1 < t.ndim ? strides[d + 1] * shape[d + 1] : itemsize);
+  PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // consumed: its own destructor leaves the tensor alone
+  py::capsule owner(managed, [](void* p) {
+    auto* m = static_cast<DLManagedTensor*>(p);
+    if (m->deleter) m->deleter(m);
+  });
+  const py::dtype dtype = itemsize == 4 ? py::dtype::of<float>() : py::dtype::of<double>();
+  return py::array(dtype, shape, strides, static_cast<char*>(t.data) + t.byte_offset, owner);
+}
+
 py::array as_ndarray(py::handle obj, const char* name) {
+  if (PyCapsule_CheckExact(obj.ptr())) {
+    const char* capsule_name = PyCapsule_GetName(obj.ptr());
+    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name);
+  }
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
   // A subclass is read as the plain array it is, except a masked array: its mask would be

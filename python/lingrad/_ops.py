@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 from torch import Tensor
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
@@ -48,22 +49,26 @@ from . import kernels
 _LIB = torch.library.Library("lingrad", "DEF")  # noqa: TOR901 (a fragment would need a DEF elsewhere)
 
 # ---------------------------------------------------------------------------------------------
-# The bridge between tensors and arrays: a CPU tensor and its array share memory, with the same
-# strides (transposed or sliced views stay views). The kernels validate the arrays.
+# The bridge between tensors and the kernels: a CPU tensor goes over as a DLPack capsule, which the
+# bindings read as an array sharing its memory, with the same strides (transposed or sliced views
+# stay views). Tensor.numpy() would do the same but mark the tensor's storage as not resizable for
+# good (nn.Linear never does that to a tensor), and it costs more. The kernels validate the arrays.
+
+_to_dlpack = torch.utils.dlpack.to_dlpack
 
 
-def _array(t: Tensor) -> np.ndarray:
-    return t.detach().numpy()
+def _array(t: Tensor):
+    return _to_dlpack(t.resolve_neg() if t.is_neg() else t)  # (DLPack carries no negative bit)
 
 
-def _optional_array(t: Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().numpy()
+def _optional_array(t: Tensor | None):
+    return None if t is None else _array(t)
 
 
-def _empty(like: Tensor, *shape: int) -> tuple[Tensor, np.ndarray]:
-    """A new tensor of like's dtype (allocated by torch) and the array that shares its memory."""
-    t = torch.empty(shape, dtype=like.dtype)
-    return t, t.numpy()
+def _empty(like: Tensor, *shape: int) -> tuple[Tensor, object]:
+    """A new tensor of like's dtype (allocated by torch) and the capsule through which a kernel fills it."""
+    t = like.new_empty(*shape)  # (half the cost of torch.empty(shape, dtype=...))
+    return t, _to_dlpack(t)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -83,9 +88,11 @@ def _scalar(loss: float, like: Tensor) -> Tensor:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_profiling = torch.autograd._profiler_enabled
 _functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _transforming() -> bool:
@@ -95,11 +102,9 @@ def _transforming() -> bool:
     return _functorch_active() or forward_ad._current_level >= 0 or torch.compiler.is_compiling()
 
 
-def _plain(t) -> bool:
-    """Not a tensor, or a real tensor whose data the kernels can read: not FakeTensor,
-    FunctionalTensor or another subclass, not a batched or functorch-wrapped tensor (the kernels
-    validate dtype, device and layout)."""
-    return not isinstance(t, Tensor) or (type(t) in _PLAIN and not _functorch_wrapped(t) and not _legacy_batched(t))
+# The classes of arguments with which a call may skip the dispatcher: real tensors and the
+# operators' other argument types.
+_PLAIN_ARGS = frozenset({Tensor, torch.nn.Parameter, type(None), str, bool})
 
 
 class Operator:
@@ -116,23 +121,31 @@ class Operator:
         self._apply: Callable | None = None
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():  # tracing: the dispatcher (fake implementation, Autograd kernel)
-            return self.overload(*args)
-        if _functorch_active():  # torch.func: Function.apply, which hands each level to its rule
-            return self.function.apply(*args)
-        if any(isinstance(a, Tensor) and _legacy_batched(a) for a in args):
-            # the legacy vmap of jacobian(vectorize=True) and grad(is_grads_batched=True) batches
-            # PyTorch's own operators only: the same formula in them
-            return self.composite(*args)
-        if all(_plain(a) for a in args):
+        # The common cases first, with as few checks as possible (each costs 50-150 ns).
+        if not (_functorch_active() or torch.compiler.is_compiling()) and all(a.__class__ in _PLAIN_ARGS for a in args):
             if forward_ad._current_level < 0 and not (
-                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+                torch.is_grad_enabled() and any(a.__class__ in _PLAIN and a.requires_grad for a in args)
             ):
-                return self.impl(*args)  # no graph, no tangents: the kernel
-            return self._apply(
-                *args
-            )  # eager autograd or forward AD: the Function, without Function.apply's Python layer
-        return self.overload(*args)  # tensor subclasses: the dispatcher
+                return self._run(args)  # no graph, no tangents: the kernel
+            # eager autograd or forward AD: the Function, without Function.apply's Python layer
+            return self._apply(*args)
+        return self.overload(*args)  # torch.func, tracing, tensor subclasses: the dispatcher
+
+    def _run(self, args):
+        try:
+            if _profiling():  # named in torch.profiler's trace, as aten::linear is
+                with torch.profiler.record_function(self.qualname):
+                    return self.impl(*args)
+            return self.impl(*args)
+        except RuntimeError:  # tensors with no data for DLPack
+            tensors = [a for a in args if a.__class__ in _PLAIN]
+            if any(_legacy_batched(t) for t in tensors):
+                # The legacy vmap (jacobian(vectorize=True), grad(is_grads_batched=True)) batches only
+                # PyTorch's own operators: the same formula in them.
+                return self.composite(*args)
+            if any(_functorch_wrapped(t) for t in tensors):  # wrappers that outlived their transform
+                return self(*(_unwrap_if_dead(a) if a.__class__ in _PLAIN else a for a in args))
+            raise
 
     def register_fake(self, fake: Callable) -> Callable:
         torch.library.register_fake(self.qualname, fake, lib=_LIB)
@@ -148,9 +161,9 @@ class Operator:
         self.composite = composite
 
         def forward(*args):
-            if _functorch_active():  # the next lower torch.func level
-                return self.function.apply(*args)
-            if all(_plain(a) for a in args):
+            if _functorch_active():  # the next lower torch.func level (Function.apply under torch.func)
+                return overload(*args)
+            if not torch.compiler.is_compiling() and all(a.__class__ in _PLAIN_ARGS for a in args):
                 return impl(*args)
             with torch._C._AutoDispatchBelowAutograd():  # FakeTensor, FunctionalTensor: their kernels
                 return overload(*args)
@@ -164,7 +177,10 @@ class Operator:
         # own operators do: a Function whose forward redispatches below autograd with the key set.
         def dispatch_forward(*args):
             *args, keyset = args
-            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+            # A Function's forward runs with gradients off; the levels below this one (an outer
+            # torch.func.grad or jvp) must still record, as they do for PyTorch's own operators.
+            with torch.enable_grad(), forward_ad._set_fwd_grad_enabled(True):
+                return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
         dispatch_function = _function(
             class_name + "Dispatch",

@@ -9,17 +9,18 @@ They agree with torch.nn.functional wherever it works: leading dimensions, 1-D i
 batches, any strides; mse_loss promotes mixed dtypes and broadcasts (with PyTorch's warning) as
 F.mse_loss does; autograd, torch.func transforms, forward-mode AD and torch.compile all apply.
 
-lingrad's kernels run on CPU float32 and float64 tensors with ordinary strided storage. Anything
-else goes to PyTorch's own implementation: float16, bfloat16 and complex tensors, other devices,
-other layouts (sparse, nested, MKL-DNN), negative or conjugate views, and every call under
-``torch.autocast`` to a lower precision (lingrad then gives what nn.Linear gives, in bfloat16),
-with one :class:`FallbackWarning` per process (none while torch.compile traces). Integer tensors
-go there without a warning and fail (or compute) exactly as they do in PyTorch.
+lingrad's kernels run on CPU float32 and float64 tensors with ordinary strided storage (a
+negative view is resolved first). Anything else goes to PyTorch's own implementation: float16,
+bfloat16 and complex tensors, other devices, other layouts (sparse, nested, MKL-DNN), and every
+call under ``torch.autocast`` to a lower precision (lingrad then gives what nn.Linear gives, in
+bfloat16), with one :class:`FallbackWarning` per process (none while torch.compile traces).
+Integer tensors go there without a warning and fail (or compute) exactly as they do in PyTorch.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +39,15 @@ class FallbackWarning(UserWarning):
 # The one fallback decision.
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_STRIDED = torch.strided
 _fallback_warned = False  # once per process; tests reset it
 
 
 def _readable(t: Tensor | None) -> bool:
-    """The kernels can read t in place (None is an absent bias)."""
+    """The kernels can read t in place (None is an absent bias). A negative view is resolved on the
+    way in (lingrad._ops._array)."""
     return t is None or (
-        isinstance(t, Tensor)
-        and t.dtype in _KERNEL_DTYPES
-        and t.is_cpu
-        and t.layout == torch.strided
-        and not t.is_nested
-        and (torch.compiler.is_compiling() or not t.is_neg())  # (Dynamo cannot trace is_neg)
+        isinstance(t, Tensor) and t.dtype in _KERNEL_DTYPES and t.is_cpu and t.layout == _STRIDED and not t.is_nested
     )
 
 
@@ -58,10 +56,17 @@ def _autocast_lowers() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") not in _KERNEL_DTYPES
 
 
+# How the kernels (and the bridge to them) refuse tensors they cannot read: a TypeError for another
+# dtype or device, a RuntimeError or BufferError from DLPack for tensors with no plain storage
+# (sparse, nested, meta). The fast paths try the kernels first and ask _kernels_take only when they
+# refuse, so that a call pays for no checks the kernels make anyway.
+_UNSUPPORTED = (TypeError, RuntimeError, BufferError)
+
+
 def _kernels_take(*tensors: Tensor | None, autocast_lowers: bool = False) -> bool:
     """True if lingrad's kernels take these tensors. Otherwise the caller uses PyTorch's
     implementation, after a one-time FallbackWarning for floating-point tensors."""
-    if all(_readable(t) for t in tensors) and not autocast_lowers:
+    if not autocast_lowers and all(_readable(t) for t in tensors):
         return True
     global _fallback_warned
     present = [t for t in tensors if t is not None]
@@ -82,6 +87,22 @@ def _kernels_take(*tensors: Tensor | None, autocast_lowers: bool = False) -> boo
             stacklevel=3,
         )
     return False
+
+
+def _kernels_or_pytorch(kernels: Callable[[], Tensor], pytorch: Callable[[], Tensor], *tensors) -> Tensor:
+    """kernels() where lingrad's kernels take the tensors, else pytorch() (after the one-time
+    FallbackWarning). In eager code the kernels are simply tried: they refuse what they cannot
+    read, and only then is _kernels_take asked. While torch.compile traces (the graph cannot fall
+    back when it runs) and under autocast (PyTorch computes in the lower precision), it is asked first."""
+    lowers = _autocast_lowers()
+    if lowers or torch.compiler.is_compiling():
+        return kernels() if _kernels_take(*tensors, autocast_lowers=lowers) else pytorch()
+    try:
+        return kernels()
+    except _UNSUPPORTED:
+        if _kernels_take(*tensors):
+            raise  # tensors the kernels take: a real error (mixed dtypes, say)
+    return pytorch()
 
 
 def _describe(t: Tensor) -> str:
@@ -105,8 +126,12 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     cannot be merged into one without a copy are copied, as in torch.matmul.
     weight (out_features, in_features), bias (out_features,) or None. Returns (*, out_features).
     """
-    if not _kernels_take(input, weight, bias, autocast_lowers=_autocast_lowers()):
-        return F.linear(input, weight, bias)
+    return _kernels_or_pytorch(
+        lambda: _linear(input, weight, bias), lambda: F.linear(input, weight, bias), input, weight, bias
+    )
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if input.dim() == 2:  # the common case, straight to the kernel (or the Function, with a graph)
         return _ops.linear(input, weight, bias)
     if input.dim() == 0:
@@ -176,12 +201,19 @@ def linear_mse_loss(
         and input.dim() > 0
         and not torch._C._are_functorch_transforms_active()  # torch.func: the per-operator rules
     )
-    if not fusable or not _kernels_take(input, weight, bias, target, autocast_lowers=_autocast_lowers()):
-        return mse_loss(linear(input, weight, bias), target, reduction)
+    unfused = lambda: mse_loss(linear(input, weight, bias), target, reduction)  # noqa: E731 (falls back in turn)
+    if not fusable:
+        return unfused()
+    return _kernels_or_pytorch(
+        lambda: _linear_mse_loss(input, weight, bias, target, reduction), unfused, input, weight, bias, target
+    )
+
+
+def _linear_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str) -> Tensor:
     x, t = (input, target) if input.dim() == 2 else (_rows(input), _rows(target))
-    tensors = (x, weight, bias, t)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in tensors):
-        need_x = x.requires_grad
-        return _ops.linear_mse(x, weight, bias, t, reduction, need_x)[0]  # the loss; the gradients wait inside
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or t.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _ops.linear_mse(x, weight, bias, t, reduction, x.requires_grad)[0]  # the gradients wait inside
     # No graph: the forward GEMM and the loss only (the fused kernel would also make dW).
     return _ops.mse_loss(_ops.linear(x, weight, bias), t, reduction)
