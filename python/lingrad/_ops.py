@@ -93,6 +93,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_any_requires_grad = torch._C._any_requires_grad
 
 
 def _transforming() -> bool:
@@ -122,10 +123,8 @@ class Operator:
 
     def __call__(self, *args):
         # The common cases first, with as few checks as possible (each costs 50-150 ns).
-        if not (_functorch_active() or torch.compiler.is_compiling()) and all(a.__class__ in _PLAIN_ARGS for a in args):
-            if forward_ad._current_level < 0 and not (
-                torch.is_grad_enabled() and any(a.__class__ in _PLAIN and a.requires_grad for a in args)
-            ):
+        if not (_functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
+            if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and _any_requires_grad(*args)):
                 return self._run(args)  # no graph, no tangents: the kernel
             # eager autograd or forward AD: the Function, without Function.apply's Python layer
             return self._apply(*args)
@@ -163,7 +162,7 @@ class Operator:
         def forward(*args):
             if _functorch_active():  # the next lower torch.func level (Function.apply under torch.func)
                 return overload(*args)
-            if not torch.compiler.is_compiling() and all(a.__class__ in _PLAIN_ARGS for a in args):
+            if not torch.compiler.is_compiling() and _PLAIN_ARGS.issuperset(map(type, args)):
                 return impl(*args)
             with torch._C._AutoDispatchBelowAutograd():  # FakeTensor, FunctionalTensor: their kernels
                 return overload(*args)
@@ -608,15 +607,19 @@ def _(x, weight, bias, target, reduction, input_grad):
 
 
 def _linear_mse_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
+    _save_linear_mse(ctx, inputs, output)
+
+
+def _save_linear_mse(ctx, inputs, output) -> None:
     x, weight, bias, target, reduction, _ = inputs
     _, grad_x, grad_weight, grad_bias, grad_y = output
-    ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
     need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     # As nn.Linear + F.mse_loss keep: x if the weight needs a gradient, the weight if x does, and
-    # (instead of y and the target) grad_y = 2 (y - target) / N; plus the gradients already made.
-    ctx.save_for_backward(
-        x if need_weight else None, weight if need_x else None, grad_y, grad_x, grad_weight, grad_bias
-    )
+    # (instead of y and the target) grad_y = 2 (y - target) / N.
+    ctx.save_for_backward(x if need_weight else None, weight if need_x else None, grad_y)
+    # The gradients the kernel made, handed out by the first backward (later ones recompute them).
+    ctx.made = (grad_x, grad_weight, grad_bias)
     # The inputs that need gradients, for double backward only: their values are never read there.
     ctx.inputs = tuple(t if need else None for t, need in zip((x, weight, bias, target), ctx.needs_input_grad))
     ctx.scale = 2.0 / max(grad_y.numel(), 1) if reduction == "mean" else 2.0
@@ -642,23 +645,42 @@ def _differentiable_grad_y(ctx, x, weight, grad_y) -> Tensor:
 
 
 def _linear_mse_backward(ctx, grad_loss, *_):
-    x, weight, grad_y, grad_x, grad_weight, grad_bias = ctx.saved_tensors
+    x, weight, grad_y = ctx.saved_tensors
     need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     extra = (None, None)  # reduction, input_grad
     if torch.is_grad_enabled():  # create_graph=True (or torch.func): differentiable gradients
         grad_y = grad_loss * _differentiable_grad_y(ctx, x, weight, grad_y)
         grad_x, grad_weight, grad_bias = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
         return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
+    made, ctx.made = ctx.made, None  # handed out once: no returned gradient aliases saved state
+    grads = made if made is not None else _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
+    grad_x, grad_weight, grad_bias = grads
     if need_x and grad_x is None:  # the kernel was asked not to make it
         grad_x = linear_backward_input(grad_y, weight)
-    # New tensors every time: a returned gradient never aliases saved state (retain_graph=True).
-    return (
-        grad_loss * grad_x if need_x else None,
-        grad_loss * grad_weight if need_weight else None,
-        grad_loss * grad_bias if need_bias else None,
-        grad_loss * -grad_y if need_target else None,
-        *extra,
-    )
+    grads = (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None)
+    # loss.backward() passes 1: the gradients as they are (a real tensor's value is read; a traced one is not)
+    if not (grad_loss.__class__ is Tensor and grad_loss.item() == 1.0):
+        grads = tuple(None if g is None else grad_loss * g for g in grads)
+    return (*grads, -grad_loss * grad_y if need_target else None, *extra)
+
+
+class _LinearMSELoss(torch.autograd.Function):
+    """The fused step for eager code: the loss alone as its output (the operator's Function returns
+    the gradients too, which autograd would wrap and track, about 30 us a call), with the
+    operator's backward. No jvp or vmap: under torch.func and forward AD lingrad.functional uses the
+    operators."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, reduction, input_grad):
+        inputs = (x, weight, bias, target, reduction, input_grad)
+        output = linear_mse.impl(*inputs)
+        _save_linear_mse(ctx, inputs, output)
+        return output[0]
+
+    backward = staticmethod(_linear_mse_backward)
+
+
+linear_mse_loss = super(torch.autograd.Function, _LinearMSELoss).apply  # the C-level apply (as Operator._apply)
 
 
 def _linear_mse_jvp(ctx, t_x, t_weight, t_bias, t_target, *_):

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import _ops
 
@@ -211,9 +212,10 @@ def linear_mse_loss(
 
 def _linear_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str) -> Tensor:
     x, t = (input, target) if input.dim() == 2 else (_rows(input), _rows(target))
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or t.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return _ops.linear_mse(x, weight, bias, t, reduction, x.requires_grad)[0]  # the gradients wait inside
+    if torch.compiler.is_compiling() or forward_ad._current_level >= 0:  # the operator and its rules
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, weight, bias, t)):
+            return _ops.linear_mse(x, weight, bias, t, reduction, x.requires_grad)[0]
+    elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias, t):
+        return _ops.linear_mse_loss(x, weight, bias, t, reduction, x.requires_grad)  # the gradients wait inside
     # No graph: the forward GEMM and the loss only (the fused kernel would also make dW).
     return _ops.mse_loss(_ops.linear(x, weight, bias), t, reduction)
