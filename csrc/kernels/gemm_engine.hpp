@@ -33,11 +33,11 @@ namespace lingrad {
 namespace LINGRAD_ISA {
 namespace {
 
-inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+constexpr index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 constexpr index_t kNarrowN = 4;             // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
 constexpr index_t kAliasBytes = 2048;       // row strides that are multiples of this are packed (see pack_a)
-inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+constexpr index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 // 64-byte aligned scratch memory, freed on scope exit.
 template <typename U>
@@ -276,6 +276,349 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small M: a batch of 1 to kSmallM rows (the forward pass and dX), or dW of a layer with that few
+// outputs. Such a product does at most kSmallM multiply-adds per element of B (the weight, or X for
+// dW) and is bound by how fast B streams from memory or L3, not by the FMA units; packing all of B,
+// as the blocked path does, would cost more than the product. So B is read once, along whichever of
+// its dimensions is contiguous, and all M rows are computed in that one pass.
+//
+// Each element of C is summed in one order, whatever the layout of A and B, the form that runs it
+// and the thread count: lane l (0 <= l < L, L = the ISA's vector length) sums the products
+// A[m, k] B[k, n] with k = l (mod L) in ascending k, starting from 0 (a chain of multiply-adds,
+// fused where the ISA has FMA); then C[m, n] = lane_tree(lanes), the halving sums
+// lane[l] + lane[l + L/2] down to one. A chain can be stopped and resumed (its value stored and
+// loaded) without changing a bit, so how K is cut into passes does not matter. Two forms:
+//   dot   B's columns contiguous (b_rs == 1: the weight in the forward pass). One vector holds L
+//         consecutive k of one output: its lane l is the class k = l (mod L). A tile of outputs
+//         streams whole columns of B (rows of W) in place.
+//   axpy  B's rows contiguous (b_cs == 1: the weight in dX, X in dW). One vector holds L
+//         consecutive outputs. B is read in place in blocks of C * L rows; class l takes the
+//         block's rows k = l (mod L), whose chains for the strip live in L1 between blocks.
+//         Any other B is copied a block at a time into rows.
+// Threads share out column strips, sized from N alone; each output is summed by one thread. An A
+// whose k stride is not 1 is copied, a pass of K at a time, for the dot form.
+constexpr index_t kSmallM = 8;
+constexpr index_t kSmallCopyK = 2048;  // dot: k per pass when A's rows must be copied
+
+template <int N>
+struct Width {  // a tile width as a type, for a generic lambda (not std::integral_constant: see the top)
+  static constexpr int value = N;
+};
+
+// Register tiles of the small-M path for R rows (at most 12 accumulators, of AVX2's 16 registers):
+// columns of the dot tile, and vectors of the axpy tile.
+constexpr int small_dot_cols(int rows) { return rows == 1 ? 8 : rows == 2 ? 4 : rows <= 4 ? 3 : rows <= 6 ? 2 : 1; }
+constexpr int small_axpy_vectors(int rows) { return rows <= 4 ? 2 : 1; }
+// Rows of each lane class that an axpy tile chains in registers (the block is this times L rows):
+// more rows of A share each load and store of the chains.
+constexpr int small_axpy_chain(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 4; }
+
+// The fixed sum of L lanes v[0], v[stride], ..., v[(L - 1) * stride]: halving, (v[i] + v[i + L/2]).
+template <typename T, int L>
+inline T lane_tree(const T* v, index_t stride) {
+  if constexpr (L == 1) {
+    return v[0];
+  } else {
+    T w[L / 2];
+    for (int i = 0; i < L / 2; ++i) w[i] = v[i * stride] + v[(i + L / 2) * stride];
+    return lane_tree<T, L / 2>(w, 1);
+  }
+}
+
+// Dot form, one tile: R rows of A (a[r][k], k contiguous) times NB columns of B (column j at
+// b + j * b_cs, k contiguous), k < kc. The lanes of output (r, j) are p[(r * p_rs + j) * L + l]:
+// resumed from there if `resume`, and stored there. The last kc % L products go into their lanes
+// only (the other lanes are left as they are).
+template <typename T, int L, int R, int NB>
+void small_dot_tile(index_t kc, const T* const* a, const T* b, index_t b_cs, T* p, index_t p_rs, bool resume) {
+  T acc[R][NB][L];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) acc[r][j][l] = resume ? p[(r * p_rs + j) * L + l] : T(0);
+  const T* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a[r];
+  const T* bj[NB];
+  for (int j = 0; j < NB; ++j) bj[j] = b + j * b_cs;
+  const index_t kv = kc - kc % L;
+  for (index_t k = 0; k < kv; k += L)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[r][j][l] += ar[r][k + l] * bj[j][k + l];
+  if (const index_t tail = kc - kv) {
+    T ta[R][L], tb[NB][L];  // the tail, zero beyond it
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < L; ++l) ta[r][l] = l < tail ? ar[r][kv + l] : T(0);
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) tb[j][l] = l < tail ? bj[j][kv + l] : T(0);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) {
+          const T v = acc[r][j][l] + ta[r][l] * tb[j][l];
+          acc[r][j][l] = l < tail ? v : acc[r][j][l];
+        }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) p[(r * p_rs + j) * L + l] = acc[r][j][l];
+}
+
+// L elements of T as one SIMD register (GCC/Clang vector extension), loaded and stored unaligned.
+// The compiler keeps an array of these, indexed by constants, in registers more reliably than an
+// array of scalars that it must vectorise itself.
+template <typename T, int L>
+struct Vector {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), may_alias));
+};
+template <typename T, int L>
+inline typename Vector<T, L>::type load_vector(const T* p) {
+  return *reinterpret_cast<const typename Vector<T, L>::type*>(p);
+}
+template <typename T, int L>
+inline void store_vector(T* p, typename Vector<T, L>::type v) {
+  *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
+}
+
+// Axpy form, one block of rows: B's rows k < kc (b + k * b_rs, `width` contiguous elements, a
+// multiple of V * L) into the chains p[(l * R + r) * p_rs + j] of class l = k mod L, A packed by
+// class (a[(l * C + i) * R + r] is A[r, l + i L]). kc is at most C * L; `full`: exactly. Class by
+// class, its (up to) C rows stream together along the strip (as many as a good GEMV streams), and
+// each tile of V vectors runs them on chains in registers, resumed from p if `resume`, stored back:
+// one load and store of the chains per C multiply-adds.
+template <typename T, int L, int R, int C, int V, bool kFull>
+void small_axpy_block(index_t kc, const T* __restrict a, const T* __restrict b, index_t b_rs, T* __restrict p,
+                      index_t p_rs, index_t width, bool resume, int prefetch) {
+  using vec = typename Vector<T, L>::type;
+  constexpr int kLine = 64 / static_cast<int>(sizeof(T));  // elements per cache line
+  for (int l = 0; l < L; ++l)
+    for (index_t j = 0; j < width; j += V * L) {
+      const index_t count = kFull ? C : (kc > l ? ceil_div(kc - l, L) : 0);
+      T* const pl = p + l * R * p_rs + j;
+      vec acc[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = resume ? load_vector<T, L>(pl + r * p_rs + v * L) : vec{};
+      // With `prefetch`, the same columns of the next class's rows are fetched meanwhile (after the
+      // last class, of the next block's first class, if prefetch > 1: there is a next block).
+      const index_t next_class = l < L - 1 ? b_rs : (C * L - (L - 1)) * b_rs;
+      const bool fetch = prefetch > 1 || (prefetch == 1 && l < L - 1);
+      for (index_t i = 0; i < count; ++i) {
+        const T* bi = b + (l + i * L) * b_rs + j;
+        if (fetch)
+          for (int v = 0; v < V * L; v += kLine) __builtin_prefetch(bi + next_class + v);
+        vec bv[V];
+        for (int v = 0; v < V; ++v) bv[v] = load_vector<T, L>(bi + v * L);
+        for (int r = 0; r < R; ++r) {
+          const T ar = a[(l * C + i) * R + r];
+          for (int v = 0; v < V; ++v) acc[r][v] += ar * bv[v];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) store_vector<T, L>(pl + r * p_rs + v * L, acc[r][v]);
+    }
+}
+
+// The decisions of the small-M path for one product (from the shape and strides only).
+struct SmallPlan {
+  bool dot;         // the dot form (B's columns contiguous); else axpy
+  bool copy_a;      // dot form: A's rows are not k-contiguous, copied kSmallCopyK at a time
+  bool copy_b;      // axpy form: B's rows are not contiguous, copied a block at a time
+  index_t strip;    // columns per work item (the last may have fewer), a multiple of L
+  index_t items;    // column strips
+  index_t scratch;  // elements of scratch per thread
+};
+
+template <typename T, int L>
+SmallPlan plan_small(const GemmArgs<T>& g) {
+  // Strips of at most kMaxStrip columns (the chains of a strip stay in L1), and at least
+  // kMinStrips of them (for the threads) while strips stay kMinStrip or wider; equal, in whole vectors.
+  constexpr index_t kMaxStrip = 512, kMinStrip = 64, kMinStrips = 4;
+  SmallPlan p;
+  p.dot = g.b_rs == 1;
+  p.copy_a = p.dot && g.a_cs != 1;
+  p.copy_b = !p.dot && g.b_cs != 1;
+  const index_t strips = imin(ceil_div(g.n, L), imin(kMinStrips, ceil_div(g.n, kMinStrip)));
+  const index_t want = strips > ceil_div(g.n, kMaxStrip) ? strips : ceil_div(g.n, kMaxStrip);
+  p.strip = ceil_div(ceil_div(g.n, want), L) * L;
+  p.items = ceil_div(g.n, p.strip);
+  const index_t lanes = g.m * (p.strip + 64 / static_cast<index_t>(sizeof(T))) * L;  // the chains of one strip
+  const index_t block = small_axpy_chain(static_cast<int>(g.m)) * L;
+  const index_t a_buf = p.dot ? (p.copy_a ? g.m * kSmallCopyK : 0) : g.m * block;
+  const index_t b_buf = p.dot ? 0 : block * ((p.copy_b ? p.strip : 0) + L);  // B's block copied, its last columns
+  p.scratch = ceil_div(lanes + a_buf + b_buf, 16) * 16;
+  return p;
+}
+
+// Row sums of A (the bias gradient of dW) in the order of a product with a column of ones.
+// buf: kSmallCopyK elements.
+template <typename T, int L>
+void small_row_sums(const GemmArgs<T>& g, T* buf) {
+  static_assert(kSmallCopyK % L == 0, "passes must keep the lanes aligned");
+  for (index_t m = 0; m < g.m; ++m) {
+    T acc[L] = {};
+    for (index_t k0 = 0; k0 < g.k; k0 += kSmallCopyK) {
+      const index_t kc = imin(kSmallCopyK, g.k - k0);
+      const T* a = g.a + m * g.a_rs + k0 * g.a_cs;
+      if (g.a_cs != 1) {
+        for (index_t k = 0; k < kc; ++k) buf[k] = a[k * g.a_cs];
+        a = buf;
+      }
+      const index_t kv = kc - kc % L;
+      for (index_t k = 0; k < kv; k += L)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[l] += a[k + l];
+      for (index_t k = kv; k < kc; ++k) acc[k - kv] += a[k];
+    }
+    g.a_row_sums[m] = lane_tree<T, L>(acc, 1);
+  }
+}
+
+// Dot form, one column strip: C[:, n0 : n0 + cols] into lanes[(r * strip + j) * L + l].
+template <typename T, int L, int R>
+void small_dot_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf) {
+  constexpr int NB = small_dot_cols(R);
+  const index_t K = g.k, pass = plan.copy_a ? kSmallCopyK : (K > 0 ? K : 1);
+  for (index_t k0 = 0; k0 < K || k0 == 0; k0 += pass) {  // K == 0 still writes C = 0 (+ bias)
+    const index_t kc = imin(pass, K - k0);
+    const T* a[R];
+    for (int r = 0; r < R; ++r) {
+      a[r] = g.a + r * g.a_rs + k0 * g.a_cs;
+      if (plan.copy_a) {
+        for (index_t k = 0; k < kc; ++k) a_buf[r * kSmallCopyK + k] = a[r][k * g.a_cs];
+        a[r] = a_buf + r * kSmallCopyK;
+      }
+    }
+    const T* b = g.b + k0 + n0 * g.b_cs;  // b_rs == 1
+    const bool resume = k0 > 0;
+    index_t j = 0;
+    for (; j + NB <= cols; j += NB)
+      small_dot_tile<T, L, R, NB>(kc, a, b + j * g.b_cs, g.b_cs, lanes + j * L, plan.strip, resume);
+    for (; j < cols; ++j) small_dot_tile<T, L, R, 1>(kc, a, b + j * g.b_cs, g.b_cs, lanes + j * L, plan.strip, resume);
+  }
+  for (index_t r = 0; r < R; ++r) {
+    T* c = g.c + r * g.ldc + n0;
+    for (index_t j = 0; j < cols; ++j) c[j] = lane_tree<T, L>(lanes + (r * plan.strip + j) * L, 1);
+  }
+}
+
+// Axpy form, one column strip: C[:, n0 : n0 + cols], the chains in lanes[(l * R + r) * width + j]
+// (width: cols rounded up to whole vectors). Blocks of C * L rows of B (C rows of each class) are
+// streamed in place; B with a column stride other than 1 is copied a block at a time.
+template <typename T, int L, int R>
+void small_axpy_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf,
+                      T* b_buf) {
+  constexpr int V = small_axpy_vectors(R), C = small_axpy_chain(R);
+  constexpr index_t kBlock = C * L;
+  const index_t K = g.k, width = ceil_div(cols, L) * L;
+  const index_t pitch = width + 64 / static_cast<index_t>(sizeof(T));  // chain rows off power-of-two distances
+  // Columns in tiles of V vectors, then single vectors; then fewer than L, copied with zeros after them.
+  const index_t whole = plan.copy_b ? width : cols / L * L, tiled = whole / (V * L) * (V * L);
+  for (index_t k0 = 0; k0 < K || k0 == 0; k0 += kBlock) {  // K == 0 still writes C = 0 (+ bias)
+    const index_t kc = imin(kBlock, K - k0);
+    const bool resume = k0 > 0;
+    for (int l = 0; l < L; ++l)  // A's block by class: class l holds its k = k0 + l + i L
+      pack_micro_panel<T, R>(a_buf + l * C * R, g.a + (k0 + l) * g.a_cs, g.a_rs, L * g.a_cs, R,
+                             kc > l ? ceil_div(kc - l, L) : 0, nullptr);
+    const T* b = g.b + k0 * g.b_rs + n0 * g.b_cs;
+    index_t b_rs = g.b_rs;
+    if (plan.copy_b) {
+      for (index_t k = 0; k < kc; ++k)
+        for (index_t j = 0; j < width; ++j) b_buf[k * width + j] = j < cols ? b[k * g.b_rs + j * g.b_cs] : T(0);
+      b = b_buf;
+      b_rs = width;
+    }
+    // Prefetch (see small_axpy_block) for up to 4 rows of A: 0.62 -> 0.55 ms for one row and
+    // (K, N) = (1024, 4096) on Zen 3, one thread. With more rows the product is not bound by memory,
+    // and prefetching measured slower (8 rows: 0.55 -> 0.66 ms).
+    const int ahead = R > 4 || plan.copy_b || kc < kBlock ? 0 : k0 + 2 * kBlock <= K ? 2 : 1;
+    auto run = [&](auto vectors, const T* bj, index_t bj_rs, index_t j, index_t w, int prefetch) {
+      constexpr int kV = decltype(vectors)::value;
+      if (kc == kBlock)
+        small_axpy_block<T, L, R, C, kV, true>(kc, a_buf, bj, bj_rs, lanes + j, pitch, w, resume, prefetch);
+      else
+        small_axpy_block<T, L, R, C, kV, false>(kc, a_buf, bj, bj_rs, lanes + j, pitch, w, resume, prefetch);
+    };
+    if (tiled > 0) run(Width<V>{}, b, b_rs, 0, tiled, ahead);
+    if (whole > tiled) run(Width<1>{}, b + tiled, b_rs, tiled, whole - tiled, ahead);
+    if (width > whole) {
+      T* pad = b_buf + (plan.copy_b ? kBlock * width : 0);
+      for (index_t k = 0; k < kc; ++k)
+        for (index_t i = 0; i < L; ++i) pad[k * L + i] = whole + i < cols ? b[k * b_rs + whole + i] : T(0);
+      run(Width<1>{}, pad, L, whole, L, 0);
+    }
+  }
+  for (index_t r = 0; r < R; ++r) {
+    T* c = g.c + r * g.ldc + n0;
+    for (index_t j = 0; j < cols; ++j) c[j] = lane_tree<T, L>(lanes + r * pitch + j, R * pitch);
+  }
+}
+
+template <typename T, int L, int R>
+void gemm_small_rows(const GemmArgs<T>& g, int num_threads) {
+  const SmallPlan plan = plan_small<T, L>(g);
+  const int team = static_cast<int>(imin(num_threads, plan.items));
+  Scratch<T> scratch(team * plan.scratch);
+  Scratch<double> strip_squares(g.epilogue.loss ? plan.items : 1);
+  if (g.a_row_sums) {
+    Scratch<T> buf(g.a_cs != 1 ? kSmallCopyK : 1);
+    small_row_sums<T, L>(g, buf.get());
+  }
+  const Epilogue<T>& e = g.epilogue;
+  auto work_of_thread = [&](int thread, int threads) {
+    T* const lanes = scratch.get() + thread * plan.scratch;
+    T* const a_buf = lanes + g.m * (plan.strip + 64 / static_cast<index_t>(sizeof(T))) * L;
+    T* const b_buf = a_buf + g.m * small_axpy_chain(static_cast<int>(g.m)) * L;
+    const index_t first = plan.items * thread / threads, last = plan.items * (thread + 1) / threads;
+    for (index_t item = first; item < last; ++item) {
+      const index_t n0 = item * plan.strip, cols = imin(plan.strip, g.n - n0);
+      if (plan.dot)
+        small_dot_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf);
+      else
+        small_axpy_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf, b_buf);
+      const double squares = e.bias.data || e.target ? apply_epilogue(e, g.c + n0, g.ldc, 0, n0, R, cols) : 0.0;
+      if (e.loss) strip_squares.get()[item] = squares;
+    }
+  };
+  if (team > 1) {
+#pragma omp parallel num_threads(team)
+    {
+#if defined(_OPENMP)
+      work_of_thread(omp_get_thread_num(), omp_get_num_threads());
+#endif
+    }
+  } else {
+    work_of_thread(0, 1);
+  }
+  if (e.loss) {  // a fixed order, whatever thread computed each strip
+    double total = 0;
+    for (index_t item = 0; item < plan.items; ++item) total += strip_squares.get()[item];
+    *e.loss = total;
+  }
+}
+
+template <typename T, int L>
+void gemm_small(const GemmArgs<T>& g, int num_threads) {
+  switch (g.m) {
+    case 1:
+      return gemm_small_rows<T, L, 1>(g, num_threads);
+    case 2:
+      return gemm_small_rows<T, L, 2>(g, num_threads);
+    case 3:
+      return gemm_small_rows<T, L, 3>(g, num_threads);
+    case 4:
+      return gemm_small_rows<T, L, 4>(g, num_threads);
+    case 5:
+      return gemm_small_rows<T, L, 5>(g, num_threads);
+    case 6:
+      return gemm_small_rows<T, L, 6>(g, num_threads);
+    case 7:
+      return gemm_small_rows<T, L, 7>(g, num_threads);
+    default:
+      return gemm_small_rows<T, L, 8>(g, num_threads);
+  }
+}
+
 template <typename T, int MR, int NR, int KC, int MC, int NC>
 void gemm(const GemmArgs<T>& g) {
   static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
@@ -298,14 +641,7 @@ void gemm(const GemmArgs<T>& g) {
   const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
   const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
   if (N <= kNarrowN) return gemm_narrow(g, num_threads);
-  if constexpr (MR > 1) {
-    // One or two rows (a batch of one, a layer with one output's dW): an MR-row tile would be
-    // mostly padding, so use a one-row tile four times as wide (8 vector accumulators). Such a
-    // product reads each element of B once or twice and is bound by memory; K slices of KC / 8
-    // measured faster than KC for it (batch-of-one forward +25-65%, dX +10%).
-    constexpr int kWide = 4 * NR;
-    if (M <= 2) return gemm<T, 1, kWide, KC / 8, MC, NC / kWide * kWide>(g);
-  }
+  if (M <= kSmallM) return gemm_small<T, NR / 2>(g, num_threads);
 
   // Block sizes depend on the problem only, never on the thread count, so every element of C is
   // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
