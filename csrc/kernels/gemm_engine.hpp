@@ -1,21 +1,27 @@
-// gemm_engine.hpp: the packed, blocked GEMM of gemm.hpp (Goto/BLIS loops around a micro-kernel
-// that keeps an MR x NR tile of C in registers for a whole KC panel).
+// gemm_engine.hpp: the GEMM engine of gemm.hpp, as a plan and the stages that run it.
 //
-// Not a normal header: each gemm_<isa>.cpp defines LINGRAD_ISA (its namespace) and includes it
-// once, and that file's compile flags choose the instructions. Everything here lives in that
-// namespace (and an anonymous one), so two builds never share a symbol: a shared inline function
-// could otherwise run AVX-512 code on a CPU without AVX-512. For the same reason this file uses
-// no standard-library templates.
+// Not a normal header: each gemm_<isa>.cpp defines its block sizes (kBlocking, a labelled table)
+// and LINGRAD_ISA (its namespace), then includes this file once; that file's compile flags choose
+// the instructions. Everything here lives in that namespace (and an anonymous one), so two builds
+// never share a symbol: a shared inline function could otherwise run AVX-512 code on a CPU without
+// AVX-512. For the same reason this file uses no standard-library templates.
 //
-// Loops, outermost first (BLIS names):
-//   jc  over N in NC columns        B packed (K slices x NC), shared by all threads
-//   ic  over M in MC rows            each thread takes a fixed range of (ic block, jr group) items
-//   pc  over K in KC slices          the only loop over the reduction: never split across threads
-//                                    (A block MC x KC packed per thread, stays in L2)
-//   jr, ir over NR x MR tiles        micro-kernel, B micro-panel in L1
-// Each element of C is summed in the same order (pc ascending, k ascending within a slice)
-// whatever thread computes it. Block sizes follow from the shape and the build's
-// KC, MC, NC, never from the thread count.
+// A product is first planned (make_plan: a pure function of the shape, the strides and the build's
+// blocking, reported to tests by gemm_plan() in lingrad.hpp), then run by one of three paths:
+//   narrow   N <= kNarrowN (a layer with a handful of outputs): vectorised dot products.
+//   small M  M <= kSmallM (a batch of 1-8; dW of 1-8 outputs): B streamed once, in place.
+//   packed   everything else: the Goto/BLIS loops around a register-tile micro-kernel.
+// The packed path's loops, outermost first (BLIS names), and the stage that runs each:
+//   jc  over N in NC columns        gemm_packed: B packed a slab of K slices at a time (pack_b_slab),
+//                                   shared by all threads, between two barriers
+//   ic  over M in MC rows           macro_kernel: each thread takes a fixed range of (row block,
+//   pc  over K in KC slices           group of column panels) items; per K slice, the block of A is
+//                                     packed (per thread, stays in L2) or read in place
+//   jr, ir over NR x MR tiles       micro_kernel, then apply_epilogue on tiles whose sum is complete
+// The pc loop is the only loop over the reduction and is never split across threads, so each
+// element of C is summed in the same order (pc ascending, k ascending within a slice) whatever
+// thread computes it; block sizes follow from the shape and the build's table, never from the
+// thread count. The small-M and narrow paths keep the same rule (see their comments).
 #ifndef LINGRAD_ISA
 #error "define LINGRAD_ISA before including gemm_engine.hpp"
 #endif
@@ -174,22 +180,30 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
   return squares;
 }
 
-// Narrow products (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), and the
-// row sums of A if asked for. A register
-// tile would waste most of its columns, and the product is bound by reading A once anyway. Rows are
-// split over threads in blocks of kRows. K is walked in chunks of kChunk; an operand whose k stride
-// is not 1 is first copied, a chunk at a time, into a contiguous buffer, so every layout runs the
-// same vectorised reductions in the same order: the result depends on neither the thread count
-// nor the memory layout.
+// ---------------------------------------------------------------------------------------------
+// Narrow path (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), and the row sums
+// of A if asked for. A register tile would waste most of its columns, and the product is bound by
+// reading A once anyway. Rows are split over threads in blocks of kNarrowRows. K is walked in chunks
+// of kNarrowChunk; an operand whose k stride is not 1 is first copied, a chunk at a time, into a
+// contiguous buffer, so every layout runs the same vectorised reductions in the same order: the
+// result depends on neither the thread count nor the memory layout.
+constexpr index_t kNarrowRows = 64;     // rows per work block, and per partial sum of the loss
+constexpr index_t kNarrowChunk = 2048;  // k per pass
+
+// Per-thread buffer of the narrow path (elements): runs of A and B copied when not contiguous.
+template <typename T>
+index_t narrow_buffer(const GemmArgs<T>& g) {
+  return (g.a_cs != 1 ? 4 : 0) * kNarrowChunk + (g.b_rs != 1 ? kNarrowN : 0) * kNarrowChunk;
+}
+
 template <typename T>
 void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
-  constexpr index_t kRows = 64;     // rows per work block, and per partial sum of the loss
-  constexpr index_t kChunk = 2048;  // k per pass
+  constexpr index_t kRows = kNarrowRows, kChunk = kNarrowChunk;
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t blocks = ceil_div(M, kRows);
   const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
   const bool copy_a = g.a_cs != 1, copy_b = g.b_rs != 1;
-  const index_t buffer = (copy_a ? 4 : 0) * kChunk + (copy_b ? kNarrowN : 0) * kChunk;  // per thread
+  const index_t buffer = narrow_buffer(g);  // per thread
   Scratch<T> buffers(num_threads * buffer);
   Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
   auto run_block = [&](index_t block) {
@@ -298,7 +312,6 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
 //         Any other B is copied a block at a time into rows.
 // Threads share out column strips, sized from N alone; each output is summed by one thread. An A
 // whose k stride is not 1 is copied, a pass of K at a time, for the dot form.
-constexpr index_t kSmallM = 8;
 constexpr index_t kSmallCopyK = 2048;  // dot: k per pass when A's rows must be copied
 
 template <int N>
@@ -419,35 +432,38 @@ void small_axpy_block(index_t kc, const T* __restrict a, const T* __restrict b, 
     }
 }
 
-// The decisions of the small-M path for one product (from the shape and strides only).
-struct SmallPlan {
-  bool dot;         // the dot form (B's columns contiguous); else axpy
-  bool copy_a;      // dot form: A's rows are not k-contiguous, copied kSmallCopyK at a time
-  bool copy_b;      // axpy form: B's rows are not contiguous, copied a block at a time
-  index_t strip;    // columns per work item (the last may have fewer), a multiple of L
-  index_t items;    // column strips
-  index_t scratch;  // elements of scratch per thread
-};
+// Per-thread scratch of the small-M path (elements): the chains of one strip, A's pass (copied or
+// packed by class), B's block (copied) and its last columns (padded).
+template <typename T>
+index_t small_scratch(const GemmArgs<T>& g, const GemmPlan& p) {
+  const index_t line = 64 / static_cast<index_t>(sizeof(T));
+  const index_t lanes = g.m * (p.strip + line) * p.lanes;
+  const index_t block = small_axpy_chain(static_cast<int>(g.m)) * p.lanes;
+  const index_t a_buf = p.dot ? (p.copy_a ? g.m * kSmallCopyK : 0) : g.m * block;
+  const index_t b_buf = p.dot ? 0 : block * ((p.copy_b ? p.strip : 0) + p.lanes);
+  return ceil_div(lanes + a_buf + b_buf, 16) * 16;
+}
 
-template <typename T, int L>
-SmallPlan plan_small(const GemmArgs<T>& g) {
+// The small-M path's decisions (L lanes).
+template <typename T>
+void plan_small(const GemmArgs<T>& g, int lanes, GemmPlan& p) {
   // Strips of at most kMaxStrip columns (the chains of a strip stay in L1), and at least
   // kMinStrips of them (for the threads) while strips stay kMinStrip or wider; equal, in whole vectors.
   constexpr index_t kMaxStrip = 512, kMinStrip = 64, kMinStrips = 4;
-  SmallPlan p;
+  p.path = GemmPath::small_m;
+  p.lanes = lanes;
   p.dot = g.b_rs == 1;
+  p.chain = p.dot ? 0 : small_axpy_chain(static_cast<int>(g.m));
   p.copy_a = p.dot && g.a_cs != 1;
   p.copy_b = !p.dot && g.b_cs != 1;
-  const index_t strips = imin(ceil_div(g.n, L), imin(kMinStrips, ceil_div(g.n, kMinStrip)));
+  const index_t strips = imin(ceil_div(g.n, lanes), imin(kMinStrips, ceil_div(g.n, kMinStrip)));
   const index_t want = strips > ceil_div(g.n, kMaxStrip) ? strips : ceil_div(g.n, kMaxStrip);
-  p.strip = ceil_div(ceil_div(g.n, want), L) * L;
+  p.strip = ceil_div(ceil_div(g.n, want), lanes) * lanes;
   p.items = ceil_div(g.n, p.strip);
-  const index_t lanes = g.m * (p.strip + 64 / static_cast<index_t>(sizeof(T))) * L;  // the chains of one strip
-  const index_t block = small_axpy_chain(static_cast<int>(g.m)) * L;
-  const index_t a_buf = p.dot ? (p.copy_a ? g.m * kSmallCopyK : 0) : g.m * block;
-  const index_t b_buf = p.dot ? 0 : block * ((p.copy_b ? p.strip : 0) + L);  // B's block copied, its last columns
-  p.scratch = ceil_div(lanes + a_buf + b_buf, 16) * 16;
-  return p;
+  p.threads = static_cast<int>(imin(p.threads, p.items));
+  p.scratch_bytes = (p.threads * small_scratch(g, p) + (g.a_row_sums && g.a_cs != 1 ? kSmallCopyK : 0)) *
+                        static_cast<index_t>(sizeof(T)) +
+                    (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
 }
 
 // Row sums of A (the bias gradient of dW) in the order of a product with a column of ones.
@@ -476,7 +492,7 @@ void small_row_sums(const GemmArgs<T>& g, T* buf) {
 
 // Dot form, one column strip: C[:, n0 : n0 + cols] into lanes[(r * strip + j) * L + l].
 template <typename T, int L, int R>
-void small_dot_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf) {
+void small_dot_strip(const GemmArgs<T>& g, const GemmPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf) {
   constexpr int NB = small_dot_cols(R);
   const index_t K = g.k, pass = plan.copy_a ? kSmallCopyK : (K > 0 ? K : 1);
   for (index_t k0 = 0; k0 < K || k0 == 0; k0 += pass) {  // K == 0 still writes C = 0 (+ bias)
@@ -506,7 +522,7 @@ void small_dot_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, in
 // (width: cols rounded up to whole vectors). Blocks of C * L rows of B (C rows of each class) are
 // streamed in place; B with a column stride other than 1 is copied a block at a time.
 template <typename T, int L, int R>
-void small_axpy_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf,
+void small_axpy_strip(const GemmArgs<T>& g, const GemmPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf,
                       T* b_buf) {
   constexpr int V = small_axpy_vectors(R), C = small_axpy_chain(R);
   constexpr index_t kBlock = C * L;
@@ -555,20 +571,20 @@ void small_axpy_strip(const GemmArgs<T>& g, const SmallPlan& plan, index_t n0, i
 }
 
 template <typename T, int L, int R>
-void gemm_small_rows(const GemmArgs<T>& g, int num_threads) {
-  const SmallPlan plan = plan_small<T, L>(g);
-  const int team = static_cast<int>(imin(num_threads, plan.items));
-  Scratch<T> scratch(team * plan.scratch);
+void gemm_small_rows(const GemmArgs<T>& g, const GemmPlan& plan) {
+  const index_t per_thread = small_scratch(g, plan);
+  Scratch<T> scratch(plan.threads * per_thread);
   Scratch<double> strip_squares(g.epilogue.loss ? plan.items : 1);
   if (g.a_row_sums) {
     Scratch<T> buf(g.a_cs != 1 ? kSmallCopyK : 1);
     small_row_sums<T, L>(g, buf.get());
   }
   const Epilogue<T>& e = g.epilogue;
+  const index_t line = 64 / static_cast<index_t>(sizeof(T));
   auto work_of_thread = [&](int thread, int threads) {
-    T* const lanes = scratch.get() + thread * plan.scratch;
-    T* const a_buf = lanes + g.m * (plan.strip + 64 / static_cast<index_t>(sizeof(T))) * L;
-    T* const b_buf = a_buf + g.m * small_axpy_chain(static_cast<int>(g.m)) * L;
+    T* const lanes = scratch.get() + thread * per_thread;
+    T* const a_buf = lanes + g.m * (plan.strip + line) * L;
+    T* const b_buf = a_buf + g.m * small_axpy_chain(R) * L;
     const index_t first = plan.items * thread / threads, last = plan.items * (thread + 1) / threads;
     for (index_t item = first; item < last; ++item) {
       const index_t n0 = item * plan.strip, cols = imin(plan.strip, g.n - n0);
@@ -580,8 +596,8 @@ void gemm_small_rows(const GemmArgs<T>& g, int num_threads) {
       if (e.loss) strip_squares.get()[item] = squares;
     }
   };
-  if (team > 1) {
-#pragma omp parallel num_threads(team)
+  if (plan.threads > 1) {
+#pragma omp parallel num_threads(plan.threads)
     {
 #if defined(_OPENMP)
       work_of_thread(omp_get_thread_num(), omp_get_num_threads());
@@ -598,93 +614,170 @@ void gemm_small_rows(const GemmArgs<T>& g, int num_threads) {
 }
 
 template <typename T, int L>
-void gemm_small(const GemmArgs<T>& g, int num_threads) {
+void gemm_small(const GemmArgs<T>& g, const GemmPlan& plan) {
   switch (g.m) {
     case 1:
-      return gemm_small_rows<T, L, 1>(g, num_threads);
+      return gemm_small_rows<T, L, 1>(g, plan);
     case 2:
-      return gemm_small_rows<T, L, 2>(g, num_threads);
+      return gemm_small_rows<T, L, 2>(g, plan);
     case 3:
-      return gemm_small_rows<T, L, 3>(g, num_threads);
+      return gemm_small_rows<T, L, 3>(g, plan);
     case 4:
-      return gemm_small_rows<T, L, 4>(g, num_threads);
+      return gemm_small_rows<T, L, 4>(g, plan);
     case 5:
-      return gemm_small_rows<T, L, 5>(g, num_threads);
+      return gemm_small_rows<T, L, 5>(g, plan);
     case 6:
-      return gemm_small_rows<T, L, 6>(g, num_threads);
+      return gemm_small_rows<T, L, 6>(g, plan);
     case 7:
-      return gemm_small_rows<T, L, 7>(g, num_threads);
+      return gemm_small_rows<T, L, 7>(g, plan);
     default:
-      return gemm_small_rows<T, L, 8>(g, num_threads);
+      return gemm_small_rows<T, L, 8>(g, plan);
   }
 }
 
-template <typename T, int MR, int NR, int KC, int MC, int NC>
-void gemm(const GemmArgs<T>& g) {
-  static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
-  constexpr index_t kPanelsPerItem = 4;  // jr panels in one work item
-  const index_t M = g.m, N = g.n, K = g.k;
-  const Epilogue<T>& e = g.epilogue;
+// ---------------------------------------------------------------------------------------------
+// Packed path (see the loops at the top).
 
-  if (g.a_row_sums)
-    for (index_t m = 0; m < M; ++m) g.a_row_sums[m] = T(0);
-  if (e.loss) *e.loss = 0;
-  if (M == 0) return;
-  if (N == 0) {  // nothing to multiply, but the row sums are still wanted
-    if (g.a_row_sums)
-      for (index_t m = 0; m < M; ++m)
-        for (index_t k = 0; k < K; ++k) g.a_row_sums[m] += g.a[m * g.a_rs + k * g.a_cs];
-    return;
-  }
+constexpr index_t kPanelsPerItem = 4;  // column panels in one work item
 
-  // Below kSerialWork multiply-adds a thread team costs more than it saves.
-  const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
-  const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
-  if (N <= kNarrowN) return gemm_narrow(g, num_threads);
-  if (M <= kSmallM) return gemm_small<T, NR / 2>(g, num_threads);
-
-  // Block sizes depend on the problem only, never on the thread count, so every element of C is
-  // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
-  // blocks of at most MC rows (threads get equal work).
-  const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
-  const index_t kc_step = ceil_div(K, num_pc);
-  // Rows that fit one block are still split in two (when there are enough for two) if N is too
-  // narrow to share out (N = 50: four column panels, one work item), or one thread would work and
-  // the other wait. Row blocks change who computes a row, not how it is summed.
-  const bool rows_fit_one_block = M <= MC;
+// The packed path's decisions (block sizes of the build's table for T).
+template <typename T>
+void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
+  const index_t M = g.m, N = g.n, K = g.k, MR = b.mr, NR = b.nr;
+  const index_t size = static_cast<index_t>(sizeof(T));
+  p.path = GemmPath::packed;
+  p.mr = b.mr;
+  p.nr = b.nr;
+  // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
+  p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
+  p.kc = ceil_div(K, p.k_slices);
+  // M in equal blocks of at most MC rows (threads get equal work). Rows that fit one block are still
+  // split in two (when there are enough for two) if N is too narrow to share out (N = 50: four
+  // column panels, one work item), or one thread would work and the other wait. Row blocks change
+  // who computes a row, not how it is summed.
+  const bool rows_fit_one_block = M <= b.mc;
   const bool few_columns = ceil_div(N, NR * kPanelsPerItem) < 4;
-  const index_t row_blocks = rows_fit_one_block && few_columns && M >= 4 * MR ? 2 : ceil_div(M, MC);
-  const index_t mc_step = ceil_div(ceil_div(M, row_blocks), MR) * MR;
-  const index_t m_blocks = ceil_div(M, mc_step);
+  p.split_rows = rows_fit_one_block && few_columns && M >= 4 * MR;
+  const index_t blocks = p.split_rows ? 2 : ceil_div(M, b.mc);
+  p.mc = ceil_div(ceil_div(M, blocks), MR) * MR;
+  p.row_blocks = ceil_div(M, p.mc);
   // B is packed a slab (as many K slices of an NC column block as fit in kSlabBytes, at least one)
   // at a time, between two barriers: all of K at once for most layers. One slice is at most
   // KC x NC elements (8 MiB of doubles), so the slab never exceeds max(kSlabBytes, one slice).
-  const index_t nc_max = imin(NC, ceil_div(N, NR) * NR);
-  const index_t slice = (kc_step > 0 ? kc_step : 1) * nc_max;  // elements of one packed K slice
-  const index_t slices_in_slab = kSlabBytes / static_cast<index_t>(sizeof(T)) / slice;
-  const index_t pcs_per_slab = imin(num_pc, slices_in_slab > 1 ? slices_in_slab : 1);
-
-  const index_t b_slab = pcs_per_slab * slice;
-  const index_t a_block = ceil_div((kc_step > 0 ? kc_step : 1) * mc_step, 16) * 16;
-  Scratch<T> work(b_slab + num_threads * a_block);
-  const index_t tiles_n = ceil_div(N, NR);
-  Scratch<double> tile_squares(e.loss ? ceil_div(M, MR) * tiles_n : 1);
-  const bool has_epilogue = e.bias.data || e.target;
+  p.nc = imin(b.nc, ceil_div(N, NR) * NR);
+  p.column_blocks = ceil_div(N, b.nc);
+  const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;
+  const index_t fit = kSlabBytes / size / slice;
+  p.slices_per_slab = imin(p.k_slices, fit > 1 ? fit : 1);
+  p.slabs = ceil_div(p.k_slices, p.slices_per_slab);
+  p.items = p.row_blocks * ceil_div(ceil_div(imin(b.nc, N), NR), kPanelsPerItem);
   // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
   // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
-  // zero-padded edge panels go through the packed path, and so do rows a multiple of
-  // kAliasBytes apart: they would fall into the same L1 cache sets.
-  const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
+  // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes
+  // apart: they would fall into the same L1 cache sets.
+  p.pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * size) % kAliasBytes != 0);
   // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
   // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
   // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
   // only when a B micro-panel is reused, by more than one row panel.
-  const bool pack_b =
-      !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
+  p.pack_b = !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * size) % kAliasBytes != 0));
+  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2 by
+  // the next slice, so they are prefetched before each tile's update.
+  p.prefetch_c = p.mc * p.nc * size > kCacheBytes;
+  const index_t last_panel =
+      (N - (p.column_blocks - 1) * b.nc) - (ceil_div(N - (p.column_blocks - 1) * b.nc, NR) - 1) * NR;
+  p.last_tile = static_cast<int>(last_panel <= NR / 4 ? NR / 4 : last_panel <= NR / 2 ? NR / 2 : NR);
+  const index_t a_block = ceil_div((p.kc > 0 ? p.kc : 1) * p.mc, 16) * 16;
+  p.scratch_bytes = (p.slices_per_slab * slice + p.threads * a_block) * size +
+                    (g.epilogue.loss ? ceil_div(M, MR) * ceil_div(N, NR) * static_cast<index_t>(sizeof(double)) : 0);
+}
+
+// Stage 1: the slab of K slices [pc0, pc1) of the column block at jc (nc wide), packed into b_pack
+// (slice after slice, slice elements apart): NR-column micro-panels, k-major. Panels read in place
+// (pack_b off) are skipped, except a last panel narrower than NR, always packed with zeros. Called
+// by every thread of the team: the panels are shared out, and the implicit barrier at the end
+// means the slab is complete before anyone reads it.
+template <typename T, int NR>
+void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t pc0, index_t pc1, T* b_pack,
+                 index_t slice) {
+  const index_t n_panels = ceil_div(nc, NR);
+#pragma omp for schedule(static)
+  for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
+    const index_t pc = pc0 + job / n_panels, panel = job % n_panels;
+    const index_t k0 = pc * p.kc, kc = imin(p.kc, g.k - k0);
+    if (p.pack_b || nc - panel * NR < NR)
+      pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + panel * NR * kc,
+                              g.b + k0 * g.b_rs + (jc + panel * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - panel * NR),
+                              kc, nullptr);
+  }
+}
+
+// Stage 2: one thread's items [first, last) of the column block at jc for the slab [pc0, pc1).
+// An item is a row block and a group of kPanelsPerItem column panels; for each K slice, the row
+// block's A is packed into a_pack (or read in place), then each MR x NR tile runs the
+// micro-kernel (stage 3), and tiles whose sum is complete get the epilogue (stage 4).
+template <typename T, int MR, int NR>
+void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t first, index_t last,
+                  index_t pc0, index_t pc1, const T* b_pack, index_t slice, T* a_pack, double* tile_squares) {
+  const index_t M = g.m, N = g.n, K = g.k;
+  const index_t n_panels = ceil_div(nc, NR), parts = ceil_div(n_panels, kPanelsPerItem);
+  const index_t tiles_n = ceil_div(N, NR);
+  const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  for (index_t item = first; item < last;) {
+    const index_t ib = item / parts, part_begin = item % parts;
+    const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
+    item += part_end - part_begin;
+    const index_t i0 = ib * p.mc, mc = imin(p.mc, M - i0);
+    // The bias gradient is summed by the one thread that owns the block's first part.
+    T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
+
+    for (index_t pc = pc0; pc < pc1; ++pc) {
+      const index_t k0 = pc * p.kc, kc = imin(p.kc, K - k0);
+      for (index_t ip = 0; ip < mc; ip += MR)
+        if (p.pack_a || mc - ip < MR)
+          pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
+                                  imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
+      const T* b_slice = b_pack + (pc - pc0) * slice;
+      const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
+      for (index_t panel = part_begin * kPanelsPerItem; panel < p_end; ++panel) {
+        const index_t j0 = jc + panel * NR, nr = imin(NR, N - j0);
+        for (index_t ip = 0; ip < mc; ip += MR) {
+          const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
+          T* c = g.c + m0 * g.ldc + j0;
+          const bool packed_a = p.pack_a || mr < MR, packed_b = p.pack_b || nr < NR;
+          const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
+          const T* b_panel = packed_b ? b_slice + panel * NR * kc : g.b + k0 * g.b_rs + j0;
+          const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
+          const bool accumulate = pc > 0;
+          if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
+            run_tile<T, MR, NR / 4>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                    p.prefetch_c);
+          else if (nr <= NR / 2)
+            run_tile<T, MR, NR / 2>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                    p.prefetch_c);
+          else
+            run_tile<T, MR, NR>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate, p.prefetch_c);
+          if (pc == p.k_slices - 1 && has_epilogue) {
+            const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
+            if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The packed path: the jc and slab loops around stages 1 and 2, on the plan's team.
+template <typename T, int MR, int NR>
+void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
+  const index_t N = g.n;
+  const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;  // elements of one packed K slice
+  const index_t b_slab = p.slices_per_slab * slice;
+  const index_t a_block = ceil_div((p.kc > 0 ? p.kc : 1) * p.mc, 16) * 16;
+  Scratch<T> work(b_slab + p.threads * a_block);
+  const index_t tiles = ceil_div(g.m, MR) * ceil_div(N, NR);
+  Scratch<double> tile_squares(g.epilogue.loss ? tiles : 1);
   T* const b_pack = work.get();
-  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2
-  // by the next slice.
-  const bool c_block_spills = mc_step * nc_max * index_t(sizeof(T)) > kCacheBytes;
 
   // The work of each thread; with one thread it runs without a team (the worksharing and barriers
   // inside then act as a team of one), which saves setting one up for small products.
@@ -697,85 +790,89 @@ void gemm(const GemmArgs<T>& g) {
     T* const a_pack = b_pack + b_slab + thread * a_block;
     for (index_t jc = 0; jc < N; jc += NC) {
       const index_t nc = imin(NC, N - jc);
-      const index_t n_panels = ceil_div(nc, NR);
-      const index_t parts = ceil_div(n_panels, kPanelsPerItem);  // work items per row block
       // This thread's share of the (row block, part) items: a contiguous range, fixed by the team size.
-      const index_t items = m_blocks * parts;
+      const index_t items = p.row_blocks * ceil_div(ceil_div(nc, NR), kPanelsPerItem);
       const index_t first = items * thread / team, last = items * (thread + 1) / team;
-
-      for (index_t pc0 = 0; pc0 < num_pc; pc0 += pcs_per_slab) {
-        const index_t pc1 = imin(num_pc, pc0 + pcs_per_slab);
-#pragma omp for schedule(static)
-        for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
-          const index_t pc = pc0 + job / n_panels, p = job % n_panels;
-          const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
-          if (pack_b || nc - p * NR < NR)
-            pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
-                                    g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - p * NR),
-                                    kc, nullptr);
-        }
-        // (implicit barrier: the slab is complete before anyone reads it)
-
-        for (index_t item = first; item < last;) {
-          const index_t ib = item / parts, part_begin = item % parts;
-          const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
-          item += part_end - part_begin;
-          const index_t i0 = ib * mc_step, mc = imin(mc_step, M - i0);
-          // The bias gradient is summed by the one thread that owns the block's first part.
-          T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
-
-          for (index_t pc = pc0; pc < pc1; ++pc) {
-            const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
-            for (index_t ip = 0; ip < mc; ip += MR)
-              if (pack_a || mc - ip < MR)
-                pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
-                                        imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
-            const T* b_slice = b_pack + (pc - pc0) * slice;
-            const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
-            for (index_t p = part_begin * kPanelsPerItem; p < p_end; ++p) {
-              const index_t j0 = jc + p * NR, nr = imin(NR, N - j0);
-              for (index_t ip = 0; ip < mc; ip += MR) {
-                const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
-                T* c = g.c + m0 * g.ldc + j0;
-                const bool packed_a = pack_a || mr < MR, packed_b = pack_b || nr < NR;
-                const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
-                const T* b_panel = packed_b ? b_slice + p * NR * kc : g.b + k0 * g.b_rs + j0;
-                const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
-                const bool accumulate = pc > 0;
-                if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
-                  run_tile<T, MR, NR / 4>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                          c_block_spills);
-                else if (nr <= NR / 2)
-                  run_tile<T, MR, NR / 2>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                          c_block_spills);
-                else
-                  run_tile<T, MR, NR>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                      c_block_spills);
-                if (pc == num_pc - 1 && has_epilogue) {
-                  const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
-                  if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
-                }
-              }
-            }
-          }
-        }
+      for (index_t pc0 = 0; pc0 < p.k_slices; pc0 += p.slices_per_slab) {
+        const index_t pc1 = imin(p.k_slices, pc0 + p.slices_per_slab);
+        pack_b_slab<T, NR>(g, p, jc, nc, pc0, pc1, b_pack, slice);
+        macro_kernel<T, MR, NR>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack, tile_squares.get());
 #pragma omp barrier
         // (everyone is done with the slab before it is repacked)
       }
     }
   };
-  if (num_threads > 1) {
-#pragma omp parallel num_threads(num_threads)
+  if (p.threads > 1) {
+#pragma omp parallel num_threads(p.threads)
     work_of_thread();
   } else {
     work_of_thread();
   }
 
-  if (e.loss) {  // a fixed order, whatever thread computed each tile
+  if (g.epilogue.loss) {  // a fixed order, whatever thread computed each tile
     double total = 0;
-    const index_t tiles = ceil_div(M, MR) * tiles_n;
     for (index_t t = 0; t < tiles; ++t) total += tile_squares.get()[t];
-    *e.loss = total;
+    *g.epilogue.loss = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan and the driver.
+
+template <typename T, const GemmTable& kTable>
+constexpr const GemmBlocking& blocking_of() {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return kTable.f;
+  } else {
+    return kTable.d;
+  }
+}
+
+// Every decision for one product, from g's shape and strides (and whether row sums and the loss
+// are wanted) and the build's table; no pointer is read.
+template <typename T, const GemmTable& kTable>
+GemmPlan make_plan(const GemmArgs<T>& g) {
+  const GemmBlocking& b = blocking_of<T, kTable>();
+  GemmPlan p;
+  if (g.m == 0 || g.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
+  // Below kSerialWork multiply-adds a thread team costs more than it saves.
+  const bool small = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k) < kSerialWork;
+  p.threads = small || g.num_threads < 1 ? 1 : g.num_threads;
+  if (g.n <= kNarrowN) {
+    p.path = GemmPath::narrow;
+    p.copy_a = g.a_cs != 1;
+    p.copy_b = g.b_rs != 1;
+    p.items = ceil_div(g.m, kNarrowRows);
+    p.scratch_bytes = p.threads * narrow_buffer(g) * static_cast<index_t>(sizeof(T)) +
+                      (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
+  } else if (g.m <= kSmallM) {
+    plan_small(g, b.vl, p);
+  } else {
+    plan_packed(g, b, p);
+  }
+  return p;
+}
+
+template <typename T, const GemmTable& kTable>
+void gemm(const GemmArgs<T>& g) {
+  constexpr const GemmBlocking& b = blocking_of<T, kTable>();
+  const index_t M = g.m, K = g.k;
+  if (g.a_row_sums)
+    for (index_t m = 0; m < M; ++m) g.a_row_sums[m] = T(0);
+  if (g.epilogue.loss) *g.epilogue.loss = 0;
+  const GemmPlan plan = make_plan<T, kTable>(g);
+  switch (plan.path) {
+    case GemmPath::empty:
+      if (g.n == 0 && g.a_row_sums)  // nothing to multiply, but the row sums are still wanted
+        for (index_t m = 0; m < M; ++m)
+          for (index_t k = 0; k < K; ++k) g.a_row_sums[m] += g.a[m * g.a_rs + k * g.a_cs];
+      return;
+    case GemmPath::narrow:
+      return gemm_narrow(g, plan.threads);
+    case GemmPath::small_m:
+      return gemm_small<T, b.vl>(g, plan);
+    case GemmPath::packed:
+      return gemm_packed<T, b.mr, b.nr>(g, plan, b.nc);
   }
 }
 
@@ -799,17 +896,24 @@ double fma_probe(index_t iterations, float seed) {
 
 }  // namespace
 
-// The table this build exports (declared in gemm.hpp), from the file's tile and block sizes.
-template <int MRf, int NRf, int MCf, int MRd, int NRd, int MCd, int KC, int NC>
-constexpr GemmKernels make_kernels(const char* name) {
-  return GemmKernels{name,
-                     &gemm<float, MRf, NRf, KC, MCf, NC>,
-                     &gemm<double, MRd, NRd, KC, MCd, NC>,
-                     &fma_probe<NRf / 2>,
-                     2 * 12 * (NRf / 2),
-                     {MRf, NRf, MCf, KC, NC},
-                     {MRd, NRd, MCd, KC, NC}};
+// The table this build exports (declared in gemm.hpp), from its file's kBlocking.
+template <const GemmTable& kTable>
+constexpr GemmKernels make_kernels() {
+  static_assert(kTable.f.mc % kTable.f.mr == 0 && kTable.f.nc % kTable.f.nr == 0, "blocks must hold whole tiles");
+  static_assert(kTable.d.mc % kTable.d.mr == 0 && kTable.d.nc % kTable.d.nr == 0, "blocks must hold whole tiles");
+  static_assert(kTable.f.nr % 4 == 0 && kTable.d.nr % 4 == 0, "the last column panel may run an NR/4 tile");
+  return GemmKernels{kTable.name,
+                     &gemm<float, kTable>,
+                     &gemm<double, kTable>,
+                     &make_plan<float, kTable>,
+                     &make_plan<double, kTable>,
+                     &fma_probe<kTable.f.vl>,
+                     2 * 12 * kTable.f.vl,
+                     kTable.f,
+                     kTable.d};
 }
+
+const GemmKernels kernels = make_kernels<kBlocking>();
 
 }  // namespace LINGRAD_ISA
 }  // namespace lingrad
