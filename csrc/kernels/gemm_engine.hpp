@@ -93,14 +93,33 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
   }
 }
 
+// L elements of T as one SIMD register (GCC/Clang vector extension), loaded and stored unaligned.
+// The compiler keeps an array of these, indexed by constants, in registers more reliably than an
+// array of scalars that it must vectorise itself.
+template <typename T, int L>
+struct Vector {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), may_alias));
+};
+template <typename T, int L>
+inline typename Vector<T, L>::type load_vector(const T* p) {
+  return *reinterpret_cast<const typename Vector<T, L>::type*>(p);
+}
+template <typename T, int L>
+inline void store_vector(T* p, typename Vector<T, L>::type v) {
+  *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
+}
+
 // The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B (kc x NR).
 // A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
 // (a[i*a_rs + k]); B is read as rows of NR contiguous elements b_rs apart (b[k*b_rs + j]): a packed
-// micro-panel as wide as the tile or wider, or B in place. acc is a fixed-size tile indexed only by
-// constants after unrolling, so it lives in registers.
-template <typename T, int MR, int NR, bool kPackedA>
+// micro-panel as wide as the tile or wider, or B in place. The tile is MR x NR / V vectors of V
+// elements (V: the build's vector length, or NR if narrower), indexed only by constants, so it
+// lives in registers; each element is a chain of multiply-adds in ascending k, from 0.
+template <typename T, int MR, int NR, bool kPackedA, int VL>
 void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs, T* __restrict c,
                   index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+  constexpr int V = NR < VL ? NR : VL, NV = NR / V;
+  using vec = typename Vector<T, V>::type;
   // The caller asks for C's rows to be fetched now when they are likely far away (too many to stay
   // in L2 between K slices), so that the update after the loop does not wait for memory.
   if (prefetch_c)
@@ -108,32 +127,30 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
       __builtin_prefetch(c + i * ldc, 1);
       __builtin_prefetch(c + i * ldc + nr - 1, 1);
     }
-  T acc[MR][NR];
+  vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
 
   for (index_t k = 0; k < kc; ++k) {
     const T* __restrict bk = b + k * b_rs;
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load_vector<T, V>(bk + v * V);
     for (int i = 0; i < MR; ++i) {
       const T ai = kPackedA ? a[k * MR + i] : a[i * a_rs + k];
-#pragma omp simd
-      for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
 
   if (mr == MR && nr == NR) {
     for (int i = 0; i < MR; ++i) {
       T* ci = c + i * ldc;
-      if (accumulate) {
-        for (int j = 0; j < NR; ++j) ci[j] += acc[i][j];
-      } else {
-        for (int j = 0; j < NR; ++j) ci[j] = acc[i][j];
-      }
+      for (int v = 0; v < NV; ++v)
+        store_vector<T, V>(ci + v * V, accumulate ? load_vector<T, V>(ci + v * V) + acc[i][v] : acc[i][v]);
     }
-  } else {  // edge tile: spill the registers to a buffer with constant indices, copy what is valid
+  } else {  // edge tile: spill the registers to a buffer, copy what is valid
     alignas(64) T tile[MR * NR];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) tile[i * NR + j] = acc[i][j];
+      for (int v = 0; v < NV; ++v) store_vector<T, V>(tile + i * NR + v * V, acc[i][v]);
     for (index_t i = 0; i < mr; ++i) {
       T* ci = c + i * ldc;
       if (accumulate) {
@@ -148,13 +165,13 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
 // One tile through the micro-kernel, its A panel packed (a_rs unused) or in place; B is read as rows
 // of W contiguous elements b_rs apart, which covers a packed micro-panel of width NR >= W (b_rs = NR)
 // as well as B in place. Each element of C is summed in the same order whatever W is.
-template <typename T, int MR, int W>
+template <typename T, int MR, int W, int VL>
 void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c, index_t ldc,
               index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
   if (packed_a)
-    micro_kernel<T, MR, W, true>(kc, a, 0, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    micro_kernel<T, MR, W, true, VL>(kc, a, 0, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
   else
-    micro_kernel<T, MR, W, false>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    micro_kernel<T, MR, W, false, VL>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
 }
 
 // The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
@@ -376,22 +393,6 @@ void small_dot_tile(index_t kc, const T* const* a, const T* b, index_t b_cs, T* 
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j)
       for (int l = 0; l < L; ++l) p[(r * p_rs + j) * L + l] = acc[r][j][l];
-}
-
-// L elements of T as one SIMD register (GCC/Clang vector extension), loaded and stored unaligned.
-// The compiler keeps an array of these, indexed by constants, in registers more reliably than an
-// array of scalars that it must vectorise itself.
-template <typename T, int L>
-struct Vector {
-  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), may_alias));
-};
-template <typename T, int L>
-inline typename Vector<T, L>::type load_vector(const T* p) {
-  return *reinterpret_cast<const typename Vector<T, L>::type*>(p);
-}
-template <typename T, int L>
-inline void store_vector(T* p, typename Vector<T, L>::type v) {
-  *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
 }
 
 // Axpy form, one block of rows: B's rows k < kc (b + k * b_rs, `width` contiguous elements, a
@@ -716,7 +717,7 @@ void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc
 // An item is a row block and a group of kPanelsPerItem column panels; for each K slice, the row
 // block's A is packed into a_pack (or read in place), then each MR x NR tile runs the
 // micro-kernel (stage 3), and tiles whose sum is complete get the epilogue (stage 4).
-template <typename T, int MR, int NR>
+template <typename T, int MR, int NR, int VL>
 void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t first, index_t last,
                   index_t pc0, index_t pc1, const T* b_pack, index_t slice, T* a_pack, double* tile_squares) {
   const index_t M = g.m, N = g.n, K = g.k;
@@ -750,13 +751,14 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
           const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
           const bool accumulate = pc > 0;
           if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
-            run_tile<T, MR, NR / 4>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                    p.prefetch_c);
+            run_tile<T, MR, NR / 4, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                        p.prefetch_c);
           else if (nr <= NR / 2)
-            run_tile<T, MR, NR / 2>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                    p.prefetch_c);
+            run_tile<T, MR, NR / 2, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                        p.prefetch_c);
           else
-            run_tile<T, MR, NR>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate, p.prefetch_c);
+            run_tile<T, MR, NR, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                    p.prefetch_c);
           if (pc == p.k_slices - 1 && has_epilogue) {
             const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
             if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
@@ -768,7 +770,7 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
 }
 
 // The packed path: the jc and slab loops around stages 1 and 2, on the plan's team.
-template <typename T, int MR, int NR>
+template <typename T, int MR, int NR, int VL>
 void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
   const index_t N = g.n;
   const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;  // elements of one packed K slice
@@ -796,7 +798,7 @@ void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
       for (index_t pc0 = 0; pc0 < p.k_slices; pc0 += p.slices_per_slab) {
         const index_t pc1 = imin(p.k_slices, pc0 + p.slices_per_slab);
         pack_b_slab<T, NR>(g, p, jc, nc, pc0, pc1, b_pack, slice);
-        macro_kernel<T, MR, NR>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack, tile_squares.get());
+        macro_kernel<T, MR, NR, VL>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack, tile_squares.get());
 #pragma omp barrier
         // (everyone is done with the slab before it is repacked)
       }
@@ -872,7 +874,7 @@ void gemm(const GemmArgs<T>& g) {
     case GemmPath::small_m:
       return gemm_small<T, b.vl>(g, plan);
     case GemmPath::packed:
-      return gemm_packed<T, b.mr, b.nr>(g, plan, b.nc);
+      return gemm_packed<T, b.mr, b.nr, b.vl>(g, plan, b.nc);
   }
 }
 
