@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import test_kernels
+import test_small_batch
 from test_memory import gemm_scratch_bound
 
 import lingrad
@@ -73,9 +74,11 @@ CLAIMS = [
     ((3, 4, 600), "dX", path("narrow")),
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
-    ((6, 256, 16), "forward", path("small_m", form="dot")),
-    ((6, 256, 16), "dX", path("small_m", form="axpy")),
-    ((7, 13, 5), "dW", path("small_m", form="axpy")),
+    ((1, 1000, 1), "dX", path("packed")),  # one row, but K = 1 < 8
+    ((6, 256, 16), "forward", path("packed")),  # K = 256 < 8 * 6^2: the packed path
+    ((5, 255, 15), "dW", path("packed")),  # 15 outputs
+    ((2, 5, 3), "dW", path("packed")),  # 3 outputs, K = 2 < 8 * 3^2
+    ((7, 13, 5), "dX", path("packed")),
     ((0, 5, 3), "forward", path("empty")),
 ]
 
@@ -85,6 +88,32 @@ def test_kernel_shapes_take_the_paths_they_claim(isa, shape, product, claim):
     assert shape in test_kernels.SHAPES, "a claim about a shape the kernel tests do not run"
     plan = plan_of(product, shape)
     assert claim(plan, shape), f"{product} of {shape} on {isa}: {plan}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_batch_shapes_take_both_forms(isa, dtype):
+    """tests/test_small_batch.py: every shape runs the small-M path (K >= 8 M^2), one row of K fewer
+    does not; a C-order weight gives the dot form for the forward pass and the axpy form for dX, a
+    Fortran-order one the reverse, and dW (X in C order) the axpy form."""
+    forms = set()
+    for m, k, n in test_small_batch.SHAPES:
+        if k > 8 * m * m:
+            below = (m, 8 * m * m - 1, n)  # one short of the threshold
+            assert plan_of("forward", below, dtype)["path"] == ("narrow" if n <= 4 else "packed"), below
+        for product, order, form in [("forward", "C", "dot"), ("dX", "C", "axpy"), ("forward", "F", "axpy")]:
+            shape = (m, k, n) if product == "forward" else (m, n, k)  # an m-row product of reduction k
+            plan = plan_of(product, shape, dtype, order)
+            if n <= 4:
+                assert plan["path"] == "narrow", (product, shape, plan)
+                continue
+            assert plan["path"] == "small_m", (product, shape, plan)
+            if k > 1:  # (a dimension of length 1 has stride 0: either form may read it)
+                assert plan["form"] == form, (product, order, shape, plan)
+            forms.add(plan["form"])
+        dw = plan_of("dW", (k, n, m), dtype)  # dW of m outputs, batch k
+        assert dw["path"] == ("narrow" if n <= 4 else "small_m") and (n <= 4 or dw["form"] == "axpy"), dw
+    assert forms == {"dot", "axpy"}
+    assert plan_of("dX", (2, 2049, 65), dtype)["items"] >= 4  # several strips for the threads
 
 
 # Shapes across the paths, for the invariants below.

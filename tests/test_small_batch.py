@@ -14,11 +14,13 @@ from lingrad import reference as ref
 
 DTYPES = [np.float32, np.float64]
 
-# (rows, K, N): K and N on and off the vector lengths (2..16) and the axpy block (C * L rows), with
-# tails; N wide enough for several column strips (up to 512 columns each) and threads.
-SHAPES = [(m, k, n) for m in range(1, 9) for k, n in [(7, 9), (37, 70), (300, 1030)]]
+# (rows, K, N): the path runs for K >= 8 rows^2 (gemm.hpp: kSmallMinK); K on that threshold, and off
+# the vector lengths (2..16) and the axpy block (C * L rows) with tails; N wide enough for several
+# column strips (up to 512 columns each) and threads, and off the vector lengths.
+SHAPES = [(m, 8 * m * m + t, n) for m in range(1, 9) for t, n in [(0, 9), (5, 70)]]
+SHAPES += [(m, max(300, 8 * m * m + 3), 1030) for m in range(1, 9)]
 SHAPES += [(m, 1030, 517) for m in (1, 4, 8)]
-SHAPES += [(1, 1, 5), (1, 0, 9), (3, 0, 600), (1, 4099, 7), (2, 65, 2049)]
+SHAPES += [(1, 13, 5), (1, 4099, 7), (2, 65, 2049)]
 
 
 def shape_id(s):
@@ -79,7 +81,7 @@ def test_small_m_products(isa, num_threads, rng, dtype, shape):
 def test_small_batch_fused_step(rng, num_threads, dtype, batch):
     """The fused step at a small batch: its forward product (with the loss in the epilogue) and dX
     run the small-M path; all of it matches the reference and is the same for any thread count."""
-    n_in, n_out = 300, 1030
+    n_in, n_out = 520, 1030  # K >= 8 batch^2 for the forward (520) and dX (1030): the small-M path
     x = rng.standard_normal((batch, n_in)).astype(dtype)
     w = rng.standard_normal((n_out, n_in)).astype(dtype)
     b = rng.standard_normal(n_out).astype(dtype)

@@ -449,6 +449,7 @@ py::dict build_info() {
   info["gemm_serial_work"] = lingrad::gemm_serial_work();
   info["gemm_slab_bytes"] = lingrad::gemm_slab_bytes();
   info["gemm_small_m"] = lingrad::gemm_small_m();
+  info["gemm_small_min_k"] = lingrad::gemm_small_min_k();
   info["num_threads"] = lingrad::get_num_threads();
   return info;
 }

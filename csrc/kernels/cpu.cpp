@@ -123,6 +123,7 @@ GemmBlocking get_blocking(bool double_) {
 double gemm_serial_work() { return kSerialWork; }
 index_t gemm_slab_bytes() { return kSlabBytes; }
 int gemm_small_m() { return static_cast<int>(kSmallM); }
+int gemm_small_min_k() { return static_cast<int>(kSmallMinK); }
 
 namespace {
 template <typename T>

@@ -39,7 +39,8 @@ struct GemmArgs {
 // Choices shared by every build of the engine (reported by build_info(); the tests read them there).
 constexpr double kSerialWork = 1 << 18;           // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barriers: at most this, or one K slice
-constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path
+constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path,
+constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm_engine.hpp
 
 // One build's block sizes, per dtype: the labelled table at the top of each gemm_<isa>.cpp.
 struct GemmTable {

@@ -9,7 +9,8 @@
 // A product is first planned (make_plan: a pure function of the shape, the strides and the build's
 // blocking, reported to tests by gemm_plan() in lingrad.hpp), then run by one of three paths:
 //   narrow   N <= kNarrowN (a layer with a handful of outputs): vectorised dot products.
-//   small M  M <= kSmallM (a batch of 1-8; dW of 1-8 outputs): B streamed once, in place.
+//   small M  M <= kSmallM and K >= kSmallMinK M^2 (a batch of 1-8; dW of 1-8 outputs): B streamed
+//            once, in place.
 //   packed   everything else: the Goto/BLIS loops around a register-tile micro-kernel.
 // The packed path's loops, outermost first (BLIS names), and the stage that runs each:
 //   jc  over N in NC columns        gemm_packed: B packed a slab of K slices at a time (pack_b_slab),
@@ -329,6 +330,11 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
 //         Any other B is copied a block at a time into rows.
 // Threads share out column strips, sized from N alone; each output is summed by one thread. An A
 // whose k stride is not 1 is copied, a pass of K at a time, for the dot form.
+// The path is taken for K >= kSmallMinK * M^2 only (gemm.hpp): each output costs L lane chains and a
+// tree besides its K multiply-adds, and with more rows the packed path's register tile reuses more.
+// Measured on Zen 3 (one thread, N = 2048, against the packed path): the small-M path wins from
+// K = 8 for one row, 32 for two, 128 for four and 512 for eight (axpy form; dot from 128), and loses
+// up to 4x below (M = 8, K = 8: 0.25x).
 constexpr index_t kSmallCopyK = 2048;  // dot: k per pass when A's rows must be copied
 
 template <int N>
@@ -847,7 +853,7 @@ GemmPlan make_plan(const GemmArgs<T>& g) {
     p.items = ceil_div(g.m, kNarrowRows);
     p.scratch_bytes = p.threads * narrow_buffer(g) * static_cast<index_t>(sizeof(T)) +
                       (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
-  } else if (g.m <= kSmallM) {
+  } else if (g.m <= kSmallM && g.k >= kSmallMinK * g.m * g.m) {
     plan_small(g, b.vl, p);
   } else {
     plan_packed(g, b, p);

@@ -83,7 +83,8 @@ struct GemmBlocking {
 GemmBlocking get_blocking(bool double_);  // for float (double_=false) or double
 double gemm_serial_work();                // multiply-adds below which a product runs on one thread
 index_t gemm_slab_bytes();                // the packed B panels' scratch: at most this, or one KC x NC slice
-int gemm_small_m();                       // products with at most this many rows take the small-M path
+int gemm_small_m();                       // products with at most this many rows take the small-M path,
+int gemm_small_min_k();                   // if K >= this times M^2
 
 // The plan of one product C (m x n) = A (m x k) B (k x n), A[i, p] at a[i*a_rs + p*a_cs] and B[p, j]
 // at b[p*b_rs + j*b_cs]: every decision the engine makes before it computes, from the shape, the

@@ -88,8 +88,9 @@ def show_config(file: IO[str] | None = None) -> None:
             f"  blocking {dtype} " + " ".join(f"{k.upper()} {v}" for k, v in info[f"blocking_{dtype}"].items())
             for dtype in ("float32", "float64")
         ),
-        f"  GEMM paths      narrow for N <= 4, small-M for M <= {info['gemm_small_m']}, packed otherwise; "
-        f"one thread below {info['gemm_serial_work']:.0f} multiply-adds",
+        f"  GEMM paths      narrow for N <= 4, small-M for M <= {info['gemm_small_m']} and "
+        f"K >= {info['gemm_small_min_k']} M^2, packed otherwise; one thread below "
+        f"{info['gemm_serial_work']:.0f} multiply-adds",
         f"  threads         {info['num_threads']}",
     ]
     print("\n".join(lines), file=out)
