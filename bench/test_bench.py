@@ -29,7 +29,7 @@ def test_numpy_kernels(benchmark, shape, case, contestant):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("case", ["step fused", "step drop-in", "mlp mixed"])
+@pytest.mark.parametrize("case", ["forward no-grad", "step fused", "step drop-in", "mlp mixed"])
 @pytest.mark.parametrize("contestant", ["lingrad", "torch"])
 def test_training_step(benchmark, shape, case, contestant):
     pytest.importorskip("torch")

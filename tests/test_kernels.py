@@ -9,7 +9,10 @@ from lingrad import reference as ref
 DTYPES = [np.float32, np.float64]
 
 # (batch, in_features, out_features). The register tiles are 6 x 8/16/32, KC = 256, MC = 72..168,
-# NC = 4080/4096: sizes sit just below, on and above those, plus primes, ones and zeros.
+# NC = 4080/4096: sizes sit just below, on and above those, plus primes, ones and zeros. Products
+# with at most 4 columns take the narrow path, with at most 8 rows the small-M path (a batch of up
+# to 8; dW of up to 8 outputs): the packed path's tile edges need 9 rows or more. What each shape
+# claims to test is checked against the engine's plan in test_gemm_plan.py (CLAIMS).
 SHAPES = [
     (1, 1, 1),
     (1, 3, 1),
@@ -19,15 +22,17 @@ SHAPES = [
     (6, 256, 16),
     (5, 255, 15),
     (7, 257, 17),
+    (11, 256, 16),  # packed: an edge row panel (11 = 6 + 5), K = KC in one slice
+    (17, 255, 15),  # packed: 17 = 2 x 6 + 5 rows, a last column panel narrower than NR
     (13, 511, 33),
     (12, 64, 32),
-    (169, 100, 47),
+    (169, 100, 47),  # packed: more rows than MC (float32: 168)
     (1, 1000, 1),
     (3, 4, 600),
     (97, 61, 89),
-    (3, 5, 4100),  # out > NC: several column blocks in the forward pass
-    (4, 3, 4099),  # in > NC: several column blocks for dX and dW
-    (3000, 800, 3),  # dW's packed X (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
+    (9, 5, 4100),  # out > NC: several column blocks in the forward pass
+    (9, 4099, 9),  # in > NC: several column blocks for dX and dW
+    (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
     (3, 0, 2),  # no input features: y = bias
     (0, 5, 3),  # empty batch
 ]

@@ -39,12 +39,22 @@ struct GemmArgs {
 // Choices shared by every build of the engine (reported by build_info(); the tests read them there).
 constexpr double kSerialWork = 1 << 18;           // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barriers: at most this, or one K slice
+constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path,
+constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm_engine.hpp
+
+// One build's block sizes, per dtype: the labelled table at the top of each gemm_<isa>.cpp.
+struct GemmTable {
+  const char* name;   // the ISA, as get_isa() reports it
+  GemmBlocking f, d;  // float, double
+};
 
 // One instruction set's build of the engine.
 struct GemmKernels {
   const char* name;
   void (*sgemm)(const GemmArgs<float>&);
   void (*dgemm)(const GemmArgs<double>&);
+  GemmPlan (*splan)(const GemmArgs<float>&);  // the plan each would run (no pointer is read)
+  GemmPlan (*dplan)(const GemmArgs<double>&);
   double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
   int fma_probe_flops;                                  // float flops per probe iteration
   GemmBlocking blocking_float, blocking_double;

@@ -1,21 +1,28 @@
-// gemm_engine.hpp: the packed, blocked GEMM of gemm.hpp (Goto/BLIS loops around a micro-kernel
-// that keeps an MR x NR tile of C in registers for a whole KC panel).
+// gemm_engine.hpp: the GEMM engine of gemm.hpp, as a plan and the stages that run it.
 //
-// Not a normal header: each gemm_<isa>.cpp defines LINGRAD_ISA (its namespace) and includes it
-// once, and that file's compile flags choose the instructions. Everything here lives in that
-// namespace (and an anonymous one), so two builds never share a symbol: a shared inline function
-// could otherwise run AVX-512 code on a CPU without AVX-512. For the same reason this file uses
-// no standard-library templates.
+// Not a normal header: each gemm_<isa>.cpp defines its block sizes (kBlocking, a labelled table)
+// and LINGRAD_ISA (its namespace), then includes this file once; that file's compile flags choose
+// the instructions. Everything here lives in that namespace (and an anonymous one), so two builds
+// never share a symbol: a shared inline function could otherwise run AVX-512 code on a CPU without
+// AVX-512. For the same reason this file uses no standard-library templates.
 //
-// Loops, outermost first (BLIS names):
-//   jc  over N in NC columns        B packed (K slices x NC), shared by all threads
-//   ic  over M in MC rows            each thread takes a fixed range of (ic block, jr group) items
-//   pc  over K in KC slices          the only loop over the reduction: never split across threads
-//                                    (A block MC x KC packed per thread, stays in L2)
-//   jr, ir over NR x MR tiles        micro-kernel, B micro-panel in L1
-// Each element of C is summed in the same order (pc ascending, k ascending within a slice)
-// whatever thread computes it. Block sizes follow from the shape and the build's
-// KC, MC, NC, never from the thread count.
+// A product is first planned (make_plan: a pure function of the shape, the strides and the build's
+// blocking, reported to tests by gemm_plan() in lingrad.hpp), then run by one of three paths:
+//   narrow   N <= kNarrowN (a layer with a handful of outputs): vectorised dot products.
+//   small M  M <= kSmallM and K >= kSmallMinK M^2 (a batch of 1-8; dW of 1-8 outputs): B streamed
+//            once, in place.
+//   packed   everything else: the Goto/BLIS loops around a register-tile micro-kernel.
+// The packed path's loops, outermost first (BLIS names), and the stage that runs each:
+//   jc  over N in NC columns        gemm_packed: B packed a slab of K slices at a time (pack_b_slab),
+//                                   shared by all threads, between two barriers
+//   ic  over M in MC rows           macro_kernel: each thread takes a fixed range of (row block,
+//   pc  over K in KC slices           group of column panels) items; per K slice, the block of A is
+//                                     packed (per thread, stays in L2) or read in place
+//   jr, ir over NR x MR tiles       micro_kernel, then apply_epilogue on tiles whose sum is complete
+// The pc loop is the only loop over the reduction and is never split across threads, so each
+// element of C is summed in the same order (pc ascending, k ascending within a slice) whatever
+// thread computes it; block sizes follow from the shape and the build's table, never from the
+// thread count. The small-M and narrow paths keep the same rule (see their comments).
 #ifndef LINGRAD_ISA
 #error "define LINGRAD_ISA before including gemm_engine.hpp"
 #endif
@@ -33,11 +40,11 @@ namespace lingrad {
 namespace LINGRAD_ISA {
 namespace {
 
-inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+constexpr index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 constexpr index_t kNarrowN = 4;             // at most this many columns: dot products (gemm_narrow)
 constexpr index_t kCacheBytes = 256 << 10;  // a C block larger than this is prefetched (see micro_kernel)
 constexpr index_t kAliasBytes = 2048;       // row strides that are multiples of this are packed (see pack_a)
-inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+constexpr index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 // 64-byte aligned scratch memory, freed on scope exit.
 template <typename U>
@@ -87,14 +94,33 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
   }
 }
 
+// L elements of T as one SIMD register (GCC/Clang vector extension), loaded and stored unaligned.
+// The compiler keeps an array of these, indexed by constants, in registers more reliably than an
+// array of scalars that it must vectorise itself.
+template <typename T, int L>
+struct Vector {
+  typedef T type __attribute__((vector_size(L * sizeof(T)), aligned(sizeof(T)), may_alias));
+};
+template <typename T, int L>
+inline typename Vector<T, L>::type load_vector(const T* p) {
+  return *reinterpret_cast<const typename Vector<T, L>::type*>(p);
+}
+template <typename T, int L>
+inline void store_vector(T* p, typename Vector<T, L>::type v) {
+  *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
+}
+
 // The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B (kc x NR).
 // A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
 // (a[i*a_rs + k]); B is read as rows of NR contiguous elements b_rs apart (b[k*b_rs + j]): a packed
-// micro-panel as wide as the tile or wider, or B in place. acc is a fixed-size tile indexed only by
-// constants after unrolling, so it lives in registers.
-template <typename T, int MR, int NR, bool kPackedA>
+// micro-panel as wide as the tile or wider, or B in place. The tile is MR x NR / V vectors of V
+// elements (V: the build's vector length, or NR if narrower), indexed only by constants, so it
+// lives in registers; each element is a chain of multiply-adds in ascending k, from 0.
+template <typename T, int MR, int NR, bool kPackedA, int VL>
 void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __restrict b, index_t b_rs, T* __restrict c,
                   index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+  constexpr int V = NR < VL ? NR : VL, NV = NR / V;
+  using vec = typename Vector<T, V>::type;
   // The caller asks for C's rows to be fetched now when they are likely far away (too many to stay
   // in L2 between K slices), so that the update after the loop does not wait for memory.
   if (prefetch_c)
@@ -102,32 +128,30 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
       __builtin_prefetch(c + i * ldc, 1);
       __builtin_prefetch(c + i * ldc + nr - 1, 1);
     }
-  T acc[MR][NR];
+  vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
 
   for (index_t k = 0; k < kc; ++k) {
     const T* __restrict bk = b + k * b_rs;
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load_vector<T, V>(bk + v * V);
     for (int i = 0; i < MR; ++i) {
       const T ai = kPackedA ? a[k * MR + i] : a[i * a_rs + k];
-#pragma omp simd
-      for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
 
   if (mr == MR && nr == NR) {
     for (int i = 0; i < MR; ++i) {
       T* ci = c + i * ldc;
-      if (accumulate) {
-        for (int j = 0; j < NR; ++j) ci[j] += acc[i][j];
-      } else {
-        for (int j = 0; j < NR; ++j) ci[j] = acc[i][j];
-      }
+      for (int v = 0; v < NV; ++v)
+        store_vector<T, V>(ci + v * V, accumulate ? load_vector<T, V>(ci + v * V) + acc[i][v] : acc[i][v]);
     }
-  } else {  // edge tile: spill the registers to a buffer with constant indices, copy what is valid
+  } else {  // edge tile: spill the registers to a buffer, copy what is valid
     alignas(64) T tile[MR * NR];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) tile[i * NR + j] = acc[i][j];
+      for (int v = 0; v < NV; ++v) store_vector<T, V>(tile + i * NR + v * V, acc[i][v]);
     for (index_t i = 0; i < mr; ++i) {
       T* ci = c + i * ldc;
       if (accumulate) {
@@ -142,13 +166,13 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
 // One tile through the micro-kernel, its A panel packed (a_rs unused) or in place; B is read as rows
 // of W contiguous elements b_rs apart, which covers a packed micro-panel of width NR >= W (b_rs = NR)
 // as well as B in place. Each element of C is summed in the same order whatever W is.
-template <typename T, int MR, int W>
+template <typename T, int MR, int W, int VL>
 void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c, index_t ldc,
               index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
   if (packed_a)
-    micro_kernel<T, MR, W, true>(kc, a, 0, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    micro_kernel<T, MR, W, true, VL>(kc, a, 0, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
   else
-    micro_kernel<T, MR, W, false>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    micro_kernel<T, MR, W, false, VL>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
 }
 
 // The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
@@ -174,22 +198,30 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
   return squares;
 }
 
-// Narrow products (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), and the
-// row sums of A if asked for. A register
-// tile would waste most of its columns, and the product is bound by reading A once anyway. Rows are
-// split over threads in blocks of kRows. K is walked in chunks of kChunk; an operand whose k stride
-// is not 1 is first copied, a chunk at a time, into a contiguous buffer, so every layout runs the
-// same vectorised reductions in the same order: the result depends on neither the thread count
-// nor the memory layout.
+// ---------------------------------------------------------------------------------------------
+// Narrow path (a layer with a handful of outputs): C[m, n] = dot(A[m, :], B[:, n]), and the row sums
+// of A if asked for. A register tile would waste most of its columns, and the product is bound by
+// reading A once anyway. Rows are split over threads in blocks of kNarrowRows. K is walked in chunks
+// of kNarrowChunk; an operand whose k stride is not 1 is first copied, a chunk at a time, into a
+// contiguous buffer, so every layout runs the same vectorised reductions in the same order: the
+// result depends on neither the thread count nor the memory layout.
+constexpr index_t kNarrowRows = 64;     // rows per work block, and per partial sum of the loss
+constexpr index_t kNarrowChunk = 2048;  // k per pass
+
+// Per-thread buffer of the narrow path (elements): runs of A and B copied when not contiguous.
+template <typename T>
+index_t narrow_buffer(const GemmArgs<T>& g) {
+  return (g.a_cs != 1 ? 4 : 0) * kNarrowChunk + (g.b_rs != 1 ? kNarrowN : 0) * kNarrowChunk;
+}
+
 template <typename T>
 void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
-  constexpr index_t kRows = 64;     // rows per work block, and per partial sum of the loss
-  constexpr index_t kChunk = 2048;  // k per pass
+  constexpr index_t kRows = kNarrowRows, kChunk = kNarrowChunk;
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t blocks = ceil_div(M, kRows);
   const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
   const bool copy_a = g.a_cs != 1, copy_b = g.b_rs != 1;
-  const index_t buffer = (copy_a ? 4 : 0) * kChunk + (copy_b ? kNarrowN : 0) * kChunk;  // per thread
+  const index_t buffer = narrow_buffer(g);  // per thread
   Scratch<T> buffers(num_threads * buffer);
   Scratch<double> block_squares(g.epilogue.loss ? blocks : 1);
   auto run_block = [&](index_t block) {
@@ -276,79 +308,484 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
   }
 }
 
-template <typename T, int MR, int NR, int KC, int MC, int NC>
-void gemm(const GemmArgs<T>& g) {
-  static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole tiles");
-  constexpr index_t kPanelsPerItem = 4;  // jr panels in one work item
-  const index_t M = g.m, N = g.n, K = g.k;
+// ---------------------------------------------------------------------------------------------
+// Small M: a batch of 1 to kSmallM rows (the forward pass and dX), or dW of a layer with that few
+// outputs. Such a product does at most kSmallM multiply-adds per element of B (the weight, or X for
+// dW) and is bound by how fast B streams from memory or L3, not by the FMA units; packing all of B,
+// as the blocked path does, would cost more than the product. So B is read once, along whichever of
+// its dimensions is contiguous, and all M rows are computed in that one pass.
+//
+// Each element of C is summed in one order, whatever the layout of A and B, the form that runs it
+// and the thread count: lane l (0 <= l < L, L = the ISA's vector length) sums the products
+// A[m, k] B[k, n] with k = l (mod L) in ascending k, starting from 0 (a chain of multiply-adds,
+// fused where the ISA has FMA); then C[m, n] = lane_tree(lanes), the halving sums
+// lane[l] + lane[l + L/2] down to one. A chain can be stopped and resumed (its value stored and
+// loaded) without changing a bit, so how K is cut into passes does not matter. Two forms:
+//   dot   B's columns contiguous (b_rs == 1: the weight in the forward pass). One vector holds L
+//         consecutive k of one output: its lane l is the class k = l (mod L). A tile of outputs
+//         streams whole columns of B (rows of W) in place.
+//   axpy  B's rows contiguous (b_cs == 1: the weight in dX, X in dW). One vector holds L
+//         consecutive outputs. B is read in place in blocks of C * L rows; class l takes the
+//         block's rows k = l (mod L), whose chains for the strip live in L1 between blocks.
+//         Any other B is copied a block at a time into rows.
+// Threads share out column strips, sized from N alone; each output is summed by one thread. An A
+// whose k stride is not 1 is copied, a pass of K at a time, for the dot form.
+// The path is taken for K >= kSmallMinK * M^2 only (gemm.hpp): each output costs L lane chains and a
+// tree besides its K multiply-adds, and with more rows the packed path's register tile reuses more.
+// Measured on Zen 3 (one thread, N = 2048, against the packed path): the small-M path wins from
+// K = 8 for one row, 32 for two, 128 for four and 512 for eight (axpy form; dot from 128), and loses
+// up to 4x below (M = 8, K = 8: 0.25x).
+constexpr index_t kSmallCopyK = 2048;  // dot: k per pass when A's rows must be copied
+
+template <int N>
+struct Width {  // a tile width as a type, for a generic lambda (not std::integral_constant: see the top)
+  static constexpr int value = N;
+};
+
+// Register tiles of the small-M path for R rows (at most 12 accumulators, of AVX2's 16 registers):
+// columns of the dot tile, and vectors of the axpy tile.
+constexpr int small_dot_cols(int rows) { return rows == 1 ? 8 : rows == 2 ? 4 : rows <= 4 ? 3 : rows <= 6 ? 2 : 1; }
+constexpr int small_axpy_vectors(int rows) { return rows <= 4 ? 2 : 1; }
+// Rows of each lane class that an axpy tile chains in registers (the block is this times L rows):
+// more rows of A share each load and store of the chains.
+constexpr int small_axpy_chain(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 4; }
+
+// The fixed sum of L lanes v[0], v[stride], ..., v[(L - 1) * stride]: halving, (v[i] + v[i + L/2]).
+template <typename T, int L>
+inline T lane_tree(const T* v, index_t stride) {
+  if constexpr (L == 1) {
+    return v[0];
+  } else {
+    T w[L / 2];
+    for (int i = 0; i < L / 2; ++i) w[i] = v[i * stride] + v[(i + L / 2) * stride];
+    return lane_tree<T, L / 2>(w, 1);
+  }
+}
+
+// Dot form, one tile: R rows of A (a[r][k], k contiguous) times NB columns of B (column j at
+// b + j * b_cs, k contiguous), k < kc. The lanes of output (r, j) are p[(r * p_rs + j) * L + l]:
+// resumed from there if `resume`, and stored there. The last kc % L products go into their lanes
+// only (the other lanes are left as they are).
+template <typename T, int L, int R, int NB>
+void small_dot_tile(index_t kc, const T* const* a, const T* b, index_t b_cs, T* p, index_t p_rs, bool resume) {
+  T acc[R][NB][L];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) acc[r][j][l] = resume ? p[(r * p_rs + j) * L + l] : T(0);
+  const T* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a[r];
+  const T* bj[NB];
+  for (int j = 0; j < NB; ++j) bj[j] = b + j * b_cs;
+  const index_t kv = kc - kc % L;
+  for (index_t k = 0; k < kv; k += L)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[r][j][l] += ar[r][k + l] * bj[j][k + l];
+  if (const index_t tail = kc - kv) {
+    T ta[R][L], tb[NB][L];  // the tail, zero beyond it
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < L; ++l) ta[r][l] = l < tail ? ar[r][kv + l] : T(0);
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) tb[j][l] = l < tail ? bj[j][kv + l] : T(0);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) {
+          const T v = acc[r][j][l] + ta[r][l] * tb[j][l];
+          acc[r][j][l] = l < tail ? v : acc[r][j][l];
+        }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int l = 0; l < L; ++l) p[(r * p_rs + j) * L + l] = acc[r][j][l];
+}
+
+// Axpy form, one block of rows: B's rows k < kc (b + k * b_rs, `width` contiguous elements, a
+// multiple of V * L) into the chains p[(l * R + r) * p_rs + j] of class l = k mod L, A packed by
+// class (a[(l * C + i) * R + r] is A[r, l + i L]). kc is at most C * L; `full`: exactly. Class by
+// class, its (up to) C rows stream together along the strip (as many as a good GEMV streams), and
+// each tile of V vectors runs them on chains in registers, resumed from p if `resume`, stored back:
+// one load and store of the chains per C multiply-adds.
+template <typename T, int L, int R, int C, int V, bool kFull>
+void small_axpy_block(index_t kc, const T* __restrict a, const T* __restrict b, index_t b_rs, T* __restrict p,
+                      index_t p_rs, index_t width, bool resume, int prefetch) {
+  using vec = typename Vector<T, L>::type;
+  constexpr int kLine = 64 / static_cast<int>(sizeof(T));  // elements per cache line
+  for (int l = 0; l < L; ++l)
+    for (index_t j = 0; j < width; j += V * L) {
+      const index_t count = kFull ? C : (kc > l ? ceil_div(kc - l, L) : 0);
+      T* const pl = p + l * R * p_rs + j;
+      vec acc[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = resume ? load_vector<T, L>(pl + r * p_rs + v * L) : vec{};
+      // With `prefetch`, the same columns of the next class's rows are fetched meanwhile (after the
+      // last class, of the next block's first class, if prefetch > 1: there is a next block).
+      const index_t next_class = l < L - 1 ? b_rs : (C * L - (L - 1)) * b_rs;
+      const bool fetch = prefetch > 1 || (prefetch == 1 && l < L - 1);
+      for (index_t i = 0; i < count; ++i) {
+        const T* bi = b + (l + i * L) * b_rs + j;
+        if (fetch)
+          for (int v = 0; v < V * L; v += kLine) __builtin_prefetch(bi + next_class + v);
+        vec bv[V];
+        for (int v = 0; v < V; ++v) bv[v] = load_vector<T, L>(bi + v * L);
+        for (int r = 0; r < R; ++r) {
+          const T ar = a[(l * C + i) * R + r];
+          for (int v = 0; v < V; ++v) acc[r][v] += ar * bv[v];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) store_vector<T, L>(pl + r * p_rs + v * L, acc[r][v]);
+    }
+}
+
+// Per-thread scratch of the small-M path (elements): the chains of one strip, A's pass (copied or
+// packed by class), B's block (copied) and its last columns (padded).
+template <typename T>
+index_t small_scratch(const GemmArgs<T>& g, const GemmPlan& p) {
+  const index_t line = 64 / static_cast<index_t>(sizeof(T));
+  const index_t lanes = g.m * (p.strip + line) * p.lanes;
+  const index_t block = small_axpy_chain(static_cast<int>(g.m)) * p.lanes;
+  const index_t a_buf = p.dot ? (p.copy_a ? g.m * kSmallCopyK : 0) : g.m * block;
+  const index_t b_buf = p.dot ? 0 : block * ((p.copy_b ? p.strip : 0) + p.lanes);
+  return ceil_div(lanes + a_buf + b_buf, 16) * 16;
+}
+
+// The small-M path's decisions (L lanes).
+template <typename T>
+void plan_small(const GemmArgs<T>& g, int lanes, GemmPlan& p) {
+  // Strips of at most kMaxStrip columns (the chains of a strip stay in L1), and at least
+  // kMinStrips of them (for the threads) while strips stay kMinStrip or wider; equal, in whole vectors.
+  constexpr index_t kMaxStrip = 512, kMinStrip = 64, kMinStrips = 4;
+  p.path = GemmPath::small_m;
+  p.lanes = lanes;
+  p.dot = g.b_rs == 1;
+  p.chain = p.dot ? 0 : small_axpy_chain(static_cast<int>(g.m));
+  p.copy_a = p.dot && g.a_cs != 1;
+  p.copy_b = !p.dot && g.b_cs != 1;
+  const index_t strips = imin(ceil_div(g.n, lanes), imin(kMinStrips, ceil_div(g.n, kMinStrip)));
+  const index_t want = strips > ceil_div(g.n, kMaxStrip) ? strips : ceil_div(g.n, kMaxStrip);
+  p.strip = ceil_div(ceil_div(g.n, want), lanes) * lanes;
+  p.items = ceil_div(g.n, p.strip);
+  p.threads = static_cast<int>(imin(p.threads, p.items));
+  p.scratch_bytes = (p.threads * small_scratch(g, p) + (g.a_row_sums && g.a_cs != 1 ? kSmallCopyK : 0)) *
+                        static_cast<index_t>(sizeof(T)) +
+                    (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
+}
+
+// Row sums of A (the bias gradient of dW) in the order of a product with a column of ones.
+// buf: kSmallCopyK elements.
+template <typename T, int L>
+void small_row_sums(const GemmArgs<T>& g, T* buf) {
+  static_assert(kSmallCopyK % L == 0, "passes must keep the lanes aligned");
+  for (index_t m = 0; m < g.m; ++m) {
+    T acc[L] = {};
+    for (index_t k0 = 0; k0 < g.k; k0 += kSmallCopyK) {
+      const index_t kc = imin(kSmallCopyK, g.k - k0);
+      const T* a = g.a + m * g.a_rs + k0 * g.a_cs;
+      if (g.a_cs != 1) {
+        for (index_t k = 0; k < kc; ++k) buf[k] = a[k * g.a_cs];
+        a = buf;
+      }
+      const index_t kv = kc - kc % L;
+      for (index_t k = 0; k < kv; k += L)
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[l] += a[k + l];
+      for (index_t k = kv; k < kc; ++k) acc[k - kv] += a[k];
+    }
+    g.a_row_sums[m] = lane_tree<T, L>(acc, 1);
+  }
+}
+
+// Dot form, one column strip: C[:, n0 : n0 + cols] into lanes[(r * strip + j) * L + l].
+template <typename T, int L, int R>
+void small_dot_strip(const GemmArgs<T>& g, const GemmPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf) {
+  constexpr int NB = small_dot_cols(R);
+  const index_t K = g.k, pass = plan.copy_a ? kSmallCopyK : (K > 0 ? K : 1);
+  for (index_t k0 = 0; k0 < K || k0 == 0; k0 += pass) {  // K == 0 still writes C = 0 (+ bias)
+    const index_t kc = imin(pass, K - k0);
+    const T* a[R];
+    for (int r = 0; r < R; ++r) {
+      a[r] = g.a + r * g.a_rs + k0 * g.a_cs;
+      if (plan.copy_a) {
+        for (index_t k = 0; k < kc; ++k) a_buf[r * kSmallCopyK + k] = a[r][k * g.a_cs];
+        a[r] = a_buf + r * kSmallCopyK;
+      }
+    }
+    const T* b = g.b + k0 + n0 * g.b_cs;  // b_rs == 1
+    const bool resume = k0 > 0;
+    index_t j = 0;
+    for (; j + NB <= cols; j += NB)
+      small_dot_tile<T, L, R, NB>(kc, a, b + j * g.b_cs, g.b_cs, lanes + j * L, plan.strip, resume);
+    for (; j < cols; ++j) small_dot_tile<T, L, R, 1>(kc, a, b + j * g.b_cs, g.b_cs, lanes + j * L, plan.strip, resume);
+  }
+  for (index_t r = 0; r < R; ++r) {
+    T* c = g.c + r * g.ldc + n0;
+    for (index_t j = 0; j < cols; ++j) c[j] = lane_tree<T, L>(lanes + (r * plan.strip + j) * L, 1);
+  }
+}
+
+// Axpy form, one column strip: C[:, n0 : n0 + cols], the chains in lanes[(l * R + r) * width + j]
+// (width: cols rounded up to whole vectors). Blocks of C * L rows of B (C rows of each class) are
+// streamed in place; B with a column stride other than 1 is copied a block at a time.
+template <typename T, int L, int R>
+void small_axpy_strip(const GemmArgs<T>& g, const GemmPlan& plan, index_t n0, index_t cols, T* lanes, T* a_buf,
+                      T* b_buf) {
+  constexpr int V = small_axpy_vectors(R), C = small_axpy_chain(R);
+  constexpr index_t kBlock = C * L;
+  const index_t K = g.k, width = ceil_div(cols, L) * L;
+  const index_t pitch = width + 64 / static_cast<index_t>(sizeof(T));  // chain rows off power-of-two distances
+  // Columns in tiles of V vectors, then single vectors; then fewer than L, copied with zeros after them.
+  const index_t whole = plan.copy_b ? width : cols / L * L, tiled = whole / (V * L) * (V * L);
+  for (index_t k0 = 0; k0 < K || k0 == 0; k0 += kBlock) {  // K == 0 still writes C = 0 (+ bias)
+    const index_t kc = imin(kBlock, K - k0);
+    const bool resume = k0 > 0;
+    for (int l = 0; l < L; ++l)  // A's block by class: class l holds its k = k0 + l + i L
+      pack_micro_panel<T, R>(a_buf + l * C * R, g.a + (k0 + l) * g.a_cs, g.a_rs, L * g.a_cs, R,
+                             kc > l ? ceil_div(kc - l, L) : 0, nullptr);
+    const T* b = g.b + k0 * g.b_rs + n0 * g.b_cs;
+    index_t b_rs = g.b_rs;
+    if (plan.copy_b) {
+      for (index_t k = 0; k < kc; ++k)
+        for (index_t j = 0; j < width; ++j) b_buf[k * width + j] = j < cols ? b[k * g.b_rs + j * g.b_cs] : T(0);
+      b = b_buf;
+      b_rs = width;
+    }
+    // Prefetch (see small_axpy_block) for up to 4 rows of A: 0.62 -> 0.55 ms for one row and
+    // (K, N) = (1024, 4096) on Zen 3, one thread. With more rows the product is not bound by memory,
+    // and prefetching measured slower (8 rows: 0.55 -> 0.66 ms).
+    const int ahead = R > 4 || plan.copy_b || kc < kBlock ? 0 : k0 + 2 * kBlock <= K ? 2 : 1;
+    auto run = [&](auto vectors, const T* bj, index_t bj_rs, index_t j, index_t w, int prefetch) {
+      constexpr int kV = decltype(vectors)::value;
+      if (kc == kBlock)
+        small_axpy_block<T, L, R, C, kV, true>(kc, a_buf, bj, bj_rs, lanes + j, pitch, w, resume, prefetch);
+      else
+        small_axpy_block<T, L, R, C, kV, false>(kc, a_buf, bj, bj_rs, lanes + j, pitch, w, resume, prefetch);
+    };
+    if (tiled > 0) run(Width<V>{}, b, b_rs, 0, tiled, ahead);
+    if (whole > tiled) run(Width<1>{}, b + tiled, b_rs, tiled, whole - tiled, ahead);
+    if (width > whole) {
+      T* pad = b_buf + (plan.copy_b ? kBlock * width : 0);
+      for (index_t k = 0; k < kc; ++k)
+        for (index_t i = 0; i < L; ++i) pad[k * L + i] = whole + i < cols ? b[k * b_rs + whole + i] : T(0);
+      run(Width<1>{}, pad, L, whole, L, 0);
+    }
+  }
+  for (index_t r = 0; r < R; ++r) {
+    T* c = g.c + r * g.ldc + n0;
+    for (index_t j = 0; j < cols; ++j) c[j] = lane_tree<T, L>(lanes + r * pitch + j, R * pitch);
+  }
+}
+
+template <typename T, int L, int R>
+void gemm_small_rows(const GemmArgs<T>& g, const GemmPlan& plan) {
+  const index_t per_thread = small_scratch(g, plan);
+  Scratch<T> scratch(plan.threads * per_thread);
+  Scratch<double> strip_squares(g.epilogue.loss ? plan.items : 1);
+  if (g.a_row_sums) {
+    Scratch<T> buf(g.a_cs != 1 ? kSmallCopyK : 1);
+    small_row_sums<T, L>(g, buf.get());
+  }
   const Epilogue<T>& e = g.epilogue;
-
-  if (g.a_row_sums)
-    for (index_t m = 0; m < M; ++m) g.a_row_sums[m] = T(0);
-  if (e.loss) *e.loss = 0;
-  if (M == 0) return;
-  if (N == 0) {  // nothing to multiply, but the row sums are still wanted
-    if (g.a_row_sums)
-      for (index_t m = 0; m < M; ++m)
-        for (index_t k = 0; k < K; ++k) g.a_row_sums[m] += g.a[m * g.a_rs + k * g.a_cs];
-    return;
+  const index_t line = 64 / static_cast<index_t>(sizeof(T));
+  auto work_of_thread = [&](int thread, int threads) {
+    T* const lanes = scratch.get() + thread * per_thread;
+    T* const a_buf = lanes + g.m * (plan.strip + line) * L;
+    T* const b_buf = a_buf + g.m * small_axpy_chain(R) * L;
+    const index_t first = plan.items * thread / threads, last = plan.items * (thread + 1) / threads;
+    for (index_t item = first; item < last; ++item) {
+      const index_t n0 = item * plan.strip, cols = imin(plan.strip, g.n - n0);
+      if (plan.dot)
+        small_dot_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf);
+      else
+        small_axpy_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf, b_buf);
+      const double squares = e.bias.data || e.target ? apply_epilogue(e, g.c + n0, g.ldc, 0, n0, R, cols) : 0.0;
+      if (e.loss) strip_squares.get()[item] = squares;
+    }
+  };
+  if (plan.threads > 1) {
+#pragma omp parallel num_threads(plan.threads)
+    {
+#if defined(_OPENMP)
+      work_of_thread(omp_get_thread_num(), omp_get_num_threads());
+#endif
+    }
+  } else {
+    work_of_thread(0, 1);
   }
-
-  // Below kSerialWork multiply-adds a thread team costs more than it saves.
-  const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) < kSerialWork;
-  const int num_threads = small || g.num_threads < 1 ? 1 : g.num_threads;
-  if (N <= kNarrowN) return gemm_narrow(g, num_threads);
-  if constexpr (MR > 1) {
-    // One or two rows (a batch of one, a layer with one output's dW): an MR-row tile would be
-    // mostly padding, so use a one-row tile four times as wide (8 vector accumulators). Such a
-    // product reads each element of B once or twice and is bound by memory; K slices of KC / 8
-    // measured faster than KC for it (batch-of-one forward +25-65%, dX +10%).
-    constexpr int kWide = 4 * NR;
-    if (M <= 2) return gemm<T, 1, kWide, KC / 8, MC, NC / kWide * kWide>(g);
+  if (e.loss) {  // a fixed order, whatever thread computed each strip
+    double total = 0;
+    for (index_t item = 0; item < plan.items; ++item) total += strip_squares.get()[item];
+    *e.loss = total;
   }
+}
 
-  // Block sizes depend on the problem only, never on the thread count, so every element of C is
-  // summed in the same order: K in equal slices of at most KC (no short last slice), M in equal
-  // blocks of at most MC rows (threads get equal work).
-  const index_t num_pc = K > 0 ? ceil_div(K, KC) : 1;  // K == 0 still writes C = 0 (+ bias)
-  const index_t kc_step = ceil_div(K, num_pc);
-  // Rows that fit one block are still split in two (when there are enough for two) if N is too
-  // narrow to share out (N = 50: four column panels, one work item), or one thread would work and
-  // the other wait. Row blocks change who computes a row, not how it is summed.
-  const bool rows_fit_one_block = M <= MC;
+template <typename T, int L>
+void gemm_small(const GemmArgs<T>& g, const GemmPlan& plan) {
+  switch (g.m) {
+    case 1:
+      return gemm_small_rows<T, L, 1>(g, plan);
+    case 2:
+      return gemm_small_rows<T, L, 2>(g, plan);
+    case 3:
+      return gemm_small_rows<T, L, 3>(g, plan);
+    case 4:
+      return gemm_small_rows<T, L, 4>(g, plan);
+    case 5:
+      return gemm_small_rows<T, L, 5>(g, plan);
+    case 6:
+      return gemm_small_rows<T, L, 6>(g, plan);
+    case 7:
+      return gemm_small_rows<T, L, 7>(g, plan);
+    default:
+      return gemm_small_rows<T, L, 8>(g, plan);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed path (see the loops at the top).
+
+constexpr index_t kPanelsPerItem = 4;  // column panels in one work item
+
+// The packed path's decisions (block sizes of the build's table for T).
+template <typename T>
+void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
+  const index_t M = g.m, N = g.n, K = g.k, MR = b.mr, NR = b.nr;
+  const index_t size = static_cast<index_t>(sizeof(T));
+  p.path = GemmPath::packed;
+  p.mr = b.mr;
+  p.nr = b.nr;
+  // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
+  p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
+  p.kc = ceil_div(K, p.k_slices);
+  // M in equal blocks of at most MC rows (threads get equal work). Rows that fit one block are still
+  // split in two (when there are enough for two) if N is too narrow to share out (N = 50: four
+  // column panels, one work item), or one thread would work and the other wait. Row blocks change
+  // who computes a row, not how it is summed.
+  const bool rows_fit_one_block = M <= b.mc;
   const bool few_columns = ceil_div(N, NR * kPanelsPerItem) < 4;
-  const index_t row_blocks = rows_fit_one_block && few_columns && M >= 4 * MR ? 2 : ceil_div(M, MC);
-  const index_t mc_step = ceil_div(ceil_div(M, row_blocks), MR) * MR;
-  const index_t m_blocks = ceil_div(M, mc_step);
+  p.split_rows = rows_fit_one_block && few_columns && M >= 4 * MR;
+  const index_t blocks = p.split_rows ? 2 : ceil_div(M, b.mc);
+  p.mc = ceil_div(ceil_div(M, blocks), MR) * MR;
+  p.row_blocks = ceil_div(M, p.mc);
   // B is packed a slab (as many K slices of an NC column block as fit in kSlabBytes, at least one)
   // at a time, between two barriers: all of K at once for most layers. One slice is at most
   // KC x NC elements (8 MiB of doubles), so the slab never exceeds max(kSlabBytes, one slice).
-  const index_t nc_max = imin(NC, ceil_div(N, NR) * NR);
-  const index_t slice = (kc_step > 0 ? kc_step : 1) * nc_max;  // elements of one packed K slice
-  const index_t slices_in_slab = kSlabBytes / static_cast<index_t>(sizeof(T)) / slice;
-  const index_t pcs_per_slab = imin(num_pc, slices_in_slab > 1 ? slices_in_slab : 1);
-
-  const index_t b_slab = pcs_per_slab * slice;
-  const index_t a_block = ceil_div((kc_step > 0 ? kc_step : 1) * mc_step, 16) * 16;
-  Scratch<T> work(b_slab + num_threads * a_block);
-  const index_t tiles_n = ceil_div(N, NR);
-  Scratch<double> tile_squares(e.loss ? ceil_div(M, MR) * tiles_n : 1);
-  const bool has_epilogue = e.bias.data || e.target;
+  p.nc = imin(b.nc, ceil_div(N, NR) * NR);
+  p.column_blocks = ceil_div(N, b.nc);
+  const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;
+  const index_t fit = kSlabBytes / size / slice;
+  p.slices_per_slab = imin(p.k_slices, fit > 1 ? fit : 1);
+  p.slabs = ceil_div(p.k_slices, p.slices_per_slab);
+  p.items = p.row_blocks * ceil_div(ceil_div(imin(b.nc, N), NR), kPanelsPerItem);
   // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
   // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
-  // zero-padded edge panels go through the packed path, and so do rows a multiple of
-  // kAliasBytes apart: they would fall into the same L1 cache sets.
-  const bool pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * index_t(sizeof(T))) % kAliasBytes != 0);
+  // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes
+  // apart: they would fall into the same L1 cache sets.
+  p.pack_a = !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * size) % kAliasBytes != 0);
   // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
   // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
   // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
   // only when a B micro-panel is reused, by more than one row panel.
-  const bool pack_b =
-      !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * index_t(sizeof(T))) % kAliasBytes != 0));
+  p.pack_b = !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * size) % kAliasBytes != 0));
+  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2 by
+  // the next slice, so they are prefetched before each tile's update.
+  p.prefetch_c = p.mc * p.nc * size > kCacheBytes;
+  const index_t last_panel =
+      (N - (p.column_blocks - 1) * b.nc) - (ceil_div(N - (p.column_blocks - 1) * b.nc, NR) - 1) * NR;
+  p.last_tile = static_cast<int>(last_panel <= NR / 4 ? NR / 4 : last_panel <= NR / 2 ? NR / 2 : NR);
+  const index_t a_block = ceil_div((p.kc > 0 ? p.kc : 1) * p.mc, 16) * 16;
+  p.scratch_bytes = (p.slices_per_slab * slice + p.threads * a_block) * size +
+                    (g.epilogue.loss ? ceil_div(M, MR) * ceil_div(N, NR) * static_cast<index_t>(sizeof(double)) : 0);
+}
+
+// Stage 1: the slab of K slices [pc0, pc1) of the column block at jc (nc wide), packed into b_pack
+// (slice after slice, slice elements apart): NR-column micro-panels, k-major. Panels read in place
+// (pack_b off) are skipped, except a last panel narrower than NR, always packed with zeros. Called
+// by every thread of the team: the panels are shared out, and the implicit barrier at the end
+// means the slab is complete before anyone reads it.
+template <typename T, int NR>
+void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t pc0, index_t pc1, T* b_pack,
+                 index_t slice) {
+  const index_t n_panels = ceil_div(nc, NR);
+#pragma omp for schedule(static)
+  for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
+    const index_t pc = pc0 + job / n_panels, panel = job % n_panels;
+    const index_t k0 = pc * p.kc, kc = imin(p.kc, g.k - k0);
+    if (p.pack_b || nc - panel * NR < NR)
+      pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + panel * NR * kc,
+                              g.b + k0 * g.b_rs + (jc + panel * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - panel * NR),
+                              kc, nullptr);
+  }
+}
+
+// Stage 2: one thread's items [first, last) of the column block at jc for the slab [pc0, pc1).
+// An item is a row block and a group of kPanelsPerItem column panels; for each K slice, the row
+// block's A is packed into a_pack (or read in place), then each MR x NR tile runs the
+// micro-kernel (stage 3), and tiles whose sum is complete get the epilogue (stage 4).
+template <typename T, int MR, int NR, int VL>
+void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t first, index_t last,
+                  index_t pc0, index_t pc1, const T* b_pack, index_t slice, T* a_pack, double* tile_squares) {
+  const index_t M = g.m, N = g.n, K = g.k;
+  const index_t n_panels = ceil_div(nc, NR), parts = ceil_div(n_panels, kPanelsPerItem);
+  const index_t tiles_n = ceil_div(N, NR);
+  const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  for (index_t item = first; item < last;) {
+    const index_t ib = item / parts, part_begin = item % parts;
+    const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
+    item += part_end - part_begin;
+    const index_t i0 = ib * p.mc, mc = imin(p.mc, M - i0);
+    // The bias gradient is summed by the one thread that owns the block's first part.
+    T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
+
+    for (index_t pc = pc0; pc < pc1; ++pc) {
+      const index_t k0 = pc * p.kc, kc = imin(p.kc, K - k0);
+      for (index_t ip = 0; ip < mc; ip += MR)
+        if (p.pack_a || mc - ip < MR)
+          pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
+                                  imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
+      const T* b_slice = b_pack + (pc - pc0) * slice;
+      const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
+      for (index_t panel = part_begin * kPanelsPerItem; panel < p_end; ++panel) {
+        const index_t j0 = jc + panel * NR, nr = imin(NR, N - j0);
+        for (index_t ip = 0; ip < mc; ip += MR) {
+          const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
+          T* c = g.c + m0 * g.ldc + j0;
+          const bool packed_a = p.pack_a || mr < MR, packed_b = p.pack_b || nr < NR;
+          const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
+          const T* b_panel = packed_b ? b_slice + panel * NR * kc : g.b + k0 * g.b_rs + j0;
+          const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
+          const bool accumulate = pc > 0;
+          if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
+            run_tile<T, MR, NR / 4, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                        p.prefetch_c);
+          else if (nr <= NR / 2)
+            run_tile<T, MR, NR / 2, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                        p.prefetch_c);
+          else
+            run_tile<T, MR, NR, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                    p.prefetch_c);
+          if (pc == p.k_slices - 1 && has_epilogue) {
+            const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
+            if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The packed path: the jc and slab loops around stages 1 and 2, on the plan's team.
+template <typename T, int MR, int NR, int VL>
+void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
+  const index_t N = g.n;
+  const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;  // elements of one packed K slice
+  const index_t b_slab = p.slices_per_slab * slice;
+  const index_t a_block = ceil_div((p.kc > 0 ? p.kc : 1) * p.mc, 16) * 16;
+  Scratch<T> work(b_slab + p.threads * a_block);
+  const index_t tiles = ceil_div(g.m, MR) * ceil_div(N, NR);
+  Scratch<double> tile_squares(g.epilogue.loss ? tiles : 1);
   T* const b_pack = work.get();
-  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2
-  // by the next slice.
-  const bool c_block_spills = mc_step * nc_max * index_t(sizeof(T)) > kCacheBytes;
 
   // The work of each thread; with one thread it runs without a team (the worksharing and barriers
   // inside then act as a team of one), which saves setting one up for small products.
@@ -361,85 +798,89 @@ void gemm(const GemmArgs<T>& g) {
     T* const a_pack = b_pack + b_slab + thread * a_block;
     for (index_t jc = 0; jc < N; jc += NC) {
       const index_t nc = imin(NC, N - jc);
-      const index_t n_panels = ceil_div(nc, NR);
-      const index_t parts = ceil_div(n_panels, kPanelsPerItem);  // work items per row block
       // This thread's share of the (row block, part) items: a contiguous range, fixed by the team size.
-      const index_t items = m_blocks * parts;
+      const index_t items = p.row_blocks * ceil_div(ceil_div(nc, NR), kPanelsPerItem);
       const index_t first = items * thread / team, last = items * (thread + 1) / team;
-
-      for (index_t pc0 = 0; pc0 < num_pc; pc0 += pcs_per_slab) {
-        const index_t pc1 = imin(num_pc, pc0 + pcs_per_slab);
-#pragma omp for schedule(static)
-        for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
-          const index_t pc = pc0 + job / n_panels, p = job % n_panels;
-          const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
-          if (pack_b || nc - p * NR < NR)
-            pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + p * NR * kc,
-                                    g.b + k0 * g.b_rs + (jc + p * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - p * NR),
-                                    kc, nullptr);
-        }
-        // (implicit barrier: the slab is complete before anyone reads it)
-
-        for (index_t item = first; item < last;) {
-          const index_t ib = item / parts, part_begin = item % parts;
-          const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
-          item += part_end - part_begin;
-          const index_t i0 = ib * mc_step, mc = imin(mc_step, M - i0);
-          // The bias gradient is summed by the one thread that owns the block's first part.
-          T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
-
-          for (index_t pc = pc0; pc < pc1; ++pc) {
-            const index_t k0 = pc * kc_step, kc = imin(kc_step, K - k0);
-            for (index_t ip = 0; ip < mc; ip += MR)
-              if (pack_a || mc - ip < MR)
-                pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
-                                        imin(MR, mc - ip), kc, sums ? sums + ip : nullptr);
-            const T* b_slice = b_pack + (pc - pc0) * slice;
-            const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
-            for (index_t p = part_begin * kPanelsPerItem; p < p_end; ++p) {
-              const index_t j0 = jc + p * NR, nr = imin(NR, N - j0);
-              for (index_t ip = 0; ip < mc; ip += MR) {
-                const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
-                T* c = g.c + m0 * g.ldc + j0;
-                const bool packed_a = pack_a || mr < MR, packed_b = pack_b || nr < NR;
-                const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
-                const T* b_panel = packed_b ? b_slice + p * NR * kc : g.b + k0 * g.b_rs + j0;
-                const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
-                const bool accumulate = pc > 0;
-                if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
-                  run_tile<T, MR, NR / 4>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                          c_block_spills);
-                else if (nr <= NR / 2)
-                  run_tile<T, MR, NR / 2>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                          c_block_spills);
-                else
-                  run_tile<T, MR, NR>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                      c_block_spills);
-                if (pc == num_pc - 1 && has_epilogue) {
-                  const double squares = apply_epilogue(e, c, g.ldc, m0, j0, mr, nr);
-                  if (e.loss) tile_squares.get()[(m0 / MR) * tiles_n + j0 / NR] = squares;
-                }
-              }
-            }
-          }
-        }
+      for (index_t pc0 = 0; pc0 < p.k_slices; pc0 += p.slices_per_slab) {
+        const index_t pc1 = imin(p.k_slices, pc0 + p.slices_per_slab);
+        pack_b_slab<T, NR>(g, p, jc, nc, pc0, pc1, b_pack, slice);
+        macro_kernel<T, MR, NR, VL>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack, tile_squares.get());
 #pragma omp barrier
         // (everyone is done with the slab before it is repacked)
       }
     }
   };
-  if (num_threads > 1) {
-#pragma omp parallel num_threads(num_threads)
+  if (p.threads > 1) {
+#pragma omp parallel num_threads(p.threads)
     work_of_thread();
   } else {
     work_of_thread();
   }
 
-  if (e.loss) {  // a fixed order, whatever thread computed each tile
+  if (g.epilogue.loss) {  // a fixed order, whatever thread computed each tile
     double total = 0;
-    const index_t tiles = ceil_div(M, MR) * tiles_n;
     for (index_t t = 0; t < tiles; ++t) total += tile_squares.get()[t];
-    *e.loss = total;
+    *g.epilogue.loss = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan and the driver.
+
+template <typename T, const GemmTable& kTable>
+constexpr const GemmBlocking& blocking_of() {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return kTable.f;
+  } else {
+    return kTable.d;
+  }
+}
+
+// Every decision for one product, from g's shape and strides (and whether row sums and the loss
+// are wanted) and the build's table; no pointer is read.
+template <typename T, const GemmTable& kTable>
+GemmPlan make_plan(const GemmArgs<T>& g) {
+  const GemmBlocking& b = blocking_of<T, kTable>();
+  GemmPlan p;
+  if (g.m == 0 || g.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
+  // Below kSerialWork multiply-adds a thread team costs more than it saves.
+  const bool small = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k) < kSerialWork;
+  p.threads = small || g.num_threads < 1 ? 1 : g.num_threads;
+  if (g.n <= kNarrowN) {
+    p.path = GemmPath::narrow;
+    p.copy_a = g.a_cs != 1;
+    p.copy_b = g.b_rs != 1;
+    p.items = ceil_div(g.m, kNarrowRows);
+    p.scratch_bytes = p.threads * narrow_buffer(g) * static_cast<index_t>(sizeof(T)) +
+                      (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
+  } else if (g.m <= kSmallM && g.k >= kSmallMinK * g.m * g.m) {
+    plan_small(g, b.vl, p);
+  } else {
+    plan_packed(g, b, p);
+  }
+  return p;
+}
+
+template <typename T, const GemmTable& kTable>
+void gemm(const GemmArgs<T>& g) {
+  constexpr const GemmBlocking& b = blocking_of<T, kTable>();
+  const index_t M = g.m, K = g.k;
+  if (g.a_row_sums)
+    for (index_t m = 0; m < M; ++m) g.a_row_sums[m] = T(0);
+  if (g.epilogue.loss) *g.epilogue.loss = 0;
+  const GemmPlan plan = make_plan<T, kTable>(g);
+  switch (plan.path) {
+    case GemmPath::empty:
+      if (g.n == 0 && g.a_row_sums)  // nothing to multiply, but the row sums are still wanted
+        for (index_t m = 0; m < M; ++m)
+          for (index_t k = 0; k < K; ++k) g.a_row_sums[m] += g.a[m * g.a_rs + k * g.a_cs];
+      return;
+    case GemmPath::narrow:
+      return gemm_narrow(g, plan.threads);
+    case GemmPath::small_m:
+      return gemm_small<T, b.vl>(g, plan);
+    case GemmPath::packed:
+      return gemm_packed<T, b.mr, b.nr, b.vl>(g, plan, b.nc);
   }
 }
 
@@ -463,17 +904,24 @@ double fma_probe(index_t iterations, float seed) {
 
 }  // namespace
 
-// The table this build exports (declared in gemm.hpp), from the file's tile and block sizes.
-template <int MRf, int NRf, int MCf, int MRd, int NRd, int MCd, int KC, int NC>
-constexpr GemmKernels make_kernels(const char* name) {
-  return GemmKernels{name,
-                     &gemm<float, MRf, NRf, KC, MCf, NC>,
-                     &gemm<double, MRd, NRd, KC, MCd, NC>,
-                     &fma_probe<NRf / 2>,
-                     2 * 12 * (NRf / 2),
-                     {MRf, NRf, MCf, KC, NC},
-                     {MRd, NRd, MCd, KC, NC}};
+// The table this build exports (declared in gemm.hpp), from its file's kBlocking.
+template <const GemmTable& kTable>
+constexpr GemmKernels make_kernels() {
+  static_assert(kTable.f.mc % kTable.f.mr == 0 && kTable.f.nc % kTable.f.nr == 0, "blocks must hold whole tiles");
+  static_assert(kTable.d.mc % kTable.d.mr == 0 && kTable.d.nc % kTable.d.nr == 0, "blocks must hold whole tiles");
+  static_assert(kTable.f.nr % 4 == 0 && kTable.d.nr % 4 == 0, "the last column panel may run an NR/4 tile");
+  return GemmKernels{kTable.name,
+                     &gemm<float, kTable>,
+                     &gemm<double, kTable>,
+                     &make_plan<float, kTable>,
+                     &make_plan<double, kTable>,
+                     &fma_probe<kTable.f.vl>,
+                     2 * 12 * kTable.f.vl,
+                     kTable.f,
+                     kTable.d};
 }
+
+const GemmKernels kernels = make_kernels<kBlocking>();
 
 }  // namespace LINGRAD_ISA
 }  // namespace lingrad

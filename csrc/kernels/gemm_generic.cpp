@@ -1,8 +1,20 @@
-// Portable build of the GEMM engine (baseline x86-64 is SSE2: 16 xmm registers hold a 6x8 float
-// or 6x4 double tile). Also the build for CPUs other than x86.
-#define LINGRAD_ISA isa_generic
-#include "gemm_engine.hpp"
+// Portable build of the GEMM engine: baseline x86-64 (SSE2), and the build for CPUs other than x86.
+#include "gemm.hpp"
 
 namespace lingrad::isa_generic {
-const GemmKernels kernels = make_kernels</*float*/ 6, 8, 96, /*double*/ 6, 4, 96, /*KC*/ 256, /*NC*/ 4096>("generic");
-}
+// Block sizes (BLIS names), float | double, and why. 16 xmm registers of 4 floats or 2 doubles.
+//   MR   6 |   6   rows of the register tile
+//   NR   8 |   4   two vectors: 12 accumulators + 2 of B + 1 of A
+//   MC  96 |  96   a packed A block of MC x KC: 96 KB | 192 KB (L2)
+//   KC 256 | 256   a B micro-panel of KC x NR: 8 KB (L1)
+//   NC 4096| 4096  a packed KC x NC slice of B: 4 MB | 8 MB (L3)
+//   VL   4 |   2   one vector: the lanes of the small-M path
+constexpr GemmTable kBlocking = {
+    "generic",
+    /* float  */ {6, 8, 96, 256, 4096, 4},
+    /* double */ {6, 4, 96, 256, 4096, 2},
+};
+}  // namespace lingrad::isa_generic
+
+#define LINGRAD_ISA isa_generic
+#include "gemm_engine.hpp"

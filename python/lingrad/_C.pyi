@@ -34,3 +34,17 @@ def set_isa(name: str) -> None: ...
 def available_isas() -> list[str]: ...
 def measure_fma_peak(threads: int, seconds: float = 0.3) -> float: ...
 def build_info() -> dict[str, Any]: ...
+def _gemm_plan(
+    m: int,
+    n: int,
+    k: int,
+    a_rs: int,
+    a_cs: int,
+    b_rs: int,
+    b_cs: int,
+    dtype: Literal["float32", "float64"] = "float32",
+    *,
+    row_sums: bool = False,
+    loss: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]: ...

@@ -103,6 +103,13 @@ def show_config(file: IO[str] | None = None) -> None:
         f"  SIMD code path  {info['isa']} (available here: {', '.join(info['available_isas'])})",
         f"  register tile   float32 {info['tile_float32'][0]}x{info['tile_float32'][1]}, "
         f"float64 {info['tile_float64'][0]}x{info['tile_float64'][1]}",
+        *(
+            f"  blocking {dtype} " + " ".join(f"{k.upper()} {v}" for k, v in info[f"blocking_{dtype}"].items())
+            for dtype in ("float32", "float64")
+        ),
+        f"  GEMM paths      narrow for N <= 4, small-M for M <= {info['gemm_small_m']} and "
+        f"K >= {info['gemm_small_min_k']} M^2, packed otherwise; one thread below "
+        f"{info['gemm_serial_work']:.0f} multiply-adds",
         f"  threads         {info['num_threads']}",
     ]
     print("\n".join(lines), file=out)

@@ -4,17 +4,27 @@ Each comparison runs its contestants interleaved (A, B, A, B, ...) so that both 
 machine load, and reports medians and the ratio of medians (> 1 means lingrad is faster). GFLOP/s
 count 2*B*in*out per product: a forward pass is one product, a training step with the input
 gradient three (the mixed MLP's second layer, out -> 1, is not counted). The peak is measured here,
-with an FMA loop on the same threads.
+with an FMA loop on the same threads, and every rate is also given as a percentage of it.
+
+The cliff finder (``cliff_shapes``, ``summary``) times a seeded set of random shapes, log-uniform in
+each of batch, in and out from 1 to 4096, and reports the worst and the median ratio per case.
+
+NumPy's BLAS is named as threadpoolctl reports it (``blas_description``). OpenBLAS chooses its
+kernel for the CPU when it is loaded, unless OPENBLAS_CORETYPE (or OPENBLAS_L2_SIZE) forces it:
+``bench/sweep.py`` removes both from its own environment before NumPy is imported, so that NumPy
+runs its best kernel; the tests and CI never do.
 
 Used by ``python -m lingrad bench`` and ``bench/sweep.py``.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,8 +34,10 @@ import lingrad
 from lingrad import _C, kernels
 
 # (batch, in_features, out_features)
+SMALL_BATCH = [(1, 784, 50), (1, 4096, 1024), (1, 1024, 4096), (2, 4096, 4096), (8, 1024, 1024)]
 SWEEP = [
     (1, 3, 1),
+    *SMALL_BATCH,
     (32, 64, 64),
     (64, 784, 50),
     (256, 784, 256),
@@ -38,7 +50,20 @@ SWEEP = [
 ]
 ODD = [(257, 511, 1000), (777, 1000, 257), (1000, 777, 511)]  # no power of two, no tile multiple
 FLOAT64 = [(64, 784, 50), (512, 1024, 1024)]
-QUICK = [(1, 3, 1), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024)]
+QUICK = [(1, 3, 1), (1, 4096, 1024), (32, 64, 64), (64, 784, 50), (256, 784, 256), (512, 1024, 1024)]
+OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # what forces OpenBLAS's kernel choice
+# The cases the cliff finder times at each random shape (the mixed MLP and the drop-in step add
+# nothing the products and the fused step do not show, at up to 4096^3 multiply-adds a product).
+CLIFF = ("forward", "grad input", "grad weight", "forward no-grad", "step fused")
+
+
+def cliff_shapes(count: int = 24, seed: int = 12, low: int = 1, high: int = 4096) -> list[tuple]:
+    """`count` random shapes (batch, in, out), each dimension log-uniform in [low, high] (seeded:
+    the same shapes every run), to find the shapes where lingrad falls behind."""
+    rng = np.random.default_rng(seed)
+    logs = rng.uniform(math.log(low), math.log(high + 1), size=(count, 3))
+    return [tuple(int(min(high, max(low, math.floor(math.exp(v))))) for v in row) for row in logs]
+
 
 # NumPy's OpenBLAS runs its own thread pool, whose idle threads keep spinning on the cores for about
 # 0.1 s after each call (and lingrad's OpenMP threads for a few ms): timed right after the other,
@@ -193,7 +218,17 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
         return run
 
     torch_step = step(lambda: F.mse_loss(reference(x), t))
+    x_data = x.detach()
+
+    def no_grad(module):
+        def run():
+            with torch.no_grad():
+                return module(x_data)
+
+        return run
+
     return {
+        "forward no-grad": {"lingrad": no_grad(drop_in), "torch": no_grad(reference)},
         "step fused": {"lingrad": step(lambda: fused(x, t)), "torch": torch_step},
         "step drop-in": {"lingrad": step(lambda: F.mse_loss(drop_in(x), t)), "torch": torch_step},
         "mlp mixed": {
@@ -211,30 +246,32 @@ def run(
     torch_baseline: bool = True,
     budget: float = 0.6,
     progress: Callable[[Iterable], Iterable] | None = None,
+    only: Collection[str] | None = None,
 ) -> list[Result]:
-    """Measure every case at every shape. `progress` may wrap the shape iterator (e.g. tqdm)."""
+    """Measure every case (or those named in `only`) at every shape. `progress` may wrap the shape
+    iterator (e.g. tqdm)."""
     results = []
     shapes = list(shapes)
     for shape in progress(shapes) if progress else shapes:
         batch, n_in, n_out = shape
         product = 2.0 * batch * n_in * n_out
-        groups = []  # PyTorch and NumPy are never timed together (see NUMPY_SETTLE)
+        groups: list[tuple] = []  # PyTorch and NumPy are never timed together (see NUMPY_SETTLE)
+        # (cases, flops of each case, timing options)
         if torch_baseline:
-            groups.append((torch_cases(shape, dtype), 3 * product, {}))
+            cases = torch_cases(shape, dtype)
+            groups.append((cases, {c: product if c == "forward no-grad" else 3 * product for c in cases}, {}))
         if numpy_baseline:
-            groups.append(
-                (
-                    numpy_cases(shape, dtype),
-                    product,
-                    dict(settle=NUMPY_SETTLE, batch=NUMPY_BATCH, budget=budget + 10 * NUMPY_SETTLE),
-                )
-            )
+            cases = numpy_cases(shape, dtype)
+            timing = dict(settle=NUMPY_SETTLE, batch=NUMPY_BATCH, budget=budget + 10 * NUMPY_SETTLE)
+            groups.append((cases, dict.fromkeys(cases, product), timing))
         # (PyTorch's first batch at the next shape follows NumPy's last call: one slow batch of at
         # least five, which the median leaves out)
         for cases, flops, timing in groups:
             for case, contestants in cases.items():
+                if only is not None and case not in only:
+                    continue
                 seconds = time_interleaved(contestants, **{"budget": budget, **timing})
-                results.append(Result(case, shape, np.dtype(dtype).name, flops, seconds))
+                results.append(Result(case, shape, np.dtype(dtype).name, flops[case], seconds))
     return results
 
 
@@ -244,16 +281,47 @@ def sweep(
     torch_baseline: bool = True,
     budget: float = 0.6,
     progress: Callable[[Iterable], Iterable] | None = None,
+    cliff: int = 0,
 ) -> tuple[list[Result], float]:
-    """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK)
-    and the FMA peak in GFLOP/s, measured before and after: a busy core during one probe halves it."""
+    """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK),
+    then `cliff` shapes of the cliff finder (cliff_shapes), and the FMA peak in GFLOP/s, measured
+    before and after: a busy core during one probe halves it."""
     peak = peak_gflops()
     results = run(
         SWEEP + ODD if full else QUICK, np.float32, torch_baseline=torch_baseline, budget=budget, progress=progress
     )
     if full:
         results += run(FLOAT64, np.float64, torch_baseline=torch_baseline, budget=budget, progress=progress)
+    if cliff:
+        found = run(
+            cliff_shapes(cliff), np.float32, torch_baseline=torch_baseline, budget=budget, progress=progress, only=CLIFF
+        )
+        results += [Result(f"{r.case} (cliff)", r.shape, r.dtype, r.flops, r.seconds) for r in found]
     return results, max(peak, peak_gflops())
+
+
+def summary(results: list[Result]) -> str:
+    """A Markdown table per case: the worst and the median ratio against its baseline, and the shape
+    of the worst (the cliff finder's verdict; also useful on the sweep)."""
+    lines = [
+        "| case | baseline | shapes | worst ratio | at (B, in, out) | median ratio |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    cases: dict[tuple, list[Result]] = {}
+    for r in results:
+        cases.setdefault((r.case, r.dtype, _baseline(r)), []).append(r)
+    for (case, dtype, baseline), rows in cases.items():
+        worst = min(rows, key=lambda r: r.ratio(baseline))
+        median = statistics.median(r.ratio(baseline) for r in rows)
+        lines.append(
+            f"| {case} ({dtype}) | {baseline} | {len(rows)} | {worst.ratio(baseline):.2f}x | "
+            f"{', '.join(map(str, worst.shape))} | {median:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _baseline(r: Result) -> str:
+    return next(name for name in r.seconds if name != "lingrad")
 
 
 def cpu_name() -> str:
@@ -268,7 +336,8 @@ def cpu_name() -> str:
 
 
 def describe_machine(peak: float) -> str:
-    """Two lines: the CPU and its measured peak; lingrad's, NumPy's and PyTorch's versions and threads."""
+    """Three lines: the CPU and its measured peak; lingrad's, NumPy's and PyTorch's versions and
+    threads; the BLAS kernel NumPy runs."""
     info = lingrad.config()
     versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"
     try:
@@ -277,7 +346,31 @@ def describe_machine(peak: float) -> str:
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     except ImportError:
         versions += ", torch not installed"
-    return f"CPU: {cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s\n{versions}"
+    return f"CPU: {cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s\n{versions}\n{blas_description()}"
+
+
+def blas_description() -> str:
+    """The BLAS library NumPy calls and the kernel it runs (threadpoolctl), and whether the
+    environment forced that kernel (OPENBLAS_ENV)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "NumPy's BLAS: unknown (pip install threadpoolctl to name it)"
+    blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    if not blas:
+        return "NumPy's BLAS: none found by threadpoolctl"
+    parts = []
+    for p in blas:
+        kernel = p.get("architecture") or "kernel unknown"
+        library = f"{p.get('internal_api', '?')} {p.get('version', '?')}"
+        parts.append(f"{library} ({kernel} kernel, {p.get('num_threads')} threads)")
+    forced = [f"{name}={os.environ[name]}" for name in OPENBLAS_ENV if name in os.environ]
+    note = (
+        f"; its kernel is forced by {', '.join(forced)} (bench/sweep.py runs without it: OpenBLAS's own choice)"
+        if forced
+        else "; its own choice for this CPU"
+    )
+    return "NumPy's BLAS: " + ", ".join(parts) + note
 
 
 def peak_gflops(threads: int | None = None) -> float:
@@ -288,15 +381,17 @@ def peak_gflops(threads: int | None = None) -> float:
 def table(results: list[Result], peak: float) -> str:
     """A Markdown table: medians, ratios against the baseline, GFLOP/s and percent of peak."""
     lines = [
-        "| case | dtype | B, in, out | lingrad | baseline | ratio | lingrad GF/s | baseline GF/s | % of peak |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | dtype | B, in, out | lingrad | baseline | ratio | lingrad GF/s | baseline GF/s "
+        "| lingrad % of peak | baseline % of peak |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        baseline = next(name for name in r.seconds if name != "lingrad")
+        baseline = _baseline(r)
         lines.append(
             f"| {r.case} | {r.dtype} | {', '.join(map(str, r.shape))} | {_us(r.seconds['lingrad'])} | "
             f"{baseline} {_us(r.seconds[baseline])} | {r.ratio(baseline):.2f}x | {r.gflops('lingrad'):.1f} | "
-            f"{r.gflops(baseline):.1f} | {100 * r.gflops('lingrad') / peak:.0f}% |"
+            f"{r.gflops(baseline):.1f} | {100 * r.gflops('lingrad') / peak:.0f}% | "
+            f"{100 * r.gflops(baseline) / peak:.0f}% |"
         )
     return "\n".join(lines)
 
