@@ -11,8 +11,10 @@
 
 namespace lingrad {
 
-// Applied to each tile of C once its K sum is complete:
-//   y = c + bias[n];   with a target: r = y - target[m, n], loss += r*r (in double), c = grad_scale*r
+// Applied to each tile of C once its K sum is complete, in this order:
+//   z = c + bias[n];   pre[m, n] = z if pre is set;   h = act(z);
+//   with a target: r = h - target[m, n], loss += r*r (in double), c = grad_scale * r * act'(z);  else c = h;
+//   with `at` (a backward product): c *= grad_act'(at[m, n]), at being the saved pre-activation or output.
 template <typename T>
 struct Epilogue {
   VectorView<T> bias;         // (N), or absent
@@ -20,6 +22,15 @@ struct Epilogue {
   index_t target_rs = 0, target_cs = 0;
   T grad_scale = 0;
   double* loss = nullptr;  // out: sum of r*r, summed in a fixed order
+  Activation act = Activation::identity;
+  T slope = 0;       // LeakyReLU's negative slope (of act and of grad_act)
+  T* pre = nullptr;  // (M, N), rows saved_ld apart: receives z, if set
+  Activation grad_act = Activation::identity;
+  const T* at = nullptr;  // (M, N), rows saved_ld apart: what grad_act' is computed from, if set
+  bool at_is_pre = false;
+  index_t saved_ld = 0;
+
+  bool active() const { return bias.data || target || act != Activation::identity || pre || at; }
 };
 
 template <typename T>
@@ -55,6 +66,9 @@ struct GemmKernels {
   void (*dgemm)(const GemmArgs<double>&);
   GemmPlan (*splan)(const GemmArgs<float>&);  // the plan each would run (no pointer is read)
   GemmPlan (*dplan)(const GemmArgs<double>&);
+  // The epilogue alone over a dense (M, N) matrix c (its loss, if asked for, summed row by row).
+  void (*sepilogue)(const Epilogue<float>&, float* c, index_t m, index_t n);
+  void (*depilogue)(const Epilogue<double>&, double* c, index_t m, index_t n);
   double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
   int fma_probe_flops;                                  // float flops per probe iteration
   GemmBlocking blocking_float, blocking_double;
@@ -71,5 +85,11 @@ const GemmKernels& active_kernels();
 
 inline void gemm(const GemmArgs<float>& g) { active_kernels().sgemm(g); }
 inline void gemm(const GemmArgs<double>& g) { active_kernels().dgemm(g); }
+inline void epilogue(const Epilogue<float>& e, float* c, index_t m, index_t n) {
+  active_kernels().sepilogue(e, c, m, n);
+}
+inline void epilogue(const Epilogue<double>& e, double* c, index_t m, index_t n) {
+  active_kernels().depilogue(e, c, m, n);
+}
 
 }  // namespace lingrad

@@ -27,6 +27,7 @@
 #error "define LINGRAD_ISA before including gemm_engine.hpp"
 #endif
 
+#include <cmath>
 #include <cstddef>
 #include <cstdlib>
 #include <new>
@@ -175,27 +176,128 @@ void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, i
     micro_kernel<T, MR, W, false, VL>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
 }
 
-// The epilogue on a finished mr x nr tile of C at (m0, n0): see Epilogue in gemm.hpp.
-// Returns the tile's sum of squared residuals (0 without a target).
+// ---------------------------------------------------------------------------------------------
+// Activations and their derivatives, elementwise, as PyTorch defines them (ReLU' and LeakyReLU' at
+// 0 are 0 and the slope; GELU exact or with the tanh approximation).
+
+template <typename T>
+T activate(Activation a, T z, T slope) {
+  switch (a) {
+    case Activation::identity:
+      return z;
+    case Activation::relu:
+      return z > T(0) ? z : T(0);
+    case Activation::leaky_relu:
+      return z > T(0) ? z : slope * z;
+    case Activation::tanh:
+      return std::tanh(z);
+    case Activation::sigmoid:
+      return T(1) / (T(1) + std::exp(-z));
+    case Activation::gelu:
+      return T(0.5) * z * (T(1) + std::erf(z * T(0.70710678118654752440)));
+    case Activation::gelu_tanh:
+      return T(0.5) * z * (T(1) + std::tanh(T(0.79788456080286535588) * (z + T(0.044715) * z * z * z)));
+    case Activation::silu:
+      return z / (T(1) + std::exp(-z));
+  }
+  return z;
+}
+
+// act'(z) from the pre-activation z.
+template <typename T>
+T activation_grad_at_pre(Activation a, T z, T slope) {
+  switch (a) {
+    case Activation::identity:
+      return T(1);
+    case Activation::relu:
+      return z > T(0) ? T(1) : T(0);
+    case Activation::leaky_relu:
+      return z > T(0) ? T(1) : slope;
+    case Activation::tanh: {
+      const T h = std::tanh(z);
+      return T(1) - h * h;
+    }
+    case Activation::sigmoid: {
+      const T h = T(1) / (T(1) + std::exp(-z));
+      return h * (T(1) - h);
+    }
+    case Activation::gelu:
+      return T(0.5) * (T(1) + std::erf(z * T(0.70710678118654752440))) +
+             z * T(0.39894228040143267794) * std::exp(T(-0.5) * z * z);
+    case Activation::gelu_tanh: {
+      const T beta = T(0.79788456080286535588), kappa = T(0.044715);
+      const T t = std::tanh(beta * (z + kappa * z * z * z));
+      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * z * z);
+    }
+    case Activation::silu: {
+      const T s = T(1) / (T(1) + std::exp(-z));
+      return s * (T(1) + z * (T(1) - s));
+    }
+  }
+  return T(1);
+}
+
+// act'(z) from the output h = act(z), for the activations where h determines it.
+template <typename T>
+T activation_grad_at_output(Activation a, T h, T slope) {
+  switch (a) {
+    case Activation::relu:
+      return h > T(0) ? T(1) : T(0);
+    case Activation::leaky_relu:  // (a positive slope: h > 0 exactly where z > 0)
+      return h > T(0) ? T(1) : slope;
+    case Activation::tanh:
+      return T(1) - h * h;
+    case Activation::sigmoid:
+      return h * (T(1) - h);
+    default:
+      return T(1);
+  }
+}
+
+// The epilogue on a finished mr x nr tile of C at (m0, n0), rows ldc apart: see Epilogue in
+// gemm.hpp. Returns the tile's sum of squared residuals (0 without a target).
 template <typename T>
 double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr, index_t nr) {
   double squares = 0;
+  const bool act = e.act != Activation::identity;
   for (index_t i = 0; i < mr; ++i) {
     T* ci = c + i * ldc;
     if (e.bias.data) {
       const T* bias = e.bias.data + n0 * e.bias.stride;
       for (index_t j = 0; j < nr; ++j) ci[j] += bias[j * e.bias.stride];
     }
+    if (e.pre) {
+      T* pre = e.pre + (m0 + i) * e.saved_ld + n0;
+      for (index_t j = 0; j < nr; ++j) pre[j] = ci[j];
+    }
     if (e.target) {
       const T* t = e.target + (m0 + i) * e.target_rs + n0 * e.target_cs;
       for (index_t j = 0; j < nr; ++j) {
-        const T r = ci[j] - t[j * e.target_cs];
+        const T z = ci[j];
+        const T r = (act ? activate(e.act, z, e.slope) : z) - t[j * e.target_cs];
         squares += static_cast<double>(r) * static_cast<double>(r);
-        ci[j] = e.grad_scale * r;
+        ci[j] = act ? e.grad_scale * r * activation_grad_at_pre(e.act, z, e.slope) : e.grad_scale * r;
       }
+    } else if (act) {
+      for (index_t j = 0; j < nr; ++j) ci[j] = activate(e.act, ci[j], e.slope);
+    }
+    if (e.at) {
+      const T* at = e.at + (m0 + i) * e.saved_ld + n0;
+      if (e.at_is_pre)
+        for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_pre(e.grad_act, at[j], e.slope);
+      else
+        for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_output(e.grad_act, at[j], e.slope);
     }
   }
   return squares;
+}
+
+// The epilogue alone over a dense (M, N) matrix (GemmKernels::sepilogue): the loss in a fixed order.
+template <typename T>
+void epilogue_only(const Epilogue<T>& e, T* c, index_t m, index_t n) {
+  double squares = 0;
+  for (index_t i = 0; i < m; ++i) squares += apply_epilogue(e, c + i * n, n, i, 0, 1, n);
+  if (e.loss) *e.loss = squares;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,7 +321,7 @@ void gemm_narrow(const GemmArgs<T>& g, int num_threads) {
   constexpr index_t kRows = kNarrowRows, kChunk = kNarrowChunk;
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t blocks = ceil_div(M, kRows);
-  const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  const bool has_epilogue = g.epilogue.active();
   const bool copy_a = g.a_cs != 1, copy_b = g.b_rs != 1;
   const index_t buffer = narrow_buffer(g);  // per thread
   Scratch<T> buffers(num_threads * buffer);
@@ -599,7 +701,7 @@ void gemm_small_rows(const GemmArgs<T>& g, const GemmPlan& plan) {
         small_dot_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf);
       else
         small_axpy_strip<T, L, R>(g, plan, n0, cols, lanes, a_buf, b_buf);
-      const double squares = e.bias.data || e.target ? apply_epilogue(e, g.c + n0, g.ldc, 0, n0, R, cols) : 0.0;
+      const double squares = e.active() ? apply_epilogue(e, g.c + n0, g.ldc, 0, n0, R, cols) : 0.0;
       if (e.loss) strip_squares.get()[item] = squares;
     }
   };
@@ -729,7 +831,7 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t n_panels = ceil_div(nc, NR), parts = ceil_div(n_panels, kPanelsPerItem);
   const index_t tiles_n = ceil_div(N, NR);
-  const bool has_epilogue = g.epilogue.bias.data || g.epilogue.target;
+  const bool has_epilogue = g.epilogue.active();
   for (index_t item = first; item < last;) {
     const index_t ib = item / parts, part_begin = item % parts;
     const index_t part_end = imin(parts, part_begin + (last - item));  // this block's parts here
@@ -915,6 +1017,8 @@ constexpr GemmKernels make_kernels() {
                      &gemm<double, kTable>,
                      &make_plan<float, kTable>,
                      &make_plan<double, kTable>,
+                     &epilogue_only<float>,
+                     &epilogue_only<double>,
                      &fma_probe<kTable.f.vl>,
                      2 * 12 * kTable.f.vl,
                      kTable.f,

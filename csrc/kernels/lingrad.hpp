@@ -68,6 +68,54 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
                   T* dx, T* dw, T* db, T* dy = nullptr);
 
 // ---------------------------------------------------------------------------------------------
+// Whole small networks (mlp.cpp): L Linear layers, each followed by an elementwise activation.
+//
+//   H_0 = X (B, in_0);   Z_l = H_{l-1} W_l^T + b_l (B, out_l);   H_l = act_l(Z_l);   Y = H_L
+//
+// and back from dY = dL/dY:  dZ_l = dH_l * act_l'(Z_l);  dW_l = dZ_l^T H_{l-1};  db_l = sum_b dZ_l;
+//   dH_{l-1} = dZ_l W_l.  Bias and activation run in the forward products' epilogues, act' in the
+// input-gradient products' epilogues, while each tile of the result is still in cache.
+
+enum class Activation { identity, relu, leaky_relu, tanh, sigmoid, gelu, gelu_tanh, silu };
+
+// Whether act' must be computed from the pre-activation Z (else the output H is enough: ReLU,
+// Tanh, Sigmoid, LeakyReLU with a positive slope, Identity).
+bool activation_needs_pre(Activation act, double slope);
+
+template <typename T>
+struct MlpLayer {
+  MatrixView<T> weight;  // (out, in)
+  VectorView<T> bias;    // (out), or absent
+  Activation act = Activation::identity;
+  T slope = 0;  // LeakyReLU's negative slope
+};
+
+// What a forward pass keeps for backward, per layer l: its output H_l (B, out_l; for the last
+// layer the caller's y) and, where act_l' needs it, its pre-activation Z_l (else null).
+template <typename T>
+struct MlpSaved {
+  T* h = nullptr;
+  T* z = nullptr;
+};
+
+// Y (B, out_L). With saved (n entries; h of the last one unused), every layer's H and the Z that
+// backward needs are kept there; without, two scratch buffers carry the activations.
+template <typename T>
+void mlp_forward(MatrixView<T> x, const MlpLayer<T>* layers, int n, T* y, const MlpSaved<T>* saved);
+
+// The gradients of a forward pass that kept `saved`, for dY (B, out_L) at its output y: dX (if dx
+// is not null), and dW_l, db_l (each if not null).
+template <typename T>
+void mlp_backward(MatrixView<T> x, const MlpLayer<T>* layers, int n, const MlpSaved<T>* saved, const T* y,
+                  MatrixView<T> dy, T* dx, T* const* dw, T* const* db);
+
+// The whole training step with the MSE loss on the output (mean or sum): the forward pass, the loss
+// and dZ_L in the last product's epilogue, then every gradient. Returns the loss.
+template <typename T>
+double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> target, Reduction reduction, T* dx,
+               T* const* dw, T* const* db);
+
+// ---------------------------------------------------------------------------------------------
 // Threads and instruction sets (process-wide, thread-safe).
 int get_num_threads();
 void set_num_threads(int n);  // n >= 1; ignored (stays 1) in a build without OpenMP

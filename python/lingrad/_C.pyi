@@ -1,4 +1,5 @@
 # Signatures of the compiled module, for editors and type checkers (see lingrad.kernels).
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -48,3 +49,37 @@ def _gemm_plan(
     loss: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]: ...
+def mlp_forward(
+    x: _Array,
+    weights: Sequence[_Array],
+    biases: Sequence[_Array | None] | None,
+    activations: Sequence[str],
+    *,
+    negative_slopes: Sequence[float] | None = None,
+    save: bool = False,
+    out: _Array | None = None,
+) -> _Array | tuple[_Array, list[_Array], list[_Array | None]]: ...
+def mlp_backward(
+    grad_out: _Array,
+    x: _Array,
+    weights: Sequence[_Array],
+    biases: Sequence[_Array | None] | None,
+    activations: Sequence[str],
+    y: _Array,
+    hidden: Sequence[_Array],
+    pre: Sequence[_Array | None],
+    *,
+    negative_slopes: Sequence[float] | None = None,
+    input_grad: bool = True,
+) -> tuple[_Array | None, list[_Array], list[_Array | None]]: ...
+def mlp_mse(
+    x: _Array,
+    weights: Sequence[_Array],
+    biases: Sequence[_Array | None] | None,
+    activations: Sequence[str],
+    target: _Array,
+    reduction: Literal["mean", "sum"] = "mean",
+    *,
+    negative_slopes: Sequence[float] | None = None,
+    input_grad: bool = True,
+) -> tuple[float, _Array | None, list[_Array], list[_Array | None]]: ...

@@ -23,6 +23,9 @@ from ._C import (
     linear_backward_weight,
     linear_forward,
     linear_mse,
+    mlp_backward,
+    mlp_forward,
+    mlp_mse,
     mse_backward,
     mse_loss,
 )
@@ -34,4 +37,7 @@ __all__ = [
     "mse_loss",
     "mse_backward",
     "linear_mse",
+    "mlp_forward",
+    "mlp_backward",
+    "mlp_mse",
 ]
