@@ -668,6 +668,7 @@ def test_distributed_data_parallel_gloo(tmp_path):
         for name, grad in result["reference"].items():
             torch.testing.assert_close(result["lingrad"][name], grad)
             torch.testing.assert_close(result["fused"][name], grad)
+            torch.testing.assert_close(result["whole"][name], grad)
             torch.testing.assert_close(result["lingrad"][name], results[0]["lingrad"][name], rtol=0, atol=0)
 
 

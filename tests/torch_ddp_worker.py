@@ -3,8 +3,8 @@
     python torch_ddp_worker.py RANK WORLD_SIZE OUT_DIR     (MASTER_ADDR/MASTER_PORT in the environment)
 
 Joins a gloo process group on the loopback interface, trains one step on this rank's shard with
-three DDP-wrapped copies of one MLP (nn.Linear; lingrad.Linear via swap_linear; lingrad.Linear
-with the fused LinearMSELoss head) and saves their all-reduced gradients to OUT_DIR/rank<RANK>.pt.
+four DDP-wrapped copies of one MLP (nn.Linear; lingrad.Linear via swap_linear; lingrad.Linear
+with the fused LinearMSELoss head; the whole MLP fused by lingrad.fuse) and saves their all-reduced gradients to OUT_DIR/rank<RANK>.pt.
 """
 
 import copy
@@ -45,10 +45,12 @@ def main() -> None:
     x, target = torch.randn(5, 6), torch.randn(5, 2)
 
     # Each wrapper must outlive its backward pass: its reducer all-reduces the gradients.
-    wrapped = [DDP(reference), DDP(swapped), DDP(fused)]
+    whole = lingrad.fuse(copy.deepcopy(reference), loss="mse")
+    wrapped = [DDP(reference), DDP(swapped), DDP(fused), DDP(whole)]
     F.mse_loss(wrapped[0](x), target).backward()
     F.mse_loss(wrapped[1](x), target).backward()
     wrapped[2](x, target).backward()
+    wrapped[3](x, target).backward()
 
     grads = lambda module: [p.grad for p in module.parameters()]  # noqa: E731
     torch.save(
@@ -56,6 +58,7 @@ def main() -> None:
             "reference": dict(enumerate(grads(reference))),
             "lingrad": dict(enumerate(grads(swapped))),
             "fused": dict(enumerate(grads(fused.body) + grads(fused.head))),
+            "whole": dict(enumerate(grads(whole))),
         },
         f"{out_dir}/rank{rank}.pt",
     )

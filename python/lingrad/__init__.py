@@ -57,6 +57,9 @@ _TORCH_NAMES = {
     "LinearMSELoss": "nn",
     "swap_linear": "nn",
     "nn": "nn",
+    "fuse": "mlp",
+    "FusedMLP": "mlp",
+    "mlp": "mlp",
     "functional": "functional",
     "autograd": "autograd",
 }

@@ -20,6 +20,8 @@ __all__ = [
     "linear_backward_weight",
     "mse",
     "linear_mse",
+    "mlp_forward",
+    "mlp_mse",
     "error_ratio",
     "assert_within",
 ]
@@ -106,6 +108,118 @@ def linear_mse(x, w, b, t, reduction="mean"):
     db = dy.sum(axis=0)
     db_bound = dy_bound.sum(axis=0) + (batch + 1) * e * np.abs(dy).sum(axis=0)
     return (loss, loss_bound), (dx, dx_bound), (dw, dw_bound), (db, db_bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole networks (kernels.mlp_forward, mlp_mse). The bounds carry each layer's error forward to the
+# next (through the activation's Lipschitz constant) and back (through act' and, for the error in
+# the saved pre-activation, a bound on act''). Kinks (ReLU, LeakyReLU at 0) are not bounded this way:
+# tests run them in float64, where a pre-activation within rounding of 0 does not occur.
+
+_erf = np.vectorize(__import__("math").erf, otypes=[np.float64])
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _activation(name, slope):
+    """(act, act', Lipschitz constant of act, bound on |act''|) in float64."""
+    c = np.sqrt(2.0 / np.pi)
+    table = {
+        "identity": (lambda z: z, lambda z: np.ones_like(z), 1.0, 0.0),
+        "relu": (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(np.float64), 1.0, 0.0),
+        "leaky_relu": (
+            lambda z: np.where(z > 0, z, slope * z),
+            lambda z: np.where(z > 0, 1.0, slope),
+            max(1.0, abs(slope)),
+            0.0,
+        ),
+        "tanh": (np.tanh, lambda z: 1.0 - np.tanh(z) ** 2, 1.0, 1.0),
+        "sigmoid": (_sigmoid, lambda z: _sigmoid(z) * (1.0 - _sigmoid(z)), 0.25, 1.0),
+        "gelu": (
+            lambda z: 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0))),
+            lambda z: 0.5 * (1.0 + _erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi),
+            1.2,
+            1.0,
+        ),
+        "gelu_tanh": (
+            lambda z: 0.5 * z * (1.0 + np.tanh(c * (z + 0.044715 * z**3))),
+            lambda z: 0.5 * (1.0 + np.tanh(c * (z + 0.044715 * z**3)))
+            + 0.5 * z * (1.0 - np.tanh(c * (z + 0.044715 * z**3)) ** 2) * c * (1.0 + 3 * 0.044715 * z * z),
+            1.2,
+            1.0,
+        ),
+        "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1.0 + z * (1.0 - _sigmoid(z))), 1.2, 1.0),
+    }
+    return table[name]
+
+
+def _mlp_forward(x, weights, biases, activations, slopes):
+    """Every layer's (z, z bound, h, h bound) and the activations' tables, in float64."""
+    e = eps(x.dtype)
+    h, h_bound = f64(x), np.zeros(x.shape)
+    layers = []
+    for w, b, name, slope in zip(weights, biases, activations, slopes):
+        act, dact, lip, _ = _activation(name, slope)
+        w64 = f64(w)
+        z = h @ w64.T
+        magnitude = np.abs(h) @ np.abs(w64).T
+        if b is not None:
+            z, magnitude = z + f64(b), magnitude + np.abs(f64(b))
+        z_bound = h_bound @ np.abs(w64).T + (w.shape[1] + 2) * e * magnitude
+        h = act(z)
+        h_bound = lip * z_bound + 4 * e * np.abs(h)  # the activation's own rounding: a few ulps
+        layers.append((z, z_bound, h, h_bound))
+    return layers
+
+
+def mlp_forward(x, weights, biases, activations, slopes=None):
+    """The network's output in float64 and the bound on the fast result's error."""
+    slopes = slopes or [0.01] * len(weights)
+    biases = biases if biases is not None else [None] * len(weights)
+    _, _, y, y_bound = _mlp_forward(x, weights, biases, activations, slopes)[-1]
+    return y, y_bound
+
+
+def mlp_mse(x, weights, biases, activations, target, reduction="mean", slopes=None):
+    """The whole step: (loss, bound), (dX, bound), [(dW_l, bound)], [(db_l, bound) or None]."""
+    e = eps(x.dtype)
+    slopes = slopes or [0.01] * len(weights)
+    biases = biases if biases is not None else [None] * len(weights)
+    layers = _mlp_forward(x, weights, biases, activations, slopes)
+    z, z_bound, y, y_bound = layers[-1]
+    r = y - f64(target)
+    count = r.size
+    scale = 2.0 / count if reduction == "mean" and count else 2.0
+    r_bound = y_bound + e * (np.abs(y) + np.abs(f64(target)))
+    loss = (r * r).sum()
+    loss_bound = (2 * np.abs(r) * r_bound).sum() + (4 * e + (count + 1) * eps(np.float64)) * loss
+    if reduction == "mean":
+        loss, loss_bound = (loss / count, loss_bound / count) if count else (np.nan, 0.0)
+    _, dact, _, curve = _activation(activations[-1], slopes[-1])
+    dz = scale * r * dact(z)
+    dz_bound = scale * (r_bound * np.abs(dact(z)) + np.abs(r) * curve * z_bound) + 3 * e * np.abs(dz)
+    batch = x.shape[0]
+    grad_w, grad_b = [None] * len(weights), [None] * len(weights)
+    for layer in range(len(weights) - 1, -1, -1):
+        h, h_bound = (f64(x), np.zeros(x.shape)) if layer == 0 else layers[layer - 1][2:]
+        w64 = np.abs(f64(weights[layer]))
+        grad_w[layer] = (
+            dz.T @ h,
+            dz_bound.T @ np.abs(h) + np.abs(dz).T @ h_bound + (batch + 1) * e * (np.abs(dz).T @ np.abs(h)),
+        )
+        if biases[layer] is not None:
+            grad_b[layer] = (dz.sum(axis=0), dz_bound.sum(axis=0) + (batch + 1) * e * np.abs(dz).sum(axis=0))
+        dh = dz @ f64(weights[layer])
+        dh_bound = dz_bound @ w64 + (weights[layer].shape[0] + 1) * e * (np.abs(dz) @ w64)
+        if layer == 0:
+            return (loss, loss_bound), (dh, dh_bound), grad_w, grad_b
+        z, z_bound = layers[layer - 1][:2]
+        _, dact, _, curve = _activation(activations[layer - 1], slopes[layer - 1])
+        dz = dh * dact(z)
+        dz_bound = dh_bound * np.abs(dact(z)) + np.abs(dh) * curve * z_bound + 3 * e * np.abs(dz)
+    raise AssertionError("unreachable")
 
 
 def _errors(got, want, bound):
