@@ -4,7 +4,8 @@
 
 Joins a gloo process group on the loopback interface, trains one step on this rank's shard with
 four DDP-wrapped copies of one MLP (nn.Linear; lingrad.Linear via swap_linear; lingrad.Linear
-with the fused LinearMSELoss head; the whole MLP fused by lingrad.fuse) and saves their all-reduced gradients to OUT_DIR/rank<RANK>.pt.
+with the fused LinearMSELoss head; the whole MLP fused by lingrad.fuse) and saves their
+all-reduced gradients to OUT_DIR/rank<RANK>.pt.
 """
 
 import copy
