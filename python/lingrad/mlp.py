@@ -231,9 +231,7 @@ def _arrays(tensors) -> list:
 def _forward_no_graph(x: Tensor, weights: list, biases: list, spec) -> Tensor:
     activations, slopes, _ = spec
     y, out = _ops._empty(x, x.shape[0], weights[-1].shape[0])
-    kernels.mlp_forward(
-        _ops._array(x), _arrays(weights), _arrays(biases), activations, negative_slopes=slopes, out=out
-    )
+    kernels.mlp_forward(_ops._array(x), _arrays(weights), _arrays(biases), activations, negative_slopes=slopes, out=out)
     return y
 
 
@@ -368,4 +366,3 @@ def _mlp_mse_step(x, target, spec, reduction, params, input_grad) -> tuple:
 
 _mlp_apply = super(torch.autograd.Function, _MLPFunction).apply  # the C-level apply (see lingrad._ops)
 _mlp_mse_apply = super(torch.autograd.Function, _MLPMSEFunction).apply
-
