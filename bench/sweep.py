@@ -4,6 +4,7 @@ python bench/sweep.py                 # the full sweep, float32 + float64 + odd 
 python bench/sweep.py --quick         # six shapes
 python bench/sweep.py --cliff 24      # and 24 random shapes of the cliff finder (worst and median ratios)
 python bench/sweep.py --plot bench/sweep.png --markdown bench/RESULTS.md
+python bench/sweep.py --lock /tmp/lingrad-bench.lock ...   # on a shared machine: one shape at a time
 
 This process runs NumPy with OpenBLAS's own kernel choice for the CPU: OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, which force it, are removed from its environment before NumPy is imported (the
@@ -16,9 +17,23 @@ REMOVED = {name: os.environ.pop(name) for name in ("OPENBLAS_CORETYPE", "OPENBLA
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import fcntl  # noqa: E402
 import sys  # noqa: E402
 
 from lingrad import benchmark  # noqa: E402  (imports NumPy: after the environment is cleaned)
+
+
+def locked(function, lock_file):
+    """function, called under an exclusive flock on lock_file."""
+
+    def call(*args, **kwargs):
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    return call
 
 
 def main(argv=None):
@@ -27,12 +42,34 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparisons")
     parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per comparison")
     parser.add_argument("--cliff", type=int, default=0, metavar="N", help="also N random shapes (cliff finder)")
+    parser.add_argument("--only-cliff", action="store_true", help="the cliff finder's shapes only")
+    parser.add_argument(
+        "--lock", metavar="FILE", help="hold an exclusive flock on FILE while each shape (and the peak) is timed"
+    )
     parser.add_argument("--plot", metavar="PNG", help="write a chart of GFLOP/s per shape")
     parser.add_argument("--markdown", metavar="MD", help="write the table with the machine's description")
     args = parser.parse_args(argv)
 
+    progress = None
+    if args.lock:
+        lock_file = open(args.lock, "a")
+
+        def progress(shapes):  # the lock is held while each shape is timed, released between shapes
+            for shape in shapes:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                try:
+                    yield shape
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+        benchmark.peak_gflops = locked(benchmark.peak_gflops, lock_file)
     results, peak = benchmark.sweep(
-        not args.quick, torch_baseline=not args.no_torch, budget=args.budget, cliff=args.cliff
+        not args.quick,
+        torch_baseline=not args.no_torch,
+        budget=args.budget,
+        cliff=args.cliff,
+        progress=progress,
+        sweep_shapes=not args.only_cliff,
     )
     header = benchmark.describe_machine(peak)
     if REMOVED:

@@ -75,7 +75,13 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
       const T* s = src + r * rs;
       for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
     }
-  } else {  // rows contiguous or general strides
+  } else if (rs == 1 && rows == R) {  // rows contiguous (dY^T for dW, W and X as B): R elements per k
+    for (index_t k = 0; k < kc; ++k) {
+      const T* s = src + k * cs;
+      T* p = panel + k * R;
+      for (int r = 0; r < R; ++r) p[r] = s[r];
+    }
+  } else {  // general strides
     for (index_t k = 0; k < kc; ++k) {
       const T* s = src + k * cs;
       T* p = panel + k * R;
@@ -760,14 +766,20 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
   p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
   p.kc = ceil_div(K, p.k_slices);
-  // M in equal blocks of at most MC rows (threads get equal work). Rows that fit one block are still
-  // split in two (when there are enough for two) if N is too narrow to share out (N = 50: four
-  // column panels, one work item), or one thread would work and the other wait. Row blocks change
-  // who computes a row, not how it is summed.
+  // M in equal blocks of at most MC rows (threads get equal work). When N is too narrow to share
+  // out (N = 50: four column panels, one work item per row block), the rows are cut into more blocks,
+  // down to 2 MR rows, until there are kMinItems work items: else one thread could wait for another
+  // (781 rows in 5 blocks: 3 to 2). Row blocks change who computes a row, not how it is summed.
+  constexpr index_t kMinItems = 16;
   const bool rows_fit_one_block = M <= b.mc;
-  const bool few_columns = ceil_div(N, NR * kPanelsPerItem) < 4;
-  p.split_rows = rows_fit_one_block && few_columns && M >= 4 * MR;
-  const index_t blocks = p.split_rows ? 2 : ceil_div(M, b.mc);
+  const index_t parts = ceil_div(ceil_div(imin(b.nc, N), NR), kPanelsPerItem);
+  const bool few_columns = parts < 4;
+  index_t blocks = ceil_div(M, b.mc);
+  if (few_columns) {
+    const index_t more = imin(ceil_div(M, 2 * MR), ceil_div(kMinItems, parts));
+    p.split_rows = more > blocks;
+    blocks = p.split_rows ? more : blocks;
+  }
   p.mc = ceil_div(ceil_div(M, blocks), MR) * MR;
   p.row_blocks = ceil_div(M, p.mc);
   // B is packed a slab (as many K slices of an NC column block as fit in kSlabBytes, at least one)
@@ -779,7 +791,7 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   const index_t fit = kSlabBytes / size / slice;
   p.slices_per_slab = imin(p.k_slices, fit > 1 ? fit : 1);
   p.slabs = ceil_div(p.k_slices, p.slices_per_slab);
-  p.items = p.row_blocks * ceil_div(ceil_div(imin(b.nc, N), NR), kPanelsPerItem);
+  p.items = p.row_blocks * parts;
   // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
   // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
   // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes

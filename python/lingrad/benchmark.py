@@ -282,15 +282,15 @@ def sweep(
     budget: float = 0.6,
     progress: Callable[[Iterable], Iterable] | None = None,
     cliff: int = 0,
+    sweep_shapes: bool = True,
 ) -> tuple[list[Result], float]:
-    """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK),
-    then `cliff` shapes of the cliff finder (cliff_shapes), and the FMA peak in GFLOP/s, measured
-    before and after: a busy core during one probe halves it."""
+    """The benchmark sweep (`full`: SWEEP and ODD in float32 and FLOAT64 in float64; else QUICK;
+    none without `sweep_shapes`), then `cliff` shapes of the cliff finder (cliff_shapes), and the
+    FMA peak in GFLOP/s, measured before and after: a busy core during one probe halves it."""
     peak = peak_gflops()
-    results = run(
-        SWEEP + ODD if full else QUICK, np.float32, torch_baseline=torch_baseline, budget=budget, progress=progress
-    )
-    if full:
+    shapes = (SWEEP + ODD if full else QUICK) if sweep_shapes else []
+    results = run(shapes, np.float32, torch_baseline=torch_baseline, budget=budget, progress=progress)
+    if full and sweep_shapes:
         results += run(FLOAT64, np.float64, torch_baseline=torch_baseline, budget=budget, progress=progress)
     if cliff:
         found = run(
