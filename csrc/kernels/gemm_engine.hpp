@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 
 #include "gemm.hpp"
 #if defined(_OPENMP)
@@ -186,77 +187,83 @@ void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, i
 // Activations and their derivatives, elementwise, as PyTorch defines them (ReLU' and LeakyReLU' at
 // 0 are 0 and the slope; GELU exact or with the tanh approximation).
 
-template <typename T>
-T activate(Activation a, T z, T slope) {
-  switch (a) {
-    case Activation::identity:
-      return z;
-    case Activation::relu:
-      return z > T(0) ? z : T(0);
-    case Activation::leaky_relu:
-      return z > T(0) ? z : slope * z;
-    case Activation::tanh:
-      return std::tanh(z);
-    case Activation::sigmoid:
-      return T(1) / (T(1) + std::exp(-z));
-    case Activation::gelu:
-      return T(0.5) * z * (T(1) + std::erf(z * T(0.70710678118654752440)));
-    case Activation::gelu_tanh:
-      return T(0.5) * z * (T(1) + std::tanh(T(0.79788456080286535588) * (z + T(0.044715) * z * z * z)));
-    case Activation::silu:
-      return z / (T(1) + std::exp(-z));
-  }
-  return z;
+// Each function takes the activation as a compile-time constant, so that a row's loop has no
+// branch on it (with_activation below makes the one switch per row): ReLU and its kin vectorise.
+template <Activation A, typename T>
+T activate(T z, T slope) {
+  if constexpr (A == Activation::relu) return z > T(0) ? z : T(0);
+  if constexpr (A == Activation::leaky_relu) return z > T(0) ? z : slope * z;
+  if constexpr (A == Activation::tanh) return std::tanh(z);
+  if constexpr (A == Activation::sigmoid) return T(1) / (T(1) + std::exp(-z));
+  if constexpr (A == Activation::gelu) return T(0.5) * z * (T(1) + std::erf(z * T(0.70710678118654752440)));
+  if constexpr (A == Activation::gelu_tanh)
+    return T(0.5) * z * (T(1) + std::tanh(T(0.79788456080286535588) * (z + T(0.044715) * z * z * z)));
+  if constexpr (A == Activation::silu) return z / (T(1) + std::exp(-z));
+  (void)slope;
+  return z;  // identity
 }
 
 // act'(z) from the pre-activation z.
-template <typename T>
-T activation_grad_at_pre(Activation a, T z, T slope) {
-  switch (a) {
-    case Activation::identity:
-      return T(1);
-    case Activation::relu:
-      return z > T(0) ? T(1) : T(0);
-    case Activation::leaky_relu:
-      return z > T(0) ? T(1) : slope;
-    case Activation::tanh: {
-      const T h = std::tanh(z);
-      return T(1) - h * h;
-    }
-    case Activation::sigmoid: {
-      const T h = T(1) / (T(1) + std::exp(-z));
-      return h * (T(1) - h);
-    }
-    case Activation::gelu:
-      return T(0.5) * (T(1) + std::erf(z * T(0.70710678118654752440))) +
-             z * T(0.39894228040143267794) * std::exp(T(-0.5) * z * z);
-    case Activation::gelu_tanh: {
-      const T beta = T(0.79788456080286535588), kappa = T(0.044715);
-      const T t = std::tanh(beta * (z + kappa * z * z * z));
-      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * z * z);
-    }
-    case Activation::silu: {
-      const T s = T(1) / (T(1) + std::exp(-z));
-      return s * (T(1) + z * (T(1) - s));
-    }
+template <Activation A, typename T>
+T activation_grad_at_pre(T z, T slope) {
+  if constexpr (A == Activation::relu) return z > T(0) ? T(1) : T(0);
+  if constexpr (A == Activation::leaky_relu) return z > T(0) ? T(1) : slope;
+  if constexpr (A == Activation::tanh) {
+    const T h = std::tanh(z);
+    return T(1) - h * h;
   }
-  return T(1);
+  if constexpr (A == Activation::sigmoid) {
+    const T h = T(1) / (T(1) + std::exp(-z));
+    return h * (T(1) - h);
+  }
+  if constexpr (A == Activation::gelu)
+    return T(0.5) * (T(1) + std::erf(z * T(0.70710678118654752440))) +
+           z * T(0.39894228040143267794) * std::exp(T(-0.5) * z * z);
+  if constexpr (A == Activation::gelu_tanh) {
+    const T beta = T(0.79788456080286535588), kappa = T(0.044715);
+    const T t = std::tanh(beta * (z + kappa * z * z * z));
+    return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * z * z);
+  }
+  if constexpr (A == Activation::silu) {
+    const T s = T(1) / (T(1) + std::exp(-z));
+    return s * (T(1) + z * (T(1) - s));
+  }
+  (void)z, (void)slope;
+  return T(1);  // identity
 }
 
 // act'(z) from the output h = act(z), for the activations where h determines it.
-template <typename T>
-T activation_grad_at_output(Activation a, T h, T slope) {
+template <Activation A, typename T>
+T activation_grad_at_output(T h, T slope) {
+  if constexpr (A == Activation::relu) return h > T(0) ? T(1) : T(0);
+  if constexpr (A == Activation::leaky_relu) return h > T(0) ? T(1) : slope;  // (a positive slope)
+  if constexpr (A == Activation::tanh) return T(1) - h * h;
+  if constexpr (A == Activation::sigmoid) return h * (T(1) - h);
+  (void)h, (void)slope;
+  return T(1);
+}
+
+// f(std::integral_constant<Activation, a>{}): the one switch from a run-time activation to the above.
+template <typename F>
+void with_activation(Activation a, F&& f) {
+  using A = Activation;
   switch (a) {
-    case Activation::relu:
-      return h > T(0) ? T(1) : T(0);
-    case Activation::leaky_relu:  // (a positive slope: h > 0 exactly where z > 0)
-      return h > T(0) ? T(1) : slope;
-    case Activation::tanh:
-      return T(1) - h * h;
-    case Activation::sigmoid:
-      return h * (T(1) - h);
-    default:
-      return T(1);
+    case A::identity:
+      return f(std::integral_constant<A, A::identity>{});
+    case A::relu:
+      return f(std::integral_constant<A, A::relu>{});
+    case A::leaky_relu:
+      return f(std::integral_constant<A, A::leaky_relu>{});
+    case A::tanh:
+      return f(std::integral_constant<A, A::tanh>{});
+    case A::sigmoid:
+      return f(std::integral_constant<A, A::sigmoid>{});
+    case A::gelu:
+      return f(std::integral_constant<A, A::gelu>{});
+    case A::gelu_tanh:
+      return f(std::integral_constant<A, A::gelu_tanh>{});
+    case A::silu:
+      return f(std::integral_constant<A, A::silu>{});
   }
 }
 
@@ -265,7 +272,7 @@ T activation_grad_at_output(Activation a, T h, T slope) {
 template <typename T>
 double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr, index_t nr) {
   double squares = 0;
-  const bool act = e.act != Activation::identity;
+  const T slope = e.slope;
   for (index_t i = 0; i < mr; ++i) {
     T* ci = c + i * ldc;
     if (e.bias.data) {
@@ -278,21 +285,34 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
     }
     if (e.target) {
       const T* t = e.target + (m0 + i) * e.target_rs + n0 * e.target_cs;
-      for (index_t j = 0; j < nr; ++j) {
-        const T z = ci[j];
-        const T r = (act ? activate(e.act, z, e.slope) : z) - t[j * e.target_cs];
-        squares += static_cast<double>(r) * static_cast<double>(r);
-        ci[j] = act ? e.grad_scale * r * activation_grad_at_pre(e.act, z, e.slope) : e.grad_scale * r;
-      }
-    } else if (act) {
-      for (index_t j = 0; j < nr; ++j) ci[j] = activate(e.act, ci[j], e.slope);
+      with_activation(e.act, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        for (index_t j = 0; j < nr; ++j) {
+          const T z = ci[j];
+          const T r = activate<A>(z, slope) - t[j * e.target_cs];
+          squares += static_cast<double>(r) * static_cast<double>(r);
+          ci[j] = A == Activation::identity ? e.grad_scale * r : e.grad_scale * r * activation_grad_at_pre<A>(z, slope);
+        }
+      });
+    } else if (e.act != Activation::identity) {
+      with_activation(e.act, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+#pragma omp simd
+        for (index_t j = 0; j < nr; ++j) ci[j] = activate<A>(ci[j], slope);
+      });
     }
     if (e.at) {
       const T* at = e.at + (m0 + i) * e.saved_ld + n0;
-      if (e.at_is_pre)
-        for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_pre(e.grad_act, at[j], e.slope);
-      else
-        for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_output(e.grad_act, at[j], e.slope);
+      with_activation(e.grad_act, [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        if (e.at_is_pre) {
+#pragma omp simd
+          for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_pre<A>(at[j], slope);
+        } else {
+#pragma omp simd
+          for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_output<A>(at[j], slope);
+        }
+      });
     }
   }
   return squares;
