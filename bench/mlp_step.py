@@ -169,7 +169,11 @@ def main() -> None:
         inference_model = lingrad.fuse(copy.deepcopy(base))
         one = torch.randn(1, widths[0])
         with torch.no_grad():
-            r = measure({"nn": lambda: eager(one), "fused": lambda: inference_model(one)}, args.repeat, args.seconds / 2)
+            fns = {
+                "nn": lambda m=eager, x=one: m(x),
+                "fused": lambda m=inference_model, x=one: m(x),
+            }
+            r = measure(fns, args.repeat, args.seconds / 2)
         inference.append((name, r))
 
     print("\nbatch-1 inference under torch.no_grad(), us")
