@@ -159,7 +159,7 @@ def main() -> None:
             step, jnp = jax_step(widths, base.state_dict())
             xj, tj = jnp.asarray(x.numpy()), jnp.asarray(t.numpy())
             steps["jax.jit"] = lambda step=step, xj=xj, tj=tj: step(xj, tj)
-        fns = {k: (v if k == "jax.jit" else (lambda v=v: v(x, t))) for k, v in steps.items()}
+        fns = {k: (v if k == "jax.jit" else (lambda v=v, x=x, t=t: v(x, t))) for k, v in steps.items()}
         m = measure(fns, args.repeat, args.seconds)
         best_other = min(v for k, v in m.items() if k != "fused")
         cells = " | ".join(f"{m[n]:.0f}" for n in names)
