@@ -47,8 +47,8 @@ def edge_rows(m):  # the last row panel is narrower than the tile
     return lambda p, shape: p["path"] == "packed" and m % p["tile"][0] != 0
 
 
-def edge_columns(n):  # the last column panel is narrower than the tile, run by the full tile
-    return lambda p, shape: p["path"] == "packed" and 0 < n % p["tile"][1] and p["last_tile"] == p["tile"][1]
+def edge_columns(n):  # the last column panel is narrower than the tile that runs it (masked stores)
+    return lambda p, shape: p["path"] == "packed" and 0 < (n % p["tile"][1]) % p["last_tile"]
 
 
 def narrower_tile(p, shape):  # the last column panel runs a half or quarter width tile
