@@ -20,6 +20,7 @@ namespace {
 // Every build compiled in, best first.
 const GemmKernels* const kAllKernels[] = {
 #if defined(LINGRAD_X86)
+    &isa_avx512_bf16::kernels,
     &isa_avx512::kernels,
     &isa_avx2::kernels,
 #endif
@@ -29,9 +30,11 @@ const GemmKernels* const kAllKernels[] = {
 bool cpu_supports(const GemmKernels* k) {
 #if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (k == &isa_avx512::kernels)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
+  if (k == &isa_avx512_bf16::kernels) return avx512 && __builtin_cpu_supports("avx512bf16");
+  if (k == &isa_avx512::kernels) return avx512;
   if (k == &isa_avx2::kernels) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return k == &isa_generic::kernels;
@@ -150,9 +153,10 @@ GemmPlan gemm_plan(bool double_, index_t m, index_t n, index_t k, index_t a_rs, 
   return kernels.splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
 }
 
-double measure_fma_peak(int threads, double seconds) {
+namespace {
+// The best rate of `probe` (flops_per_iteration each) over repeats for about `seconds`, GFLOP/s.
+double measure_peak(double (*probe)(index_t, float), int flops_per_iteration, int threads, double seconds) {
   using clock = std::chrono::steady_clock;
-  const GemmKernels& k = active_kernels();
   threads = usable_threads(threads);
   const index_t iterations = 1 << 20;
   double best = 0, sink = 0;
@@ -160,14 +164,27 @@ double measure_fma_peak(int threads, double seconds) {
   do {
     const clock::time_point start = clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
-    sink += k.fma_probe(iterations, 1.0f + 1e-3f * static_cast<float>(sink != sink));
+    sink += probe(iterations, 1.0f + 1e-3f * static_cast<float>(sink != sink));
     const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
-    const double flops = static_cast<double>(iterations) * k.fma_probe_flops * threads;
+    const double flops = static_cast<double>(iterations) * flops_per_iteration * threads;
     if (elapsed > 0 && flops / elapsed > best) best = flops / elapsed;
   } while (clock::now() < stop);
   volatile double keep = sink;  // the checksum must be used
   (void)keep;
   return best * 1e-9;
+}
+}  // namespace
+
+double measure_fma_peak(int threads, double seconds) {
+  const GemmKernels& k = active_kernels();
+  return measure_peak(k.fma_probe, k.fma_probe_flops, threads, seconds);
+}
+
+const char* bf16_kernel() { return active_kernels().bf16_kernel; }
+
+double measure_bf16_peak(int threads, double seconds) {
+  const GemmKernels& k = active_kernels();
+  return k.bf16_probe ? measure_peak(k.bf16_probe, k.bf16_probe_flops, threads, seconds) : 0.0;
 }
 
 int get_num_threads() { return usable_threads(thread_count().load(std::memory_order_relaxed)); }
