@@ -1,0 +1,203 @@
+"""bfloat16 products (the Linear layer's four kernels) against the float64 reference, on every SIMD
+path: operands rounded to bfloat16, float32 sums (the bound of a float32 product of the rounded
+values), results rounded to bfloat16 where asked. The paths compute the same bits: the widened
+ones are the portable emulation of vdpbf16ps's pair-wise arithmetic, checked here against a
+step-by-step model of it, and, on a CPU with AVX512-BF16, against the instruction itself."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_kernels
+
+import lingrad
+from lingrad import kernels
+from lingrad import reference as ref
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+
+# (x, weight) dtypes: both bfloat16, and bfloat16 activations with float32 master weights (and back)
+OPERANDS = [(BF16, BF16), (BF16, F32), (F32, BF16)]
+SHAPES = [s for s in test_kernels.SHAPES if s[0] * s[1] * s[2] <= 3_000_000]
+
+
+def intel_cpu() -> bool:
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def make(rng, *shapes_and_dtypes):
+    return [rng.standard_normal(shape).astype(np.float32).astype(dtype) for shape, dtype in shapes_and_dtypes]
+
+
+def exact_path(isa):
+    """Whether the bitwise claims are checked on this ISA: always for the widened paths (software);
+    for the vdpbf16ps path where its arithmetic was verified to be the model's (Intel's manual and
+    an Intel CPU); elsewhere (AMD) only the bound is asserted."""
+    return isa != "avx512_bf16" or intel_cpu()
+
+
+@pytest.mark.parametrize("operands", OPERANDS, ids=lambda o: f"{o[0].name}-{o[1].name}")
+@pytest.mark.parametrize("shape", SHAPES, ids=test_kernels.shape_id)
+def test_products_within_the_bound(isa, rng, shape, operands):
+    batch, n_in, n_out = shape
+    x_dtype, w_dtype = operands
+    x, w, dy = make(rng, ((batch, n_in), x_dtype), ((n_out, n_in), w_dtype), ((batch, n_out), BF16))
+    bias = rng.standard_normal(n_out).astype(np.float32).astype(x_dtype)
+    xr, wr, dyr = map(ref.bf16_values, (x, w, dy))
+
+    want, bound = ref.linear_forward(xr, wr, bias.astype(np.float32))
+    y = kernels.linear_forward(x, w, bias)
+    assert y.dtype == (BF16 if x_dtype == w_dtype == BF16 else F32)
+    y_bound = ref.bf16_output_bound(want, bound) if y.dtype == BF16 else bound
+    ref.assert_within(y.astype(np.float64), want, y_bound, "y")
+    y32 = kernels.linear_forward(x, w, bias, out=np.empty((batch, n_out), np.float32))
+    ref.assert_within(y32, want, bound, "y (float32 out)")
+
+    want_dx, dx_bound = ref.linear_backward_input(dyr, wr)
+    dx = kernels.linear_backward_input(dy, w, out=np.empty((batch, n_in), BF16))
+    ref.assert_within(dx.astype(np.float64), want_dx, ref.bf16_output_bound(want_dx, dx_bound), "dx")
+
+    want_dw, dw_bound, want_db, db_bound = ref.linear_backward_weight(dyr, xr)
+    dw, db = kernels.linear_backward_weight(dy, x, out=np.empty((n_out, n_in), np.float32))
+    assert db.dtype == (BF16 if x_dtype == BF16 else F32)  # bfloat16 when every input of the call is
+    ref.assert_within(dw, want_dw, dw_bound, "dw")
+    db_bound = ref.bf16_output_bound(want_db, db_bound) if db.dtype == BF16 else db_bound
+    ref.assert_within(db.astype(np.float64), want_db, db_bound, "db")
+
+
+def pair_model(a, b):
+    """vdpbf16ps's arithmetic, step by step in float32 (Intel's manual): C[i, j] starts at 0 and takes
+    K in pairs (k, k + 1) from k = 0, the odd element first: c = c + a[i, k+1] b[k+1, j], then
+    c = c + a[i, k] b[k, j], each rounded to float32 (the products are exact)."""
+    a, b = ref.bf16_values(a), ref.bf16_values(b)
+    k = a.shape[1]
+    if k % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    c = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for p in range(0, a.shape[1], 2):
+        c = c + np.outer(a[:, p + 1], b[p + 1])  # float32 + (exact) float32 product: one rounding
+        c = c + np.outer(a[:, p], b[p])
+    return c
+
+
+def test_every_path_computes_the_pair_model_bitwise(isa, rng):
+    if not exact_path(isa):
+        pytest.skip("vdpbf16ps's rounding steps are verified on Intel CPUs only; the bound tests run here")
+    # Magnitudes spread over 2^-12 .. 2^12, so that the order of the additions shows in the bits;
+    # K = 101 (odd, one K slice), 13 x 37: edge tiles in both directions.
+    scale = lambda shape: 2.0 ** rng.integers(-12, 13, size=shape)  # noqa: E731
+    x = (rng.standard_normal((13, 101)) * scale((13, 101))).astype(BF16)
+    w = (rng.standard_normal((37, 101)) * scale((37, 101))).astype(BF16)
+    want = pair_model(x, w.T)
+    # The same sums with each pair's even element first must differ somewhere, or this test could not fail.
+    xs, ws = ref.bf16_values(x), ref.bf16_values(w)
+    swapped = np.zeros_like(want)
+    for p in range(0, 100, 2):
+        swapped = swapped + np.outer(xs[:, p], ws[:, p])
+        swapped = swapped + np.outer(xs[:, p + 1], ws[:, p + 1])
+    swapped = swapped + np.outer(xs[:, 100], ws[:, 100])
+    assert not np.array_equal(swapped, want)
+    got = kernels.linear_forward(x, w, out=np.empty((13, 37), np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(300, 513, 77), (64, 784, 50), (9, 3000, 800)], ids=test_kernels.shape_id)
+def test_paths_and_thread_counts_agree_bitwise(rng, shape):
+    batch, n_in, n_out = shape
+    x, w, dy = make(rng, ((batch, n_in), BF16), ((n_out, n_in), F32), ((batch, n_out), BF16))
+    previous_isa, previous_threads = lingrad.get_isa(), lingrad.get_num_threads()
+    results = {}
+    try:
+        for isa in lingrad.available_isas():
+            if not exact_path(isa):
+                continue
+            lingrad.set_isa(isa)
+            for threads in (1, 2, 3):
+                lingrad.set_num_threads(threads)
+                results[isa, threads] = (
+                    kernels.linear_forward(x, w),
+                    kernels.linear_backward_input(dy, w),
+                    *kernels.linear_backward_weight(dy, x, out=np.empty((n_out, n_in), np.float32)),
+                )
+    finally:
+        lingrad.set_isa(previous_isa)
+        lingrad.set_num_threads(previous_threads)
+    first_key, first = next(iter(results.items()))
+    for key, got in results.items():
+        for name, a, b in zip(("y", "dx", "dw", "db"), first, got):
+            assert a.tobytes() == b.tobytes(), f"{name}: {key} differs from {first_key}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_step(isa, rng, reduction):
+    """linear_mse with bfloat16 activations and float32 master weights: the loss and dY from float32
+    sums, dX and dW from dY rounded to bfloat16; each gradient in its input's dtype."""
+    batch, n_in, n_out = 37, 300, 45
+    x, w, t = make(rng, ((batch, n_in), BF16), ((n_out, n_in), F32), ((batch, n_out), F32))
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    dy_out = np.empty((batch, n_out), np.float32)
+    loss, dx, dw, db = kernels.linear_mse(x, w, bias, t, reduction, grad_output=dy_out)
+    assert (dx.dtype, dw.dtype, db.dtype) == (BF16, F32, F32)
+    xr, wr = ref.bf16_values(x), ref.bf16_values(w)
+    (want_loss, loss_bound), *_ = ref.linear_mse(xr, wr, bias, t, reduction)
+    ref.assert_within(loss, want_loss, loss_bound, "loss")
+    y, y_bound = ref.linear_forward(xr, wr, bias)
+    scale, e = (2.0 / t.size if reduction == "mean" else 2.0), ref.eps(np.float32)
+    want_dy = scale * (y - t)
+    dy_bound = scale * (y_bound + e * (np.abs(y) + np.abs(t))) + e * np.abs(want_dy)
+    ref.assert_within(dy_out, want_dy, dy_bound, "dY")
+    # dX and dW are products of dY as the kernel rounded it: compare with the reference of those.
+    dyr = ref.bf16_values(dy_out)
+    want_dx, dx_bound = ref.linear_backward_input(dyr, wr)
+    ref.assert_within(dx.astype(np.float64), want_dx, ref.bf16_output_bound(want_dx, dx_bound), "dx")
+    want_dw, dw_bound, want_db, db_bound = ref.linear_backward_weight(dyr, xr)
+    ref.assert_within(dw, want_dw, dw_bound, "dw")
+    # db sums dY as rounded to bfloat16 too
+    ref.assert_within(db, want_db, db_bound, "db")
+
+
+def test_nan_inf_and_denormals(isa):
+    x = np.array([[np.nan, 1.0], [np.inf, 1.0], [1e-40, 1.0]], np.float32).astype(BF16)
+    w = np.array([[1.0, 2.0]], np.float32).astype(BF16)
+    y = kernels.linear_forward(x, w, out=np.empty((3, 1), np.float32))
+    assert np.isnan(y[0, 0]) and y[1, 0] == np.inf
+    assert y[2, 0] == 2.0  # a denormal operand counts as zero
+
+
+def test_empty_and_zero_k(isa):
+    x = np.zeros((0, 5), BF16)
+    assert kernels.linear_forward(x, np.zeros((3, 5), BF16)).shape == (0, 3)
+    dw, db = kernels.linear_backward_weight(np.ones((4, 0), BF16), np.ones((4, 3), BF16))
+    assert dw.shape == (0, 3) and db.shape == (0,)
+    y = kernels.linear_forward(np.zeros((2, 0), BF16), np.zeros((3, 0), F32), np.ones(3, np.float32))
+    np.testing.assert_array_equal(y, np.ones((2, 3), np.float32))
+    _, db = kernels.linear_backward_weight(np.ones((4, 3), BF16), np.ones((4, 0), BF16))
+    np.testing.assert_array_equal(db.astype(np.float32), np.full(3, 4.0, np.float32))
+
+
+def test_errors_name_the_argument():
+    x = np.zeros((2, 3), BF16)
+    with pytest.raises(TypeError, match="weight has dtype float64 but x has dtype bfloat16"):
+        kernels.linear_forward(x, np.zeros((4, 3)))
+    with pytest.raises(TypeError, match="pred has dtype bfloat16; of lingrad's kernels"):
+        kernels.mse_loss(x, x)
+    with pytest.raises(TypeError, match=r"x has dtype bfloat16"):
+        kernels.mlp_forward(x, [np.zeros((4, 3), BF16)], None, ["relu"])
+    with pytest.raises(ValueError, match="out has dtype float64 but must be float32 or bfloat16"):
+        kernels.linear_forward(x, np.zeros((4, 3), BF16), out=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="grad_output has dtype bfloat16 but must be float32"):
+        kernels.linear_mse(x, np.zeros((4, 3), BF16), None, np.zeros((2, 4), BF16), grad_output=np.zeros((2, 4), BF16))
+    with pytest.raises(ValueError, match="not aligned"):
+        raw = np.zeros(13, np.uint8)[1:].view(BF16).reshape(2, 3)
+        kernels.linear_forward(raw, np.zeros((4, 3), BF16))
+
+
+def test_config_names_the_bfloat16_kernel():
+    info = lingrad.config()
+    assert info["bf16_kernel"] == ("vdpbf16ps" if info["isa"] == "avx512_bf16" else "widened")
+    assert info["bf16_numpy"] is True
