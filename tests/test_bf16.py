@@ -201,3 +201,117 @@ def test_config_names_the_bfloat16_kernel():
     info = lingrad.config()
     assert info["bf16_kernel"] == ("vdpbf16ps" if info["isa"] == "avx512_bf16" else "widened")
     assert info["bf16_numpy"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch: bfloat16 tensors and torch.autocast to bfloat16 on lingrad's kernels
+
+torch = pytest.importorskip("torch")
+import copy  # noqa: E402
+import warnings  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from lingrad import functional as LF  # noqa: E402
+
+
+def magnitude(t) -> np.ndarray:
+    return t.detach().abs().double().numpy()
+
+
+def bf16_bound(a, b) -> np.ndarray:
+    """A bound between two bfloat16 computations of a @ b (float32 sums, rounding the result or the
+    operands to bfloat16 at different places): a bfloat16 ulp of |a| @ |b|, in float64."""
+    return 2.0**-7 * (magnitude(a) @ magnitude(b))
+
+
+def assert_close_bf16(got, want, bound, name):
+    err = (got.detach().double() - want.detach().double()).abs().numpy()
+    assert (err <= bound).all(), f"{name}: error {err.max():.3g} beyond the bfloat16 bound"
+
+
+def test_bfloat16_modules_run_lingrads_kernels():
+    torch.manual_seed(0)
+    ours = lingrad.Linear(96, 40, dtype=torch.bfloat16)
+    theirs = torch.nn.Linear(96, 40, dtype=torch.bfloat16)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(33, 96, dtype=torch.bfloat16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LF.FallbackWarning)  # lingrad's kernels, not PyTorch's
+        y = ours(x)
+    y_ref = theirs(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_bf16(y, y_ref, bf16_bound(x, ours.weight.T) + 2.0**-7 * magnitude(y_ref), "y")
+    g = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (x, theirs.weight, theirs.bias), g)
+    assert dx.dtype == dw.dtype == db.dtype == torch.bfloat16
+    assert_close_bf16(dx, dx_ref, 2 * bf16_bound(g, ours.weight), "dx")
+    assert_close_bf16(dw, dw_ref, 2 * bf16_bound(g.T, x), "dw")
+    assert_close_bf16(db, db_ref, 2 * bf16_bound(g.T, torch.ones(33, 1)).ravel(), "db")
+
+
+def test_autocast_bfloat16_on_lingrads_kernels():
+    """Under autocast, as nn.Linear: a bfloat16 output from float32 parameters, which receive float32
+    gradients; lingrad's are summed in float32 (PyTorch's pass through bfloat16), so they agree within
+    a bfloat16 rounding, and lingrad's are the closer to the float64 product of the rounded operands."""
+    torch.manual_seed(1)
+    ours, theirs = lingrad.Linear(300, 20), torch.nn.Linear(300, 20)
+    theirs.load_state_dict(ours.state_dict())
+    head = lingrad.LinearMSELoss(300, 20)
+    head.load_state_dict(ours.state_dict())
+    x, t = torch.randn(64, 300), torch.randn(64, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LF.FallbackWarning)
+            y = ours(x)
+            loss = head(x, t)
+        y_ref = theirs(x)
+        loss_ref = F.mse_loss(theirs(x), t)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert loss.dtype == loss_ref.dtype == torch.float32
+    xb, wb = x.bfloat16(), ours.weight.detach().bfloat16()
+    assert_close_bf16(y, y_ref, bf16_bound(xb, wb.T) + 2.0**-7 * magnitude(y_ref), "y")
+    # the fused loss keeps y in float32 where PyTorch rounds it to bfloat16 first
+    torch.testing.assert_close(loss, loss_ref, rtol=2**-6, atol=0)
+
+    g = torch.randn(64, 20).bfloat16()
+    (dw,) = torch.autograd.grad(y, ours.weight, g)
+    (dw_ref,) = torch.autograd.grad(y_ref, theirs.weight, g)
+    assert dw.dtype == dw_ref.dtype == torch.float32
+    assert_close_bf16(dw, dw_ref, bf16_bound(g.T, xb), "dW against PyTorch")
+    exact = g.double().T @ xb.double()
+    assert (dw.double() - exact).abs().max() < (dw_ref.double() - exact).abs().max()
+
+    loss.backward()
+    assert head.weight.grad.dtype == torch.float32 and head.bias.grad.dtype == torch.float32
+    loss_ref.backward()
+    # dY = 2 (y - t) / N from y in float32 (lingrad) or rounded to bfloat16 (PyTorch): they differ by
+    # up to 2/N ulps of y; each dW then rounds dY (and PyTorch dW) to bfloat16.
+    scale = 2.0 / t.numel()
+    dy = scale * (y_ref.float() - t)
+    bound = 2 * bf16_bound(dy.T, xb) + scale * bf16_bound(y_ref.float().T, xb)
+    assert_close_bf16(head.weight.grad, theirs.weight.grad, bound, "fused dW")
+
+
+def test_fuse_under_autocast_and_compile():
+    torch.manual_seed(2)
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    fused = lingrad.fuse(copy.deepcopy(seq))
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LF.FallbackWarning)
+            y = fused(x)
+        y_ref = seq(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2**-5, atol=2**-5)
+    layer = lingrad.Linear(16, 8, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    xb = x.bfloat16()
+    assert torch.equal(compiled(xb), layer(xb))
+
+
+def test_mixed_dtypes_outside_autocast_are_a_type_error():
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but input has dtype torch.bfloat16"):
+        LF.linear(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 3))

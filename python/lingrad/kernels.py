@@ -4,7 +4,7 @@ Shapes: x (B, in), weight (out, in), bias (out,), y / target / grad_out (B, out)
 
 Rules shared by every function:
 
-* all arrays are ``numpy.ndarray`` of one dtype, float32 or float64 (``TypeError`` otherwise,
+* all arrays are ``numpy.ndarray`` of one dtype, float32 or float64 (or bfloat16: below; ``TypeError`` otherwise,
   and for a ``numpy.ma.MaskedArray``, whose mask would be ignored; nothing is ever cast or copied
   behind your back);
 * inputs may have any strides, so transposed, sliced, negative-step and broadcast (zero-stride)
