@@ -1104,7 +1104,7 @@ gradient, then every gradient. Arguments as in mlp_forward; target (batch, out).
   m.def("set_num_threads", &set_num_threads, keyword("n"),
         "Set the number of threads the kernels use (n >= 1). Results do not depend on it.");
   m.def("get_isa", &lingrad::get_isa,
-        "The micro-kernel instruction set in use ('avx512_bf16', 'avx512', 'avx2' or 'generic').");
+        "The micro-kernel instruction set in use ('amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'generic').");
   m.def("set_isa", &set_isa, keyword("name"),
         "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
@@ -1123,8 +1123,8 @@ gradient, then every gradient. Arguments as in mlp_forward; target (batch, out).
         return lingrad::measure_bf16_peak(threads, seconds);
       },
       keyword("threads"), keyword("seconds") = 0.3,
-      "The bfloat16 dot-product peak in GFLOP/s (vdpbf16ps), or 0.0 where the active ISA has no bfloat16 "
-      "instructions.");
+      "The bfloat16 peak in GFLOP/s of the active ISA's bfloat16 instructions (AMX tiles or vdpbf16ps), or "
+      "0.0 where it has none.");
   m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
   m.def("_gemm_plan", &gemm_plan, keyword("m"), keyword("n"), keyword("k"), keyword("a_rs"), keyword("a_cs"),
         keyword("b_rs"), keyword("b_cs"), keyword("dtype") = "float32", py::kw_only(), keyword("row_sums") = false,

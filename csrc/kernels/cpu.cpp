@@ -13,6 +13,10 @@
 #if defined(_OPENMP) && defined(__unix__)
 #include <pthread.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace lingrad {
 namespace {
@@ -20,12 +24,27 @@ namespace {
 // Every build compiled in, best first.
 const GemmKernels* const kAllKernels[] = {
 #if defined(LINGRAD_X86)
-    &isa_avx512_bf16::kernels,
-    &isa_avx512::kernels,
-    &isa_avx2::kernels,
+    &isa_amx_bf16::kernels, &isa_avx512_bf16::kernels, &isa_avx512::kernels, &isa_avx2::kernels,
 #endif
     &isa_generic::kernels,
 };
+
+#if defined(LINGRAD_X86) && defined(__linux__)
+// AMX-BF16 on the CPU (CPUID 7.0: EDX bit 24 AMX-TILE, bit 22 AMX-BF16), and Linux's permission for
+// this process to use the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18: XTILEDATA), asked
+// for once.
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 7, ebx = 0, ecx = 0, edx = 0;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (!((edx >> 24) & 1) || !((edx >> 22) & 1)) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return usable;
+}
+#else
+bool amx_usable() { return false; }
+#endif
 
 bool cpu_supports(const GemmKernels* k) {
 #if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -33,6 +52,7 @@ bool cpu_supports(const GemmKernels* k) {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("fma");
+  if (k == &isa_amx_bf16::kernels) return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
   if (k == &isa_avx512_bf16::kernels) return avx512 && __builtin_cpu_supports("avx512bf16");
   if (k == &isa_avx512::kernels) return avx512;
   if (k == &isa_avx2::kernels) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -90,6 +90,7 @@ namespace isa_generic { extern const GemmKernels kernels; }
 namespace isa_avx2 { extern const GemmKernels kernels; }
 namespace isa_avx512 { extern const GemmKernels kernels; }
 namespace isa_avx512_bf16 { extern const GemmKernels kernels; }
+namespace isa_amx_bf16 { extern const GemmKernels kernels; }
 #endif
 
 // The build chosen at run time (cpu.cpp).

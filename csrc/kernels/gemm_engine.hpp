@@ -34,7 +34,7 @@
 #include <type_traits>
 
 #include "gemm.hpp"
-#if defined(LINGRAD_BF16_DOT)
+#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
 #include <immintrin.h>
 #endif
 #if defined(_OPENMP)
@@ -207,13 +207,20 @@ void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, i
 //            (every build; this is also the portable emulation of the instruction);
 //   pairs    bfloat16 panels of K pairs, run by bf16_pair_kernel (the avx512_bf16 build).
 // They differ only where a partial sum is a float32 denormal, which vdpbf16ps flushes to zero.
-enum class Kind { plain, bf16_widened, bf16_pairs };
+//   amx      the amx_bf16 build: AMX tiles (tdpbf16ps, 16 x 16 float32 blocks of C, K in tiles of 32).
+//            Its additions follow the hardware's own order, not the pairs above: its results differ
+//            from the other paths in the last bits, and are bitwise the same for any thread count.
+enum class Kind { plain, bf16_widened, bf16_pairs, bf16_amx };
 
-#if defined(LINGRAD_BF16_DOT)
+#if defined(LINGRAD_AMX)
+constexpr Kind kBf16Kind = Kind::bf16_amx;
+#elif defined(LINGRAD_BF16_DOT)
 constexpr Kind kBf16Kind = Kind::bf16_pairs;
 #else
 constexpr Kind kBf16Kind = Kind::bf16_widened;
 #endif
+// K slices of bfloat16 products are multiples of this (AMX: whole K tiles; else whole pairs).
+constexpr index_t kBf16KStep = kBf16Kind == Kind::bf16_amx ? 32 : 2;
 
 // An operand value as a bfloat16 product sees it: rounded, and a denormal flushed to (signed) zero.
 inline bfloat16 flush_denormal(bfloat16 h) {
@@ -228,8 +235,9 @@ inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf
 //   widened:  float panel[(2p + 1 - t)*R + r] = v(r, 2p + t)   (odd k first)
 // If sums is set, sums[r] += the row's values summed in the widened order (the bias gradient).
 template <int R, Kind kKind, typename S>
-void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums) {
-  const index_t pairs = ceil_div(kc, 2);
+void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
+                     index_t kc_padded) {
+  const index_t pairs = ceil_div(kc_padded, 2);
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
   float acc[R] = {};
   for (index_t p = 0; p < pairs; ++p)
@@ -237,7 +245,7 @@ void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t
       for (int t = 1; t >= 0; --t) {
         const index_t k = 2 * p + t;
         const bfloat16 v = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
-        if constexpr (kKind == Kind::bf16_pairs)
+        if constexpr (kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx)
           half[(p * R + r) * 2 + t] = v;
         else
           panel[(2 * p + 1 - t) * R + r] = bf16_to_float(v);
@@ -247,19 +255,128 @@ void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t
     for (index_t r = 0; r < rows; ++r) sums[r] += acc[r];
 }
 
-// An operand panel of a product of kind kKind: plain (T's own values) or bfloat16 (from a16/b16 when set).
-template <typename T, int R, Kind kKind>
-void pack_operand_panel(T* panel, const T* src, const bfloat16* src16, index_t offset, index_t rs, index_t cs,
-                        index_t rows, index_t kc, T* sums) {
-  if constexpr (kKind == Kind::plain) {
-    (void)src16;
-    pack_micro_panel<T, R>(panel, src + offset, rs, cs, rows, kc, sums);
-  } else if (src16) {
-    pack_bf16_panel<R, kKind>(panel, src16 + offset, rs, cs, rows, kc, sums);
-  } else {
-    pack_bf16_panel<R, kKind>(panel, src + offset, rs, cs, rows, kc, sums);
+// The AMX form of an A panel: R rows of kc_padded bfloat16 values each, k contiguous (a tile's
+// 16 rows of 32 k are 2 kc_padded bytes apart), zero beyond rows and kc; sums as pack_bf16_panel's.
+template <int R, typename S>
+void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
+                    index_t kc_padded) {
+  bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
+  for (index_t r = 0; r < R; ++r) {
+    bfloat16* row = half + r * kc_padded;
+    float acc = 0;
+    for (index_t k = 0; k < kc_padded; k += 2) {
+      const bfloat16 v0 = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
+      const bfloat16 v1 = r < rows && k + 1 < kc ? bf16_operand(src + r * rs + (k + 1) * cs) : bfloat16{0};
+      row[k] = v0;
+      row[k + 1] = v1;
+      acc += bf16_to_float(v1);  // (the widened order: the bias gradient is the same on every path)
+      acc += bf16_to_float(v0);
+    }
+    if (sums && r < rows) sums[r] += acc;
   }
 }
+
+// An operand panel of a product of kind kKind: plain (T's own values) or bfloat16 (from a16/b16 when
+// set), kc values of K padded with zeros to kc_padded (see padded_k); rows_form: an AMX A panel.
+template <typename T, int R, Kind kKind, bool kRowsForm = false>
+void pack_operand_panel(T* panel, const T* src, const bfloat16* src16, index_t offset, index_t rs, index_t cs,
+                        index_t rows, index_t kc, T* sums, index_t kc_padded) {
+  if constexpr (kKind == Kind::plain) {
+    (void)src16, (void)kc_padded;
+    pack_micro_panel<T, R>(panel, src + offset, rs, cs, rows, kc, sums);
+  } else if constexpr (kRowsForm) {
+    if (src16)
+      pack_bf16_rows<R>(panel, src16 + offset, rs, cs, rows, kc, sums, kc_padded);
+    else
+      pack_bf16_rows<R>(panel, src + offset, rs, cs, rows, kc, sums, kc_padded);
+  } else if (src16) {
+    pack_bf16_panel<R, kKind>(panel, src16 + offset, rs, cs, rows, kc, sums, kc_padded);
+  } else {
+    pack_bf16_panel<R, kKind>(panel, src + offset, rs, cs, rows, kc, sums, kc_padded);
+  }
+}
+
+#if defined(LINGRAD_AMX)
+// AMX: eight tiles of 16 rows x 64 bytes (palette 1): C in tiles 0-3 (a 32 x 32 float32 block), A in
+// 4-5 (32 rows x 32 k), B in 6-7 (16 K pairs x 32 columns). Each thread of a product loads this
+// configuration before its first tile and releases it after its last.
+struct alignas(64) AmxConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: A an AMX rows panel of 32 rows (row stride
+// a_ld bfloat16), B a pairs panel of 32 columns. A full tile accumulates in C in place; an edge tile
+// through a 32 x 32 buffer.
+void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* b, float* c, index_t ldc,
+                     index_t mr, index_t nr, bool accumulate) {
+  alignas(64) float edge[32 * 32];
+  const bool full = mr == 32 && nr == 32;
+  float* out = full ? c : edge;
+  const index_t ld = full ? ldc : 32;
+  if (!full) {
+    for (index_t i = 0; i < 32; ++i)
+      for (index_t j = 0; j < 32; ++j) edge[i * 32 + j] = accumulate && i < mr && j < nr ? c[i * ldc + j] : 0.0f;
+  }
+  const int stride = static_cast<int>(ld * sizeof(float));
+  if (accumulate || !full) {
+    _tile_loadd(0, out, stride);
+    _tile_loadd(1, out + 16, stride);
+    _tile_loadd(2, out + 16 * ld, stride);
+    _tile_loadd(3, out + 16 * ld + 16, stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int a_stride = static_cast<int>(a_ld * sizeof(bfloat16));
+  for (index_t t = 0; t < ktiles; ++t) {
+    _tile_loadd(4, a + t * 32, a_stride);
+    _tile_loadd(5, a + 16 * a_ld + t * 32, a_stride);
+    _tile_loadd(6, b + t * 16 * 64, 128);  // 16 pairs of 32 columns: 64 bfloat16 per pair
+    _tile_loadd(7, b + t * 16 * 64 + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, stride);
+  _tile_stored(1, out + 16, stride);
+  _tile_stored(2, out + 16 * ld, stride);
+  _tile_stored(3, out + 16 * ld + 16, stride);
+  if (!full)
+    for (index_t i = 0; i < mr; ++i)
+      for (index_t j = 0; j < nr; ++j) c[i * ldc + j] = edge[i * 32 + j];
+}
+
+// The AMX peak probe: four independent tile products on fixed tiles; 4 * 16 * 16 * 32 * 2 flops.
+double amx_probe(index_t iterations, float seed) {
+  static const AmxConfig config;
+  alignas(64) static bfloat16 ones[16 * 32];
+  for (auto& v : ones) v = float_to_bf16(1.0f + 1e-3f * seed);
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (index_t it = 0; it < iterations; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float c[16 * 16];
+  _tile_stored(0, c, 64);
+  _tile_release();
+  return c[0];
+}
+#endif
 
 #if defined(LINGRAD_BF16_DOT)
 // The pairs micro-kernel: C[0:mr, 0:nr] = (or +=) A B over `pairs` K pairs, A a pairs panel of MR rows,
@@ -911,8 +1028,8 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
   p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
   p.kc = ceil_div(K, p.k_slices);
-  if (g.bf16 && p.kc % 2) {  // bfloat16: slices of whole K pairs (the last one may end in a half pair)
-    p.kc += 1;
+  if (g.bf16 && p.kc % kBf16KStep) {  // bfloat16: slices of whole K pairs or tiles (the last one padded)
+    p.kc = ceil_div(p.kc, kBf16KStep) * kBf16KStep;
     p.k_slices = K > 0 ? ceil_div(K, p.kc) : 1;
   }
   // M in equal blocks of at most MC rows (threads get equal work). When N is too narrow to share
@@ -963,14 +1080,51 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
 }
 
 // A packed panel holds kc k (plain) or ceil(kc / 2) pairs of k (bfloat16: padded_k = 2 ceil(kc / 2)
-// values, half as many floats' room for the pairs kind, whose bfloat16 values are two to a float).
+// values; AMX: whole K tiles of 32), in half as many floats' room for the kinds that keep bfloat16
+// values (two to a float).
 template <Kind kKind>
 constexpr index_t padded_k(index_t kc) {
-  return kKind == Kind::plain ? kc : kc + (kc & 1);
+  return kKind == Kind::plain ? kc : kKind == Kind::bf16_amx ? ceil_div(kc, 32) * 32 : kc + (kc & 1);
 }
 template <Kind kKind>
 constexpr index_t elements_per_slot() {
-  return kKind == Kind::bf16_pairs ? 2 : 1;
+  return kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx ? 2 : 1;
+}
+
+// One tile of a product of kind kKind (stage 3): the plain micro-kernel (with a narrower tile for a
+// narrow last panel), or, for bfloat16 products, the widened values through the same, or the pairs
+// or AMX kernel on bfloat16 panels (both operands packed: a_rs and b_rs unused).
+template <typename T, int MR, int NR, int VL, Kind kKind>
+inline void run_kind_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c,
+                          index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+#if defined(LINGRAD_AMX)
+  if constexpr (kKind == Kind::bf16_amx) {
+    static_assert(MR == 32 && NR == 32, "the AMX block is 2 x 2 tiles of 16 x 16");
+    amx_tile_kernel(kc / 32, reinterpret_cast<const bfloat16*>(a), kc, reinterpret_cast<const bfloat16*>(b), c, ldc, mr,
+                    nr, accumulate);
+    return;
+  }
+#endif
+#if defined(LINGRAD_BF16_DOT)
+  if constexpr (kKind == Kind::bf16_pairs) {
+    static_assert(NR % 32 == 0, "a pairs tile is one or more pairs of 16-float vectors");
+    const bfloat16* a_pairs = reinterpret_cast<const bfloat16*>(a);
+    const bfloat16* b_pairs = reinterpret_cast<const bfloat16*>(b);
+    if (nr <= NR / 2)
+      bf16_pair_kernel<MR, NR / 32>(kc / 2, a_pairs, b_pairs, 2 * NR, c, ldc, mr, nr, accumulate, prefetch_c);
+    else
+      bf16_pair_kernel<MR, NR / 16>(kc / 2, a_pairs, b_pairs, 2 * NR, c, ldc, mr, nr, accumulate, prefetch_c);
+    return;
+  }
+#endif
+  if constexpr (kKind == Kind::plain || kKind == Kind::bf16_widened) {
+    if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
+      run_tile<T, MR, NR / 4, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    else if (nr <= NR / 2)
+      run_tile<T, MR, NR / 2, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    else
+      run_tile<T, MR, NR, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+  }
 }
 
 // Stage 1: the slab of K slices [pc0, pc1) of the column block at jc (nc wide), packed into b_pack
@@ -989,7 +1143,7 @@ void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc
     if (p.pack_b || nc - panel * NR < NR)
       pack_operand_panel<T, NR, kKind>(b_pack + (pc - pc0) * slice + panel * NR * kc / elements_per_slot<kKind>(), g.b,
                                        g.b16, k0 * g.b_rs + (jc + panel * NR) * g.b_cs, g.b_cs, g.b_rs,
-                                       imin(NR, nc - panel * NR), imin(p.kc, g.k - k0), nullptr);
+                                       imin(NR, nc - panel * NR), imin(p.kc, g.k - k0), nullptr, kc);
   }
 }
 
@@ -1017,9 +1171,9 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
       const index_t k0 = pc * p.kc, kc = padded_k<kKind>(imin(p.kc, K - k0));
       for (index_t ip = 0; ip < mc; ip += MR)
         if (p.pack_a || mc - ip < MR)
-          pack_operand_panel<T, MR, kKind>(a_pack + ip * kc / kSlot, g.a, g.a16, (i0 + ip) * g.a_rs + k0 * g.a_cs,
-                                           g.a_rs, g.a_cs, imin(MR, mc - ip), imin(p.kc, K - k0),
-                                           sums ? sums + ip : nullptr);
+          pack_operand_panel<T, MR, kKind, kKind == Kind::bf16_amx>(
+              a_pack + ip * kc / kSlot, g.a, g.a16, (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs, imin(MR, mc - ip),
+              imin(p.kc, K - k0), sums ? sums + ip : nullptr, kc);
       const T* b_slice = b_pack + (pc - pc0) * slice;
       const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
       for (index_t panel = part_begin * kPanelsPerItem; panel < p_end; ++panel) {
@@ -1028,32 +1182,12 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
           const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
           T* c = g.c + m0 * g.ldc + j0;
           const bool packed_a = p.pack_a || mr < MR, packed_b = p.pack_b || nr < NR;
-          const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
-          const T* b_panel = packed_b ? b_slice + panel * NR * kc : g.b + k0 * g.b_rs + j0;
+          const T* a_panel = packed_a ? a_pack + ip * kc / kSlot : g.a + m0 * g.a_rs + k0;
+          const T* b_panel = packed_b ? b_slice + panel * NR * kc / kSlot : g.b + k0 * g.b_rs + j0;
           const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
           const bool accumulate = pc > 0;
-#if defined(LINGRAD_BF16_DOT)
-          if constexpr (kKind == Kind::bf16_pairs) {  // (both operands packed; NR/16 vectors, or fewer)
-            static_assert(NR % 32 == 0, "a pairs tile is one or more pairs of 16-float vectors");
-            const bfloat16* a_pairs = reinterpret_cast<const bfloat16*>(a_pack) + ip * kc;
-            const bfloat16* b_pairs = reinterpret_cast<const bfloat16*>(b_slice) + panel * NR * kc;
-            if (nr <= NR / 2)
-              bf16_pair_kernel<MR, NR / 32>(kc / 2, a_pairs, b_pairs, 2 * NR, c, g.ldc, mr, nr, accumulate,
-                                            p.prefetch_c);
-            else
-              bf16_pair_kernel<MR, NR / 16>(kc / 2, a_pairs, b_pairs, 2 * NR, c, g.ldc, mr, nr, accumulate,
-                                            p.prefetch_c);
-          } else
-#endif
-              if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
-            run_tile<T, MR, NR / 4, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                        p.prefetch_c);
-          else if (nr <= NR / 2)
-            run_tile<T, MR, NR / 2, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                        p.prefetch_c);
-          else
-            run_tile<T, MR, NR, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                    p.prefetch_c);
+          run_kind_tile<T, MR, NR, VL, kKind>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                              p.prefetch_c);
           if (pc == p.k_slices - 1 && has_epilogue) {
             const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
             if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
@@ -1085,6 +1219,10 @@ void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
     const int thread = 0, team = 1;
 #endif
     T* const a_pack = b_pack + b_slab + thread * a_block;
+#if defined(LINGRAD_AMX)
+    static const AmxConfig kAmxConfig;
+    if constexpr (kKind == Kind::bf16_amx) _tile_loadconfig(&kAmxConfig);
+#endif
     for (index_t jc = 0; jc < N; jc += NC) {
       const index_t nc = imin(NC, N - jc);
       // This thread's share of the (row block, part) items: a contiguous range, fixed by the team size.
@@ -1099,6 +1237,9 @@ void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
         // (everyone is done with the slab before it is repacked)
       }
     }
+#if defined(LINGRAD_AMX)
+    if constexpr (kKind == Kind::bf16_amx) _tile_release();
+#endif
   };
   if (p.threads > 1) {
 #pragma omp parallel num_threads(p.threads)
@@ -1128,9 +1269,19 @@ constexpr const GemmBlocking& blocking_of() {
 
 // Every decision for one product, from g's shape and strides (and whether row sums and the loss
 // are wanted) and the build's table; no pointer is read.
+#if defined(LINGRAD_AMX)
+// The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 512 (16 K tiles, a 32 KB
+// B micro-panel); MC 128 rows (a 128 KB A block).
+constexpr GemmBlocking kAmxBlocking = {32, 32, 128, 512, 4096, 16};
+#endif
+
 template <typename T, const GemmTable& kTable>
 GemmPlan make_plan(const GemmArgs<T>& g) {
+#if defined(LINGRAD_AMX)
+  const GemmBlocking& b = g.bf16 ? kAmxBlocking : blocking_of<T, kTable>();
+#else
   const GemmBlocking& b = blocking_of<T, kTable>();
+#endif
   GemmPlan p;
   if (g.m == 0 || g.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
@@ -1180,8 +1331,13 @@ void gemm(const GemmArgs<T>& g) {
     case GemmPath::small_m:
       return gemm_small<T, b.vl>(g, plan);
     case GemmPath::packed:
-      if constexpr (std::is_same_v<T, float>)
+      if constexpr (std::is_same_v<T, float>) {
+#if defined(LINGRAD_AMX)
+        if (g.bf16) return gemm_packed<T, kAmxBlocking.mr, kAmxBlocking.nr, b.vl, kBf16Kind>(g, plan, kAmxBlocking.nc);
+#else
         if (g.bf16) return gemm_packed<T, b.mr, b.nr, b.vl, kBf16Kind>(g, plan, b.nc);
+#endif
+      }
       return gemm_packed<T, b.mr, b.nr, b.vl, Kind::plain>(g, plan, b.nc);
   }
 }
@@ -1223,7 +1379,11 @@ constexpr GemmKernels make_kernels() {
                      2 * 12 * kTable.f.vl,
                      kTable.f,
                      kTable.d,
-#if defined(LINGRAD_BF16_DOT)
+#if defined(LINGRAD_AMX)
+                     "amx",
+                     &amx_probe,
+                     4 * 16 * 16 * 32 * 2};
+#elif defined(LINGRAD_BF16_DOT)
                      "vdpbf16ps",
                      &bf16_probe,
                      12 * 16 * 2 * 2};

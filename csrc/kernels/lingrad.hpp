@@ -69,8 +69,8 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
 
 // ---------------------------------------------------------------------------------------------
 // bfloat16 products: the operands' values rounded to bfloat16 (to nearest, ties to even), each
-// product of two of them exact in float32, the sums in float32. Every ISA path computes the same
-// bits (see gemm_engine.hpp: the pairs of K); a denormal bfloat16 operand counts as zero, as the
+// product of two of them exact in float32, the sums in float32. Every ISA path but AMX computes the
+// same bits (see gemm_engine.hpp: the pairs of K); a denormal bfloat16 operand counts as zero, as the
 // AVX512-BF16 instruction reads it.
 
 struct bfloat16 {
@@ -117,9 +117,9 @@ void linear_backward_weight_bf16(Bf16Matrix dy, Bf16Matrix x, Bf16Output dw, flo
 double linear_mse_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, MatrixView<float> target,
                        Reduction reduction, Bf16Output dx, Bf16Output dw, float* db, float* dy = nullptr);
 
-// How this build runs bfloat16 products: "vdpbf16ps" (AVX512-BF16 pair dot products) or "widened"
-// (to float32 while packing, the float32 micro-kernel). And the machine's bfloat16 dot-product peak in
-// GFLOP/s (0 where the ISA in use has no bfloat16 instructions), measured like measure_fma_peak.
+// How the ISA in use runs bfloat16 products: "amx" (AMX tiles), "vdpbf16ps" (AVX512-BF16 pair dot
+// products) or "widened" (to float32 while packing, the float32 micro-kernel). And the machine's peak
+// with those instructions in GFLOP/s (0 for "widened"), measured like measure_fma_peak.
 const char* bf16_kernel();
 double measure_bf16_peak(int threads, double seconds);
 

@@ -29,10 +29,12 @@ PyTorch bfloat16 tensors fall back to PyTorch):
   ``bias_out``) of either dtype to choose. ``linear_mse`` gives each gradient its input's dtype
   (a float32 weight gets a float32 gradient), keeps ``grad_output`` (dY) in float32 and rounds it
   to bfloat16 as dX's and dW's products read it; bias and target are used in float32;
-* every SIMD code path computes the same bits: the AVX512-BF16 build (``avx512_bf16``: vdpbf16ps
-  pair dot products) and the others, which widen the rounded values to float32 while packing and
-  run the float32 micro-kernel in the instruction's order (K in pairs, the odd element first); a
-  denormal bfloat16 operand counts as zero, as vdpbf16ps reads it;
+* the SIMD code paths: ``amx_bf16`` (Intel Sapphire Rapids and later: AMX tiles, the fastest by
+  far; its sums follow the hardware's order), ``avx512_bf16`` (vdpbf16ps pair dot products) and the
+  others, which widen the rounded values to float32 while packing and run the float32
+  micro-kernel. All but AMX compute the same bits: vdpbf16ps's order (K in pairs, the odd element
+  first), which the widened paths reproduce; a denormal bfloat16 operand counts as zero, as
+  vdpbf16ps reads it. Each path's results are the same for any thread count;
 * ``lingrad.config()["bf16_kernel"]`` names the path in use.
 """
 
