@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers import run_python
 
 README = Path(__file__).resolve().parent.parent / "README.md"

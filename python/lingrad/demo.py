@@ -104,7 +104,8 @@ class Run:
     images: int
     # per step, before the update; "fused" is the same network as one lingrad.fuse call
     loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
-    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})  # forward, backward, update
+    # per step: forward, backward, update
+    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
     final: dict = field(default_factory=dict)  # loss of the trained model on all images
     grad_w1: np.ndarray | None = None  # lingrad's first-layer weight gradient, last step
     pixels: np.ndarray | None = None
