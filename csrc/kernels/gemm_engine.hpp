@@ -237,42 +237,79 @@ inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf
 template <int R, Kind kKind, typename S>
 void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
                      index_t kc_padded) {
-  const index_t pairs = ceil_div(kc_padded, 2);
+  const index_t pairs = ceil_div(kc_padded, 2), full = kc / 2;  // pairs, and those with both k < kc
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
-  float acc[R] = {};
-  for (index_t p = 0; p < pairs; ++p)
-    for (int r = 0; r < R; ++r)
-      for (int t = 1; t >= 0; --t) {
-        const index_t k = 2 * p + t;
-        const bfloat16 v = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
-        if constexpr (kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx)
-          half[(p * R + r) * 2 + t] = v;
-        else
-          panel[(2 * p + 1 - t) * R + r] = bf16_to_float(v);
-        if (sums) acc[r] += bf16_to_float(v);
+  auto put = [&](index_t p, index_t r, bfloat16 v0, bfloat16 v1) {
+    const std::uint32_t both = static_cast<std::uint32_t>(v0.bits) | static_cast<std::uint32_t>(v1.bits) << 16;
+    if constexpr (kKind == Kind::bf16_amx) {  // AMX B tiles of 16 pairs x 16 columns, each 1 KB contiguous
+      static_assert(R % 16 == 0, "AMX B panels hold whole tiles of 16 columns");
+      __builtin_memcpy(half + (((p / 16) * (R / 16) + r / 16) * 16 + p % 16) * 32 + (r % 16) * 2, &both, sizeof both);
+    } else if constexpr (kKind == Kind::bf16_pairs) {
+      __builtin_memcpy(half + (p * R + r) * 2, &both, sizeof both);
+    } else {
+      panel[(2 * p) * R + r] = bf16_to_float(v1);  // odd k first
+      panel[(2 * p + 1) * R + r] = bf16_to_float(v0);
+    }
+    (void)both;
+  };
+  // Row by row (each row's k in order, contiguous when cs == 1); rows beyond `rows` and k beyond kc are 0.
+  for (index_t r = 0; r < R; ++r) {
+    index_t p = 0;
+    if (r < rows) {
+      const S* row = src + r * rs;
+      for (; p < full; ++p) put(p, r, bf16_operand(row + 2 * p * cs), bf16_operand(row + (2 * p + 1) * cs));
+      if (p < pairs && 2 * p < kc) {  // a last half pair
+        put(p, r, bf16_operand(row + 2 * p * cs), bfloat16{0});
+        ++p;
       }
-  if (sums)
-    for (index_t r = 0; r < rows; ++r) sums[r] += acc[r];
+    }
+    for (; p < pairs; ++p) put(p, r, bfloat16{0}, bfloat16{0});
+  }
+  if (sums)  // from the source, each pair's odd k first (the widened order, the same on every path)
+    for (index_t r = 0; r < rows; ++r) {
+      const S* row = src + r * rs;
+      float acc = 0;
+      for (index_t j = 0; j < kc; j += 2) {
+        acc += j + 1 < kc ? bf16_to_float(bf16_operand(row + (j + 1) * cs)) : 0.0f;
+        acc += bf16_to_float(bf16_operand(row + j * cs));
+      }
+      sums[r] += acc;
+    }
 }
 
-// The AMX form of an A panel: R rows of kc_padded bfloat16 values each, k contiguous (a tile's
-// 16 rows of 32 k are 2 kc_padded bytes apart), zero beyond rows and kc; sums as pack_bf16_panel's.
+// The AMX form of an A panel: for each K tile of 32, R rows of 32 bfloat16 values (row r of K tile
+// t at (t R + r) 32: a tile's 16 rows are 64 bytes apart, 1 KB contiguous, so that no two share an
+// L1 set), zero beyond rows and kc (kc_padded: whole K tiles); sums as pack_bf16_panel's.
 template <int R, typename S>
 void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
                     index_t kc_padded) {
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
   for (index_t r = 0; r < R; ++r) {
-    bfloat16* row = half + r * kc_padded;
-    float acc = 0;
-    for (index_t k = 0; k < kc_padded; k += 2) {
-      const bfloat16 v0 = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
-      const bfloat16 v1 = r < rows && k + 1 < kc ? bf16_operand(src + r * rs + (k + 1) * cs) : bfloat16{0};
-      row[k] = v0;
-      row[k + 1] = v1;
-      acc += bf16_to_float(v1);  // (the widened order: the bias gradient is the same on every path)
-      acc += bf16_to_float(v0);
+    for (index_t t = 0; t < kc_padded / 32; ++t) {
+      bfloat16* __restrict out = half + (t * R + r) * 32;
+      const index_t k0 = t * 32, n = r < rows ? imin(32, kc - k0) : 0;
+      index_t j = 0;
+      if (n > 0) {
+        const S* __restrict row = src + r * rs + k0 * cs;
+        if (cs == 1) {
+#pragma omp simd
+          for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i);
+        } else {
+          for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i * cs);
+        }
+        j = n;
+      }
+      for (; j < 32; ++j) out[j] = bfloat16{0};
     }
-    if (sums && r < rows) sums[r] += acc;
+    if (sums && r < rows) {  // from the source (each pair's odd k first: the same bias gradient on every path)
+      const S* row = src + r * rs;
+      float acc = 0;
+      for (index_t j = 0; j < kc; j += 2) {
+        acc += j + 1 < kc ? bf16_to_float(bf16_operand(row + (j + 1) * cs)) : 0.0f;
+        acc += bf16_to_float(bf16_operand(row + j * cs));
+      }
+      sums[r] += acc;
+    }
   }
 }
 
@@ -306,9 +343,9 @@ struct alignas(64) AmxConfig {
   std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: A an AMX rows panel of 32 rows (row stride
-// a_ld bfloat16), B a pairs panel of 32 columns. A full tile accumulates in C in place; an edge tile
-// through a 32 x 32 buffer.
+// C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: A an AMX rows panel of 32 rows, B an AMX pairs
+// panel of 32 columns (each tile 1 KB contiguous; a_ld unused). A full tile accumulates in C in
+// place; an edge tile through a 32 x 32 buffer.
 void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* b, float* c, index_t ldc,
                      index_t mr, index_t nr, bool accumulate) {
   alignas(64) float edge[32 * 32];
@@ -331,12 +368,12 @@ void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bflo
     _tile_zero(2);
     _tile_zero(3);
   }
-  const int a_stride = static_cast<int>(a_ld * sizeof(bfloat16));
+  (void)a_ld;
   for (index_t t = 0; t < ktiles; ++t) {
-    _tile_loadd(4, a + t * 32, a_stride);
-    _tile_loadd(5, a + 16 * a_ld + t * 32, a_stride);
-    _tile_loadd(6, b + t * 16 * 64, 128);  // 16 pairs of 32 columns: 64 bfloat16 per pair
-    _tile_loadd(7, b + t * 16 * 64 + 32, 128);
+    _tile_loadd(4, a + t * 32 * 32, 64);  // (see pack_bf16_rows and pack_bf16_panel: tiles 1 KB contiguous)
+    _tile_loadd(5, a + t * 32 * 32 + 16 * 32, 64);
+    _tile_loadd(6, b + t * 2 * 512, 64);
+    _tile_loadd(7, b + t * 2 * 512 + 512, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
@@ -1271,8 +1308,9 @@ constexpr const GemmBlocking& blocking_of() {
 // are wanted) and the build's table; no pointer is read.
 #if defined(LINGRAD_AMX)
 // The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 512 (16 K tiles, a 32 KB
-// B micro-panel); MC 128 rows (a 128 KB A block).
-constexpr GemmBlocking kAmxBlocking = {32, 32, 128, 512, 4096, 16};
+// B micro-panel, in L1); MC 64 rows (a 64 KB A block). Measured on an Intel Xeon (2 threads): MC 64-128
+// and KC 256-1024 all within noise of each other (1.1-1.9 TFLOP/s forward at 1024-4096 rows).
+constexpr GemmBlocking kAmxBlocking = {32, 32, 64, 512, 4096, 16};
 #endif
 
 template <typename T, const GemmTable& kTable>
