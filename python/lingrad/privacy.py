@@ -79,8 +79,8 @@ def _graph_nodes(root) -> list:
 
 def _leaf(node, index: int) -> Tensor | None:
     """The leaf tensor (a Parameter) behind input `index` of a graph node, or None."""
-    fn = node.next_functions[index][0]
-    return getattr(fn, "variable", None)
+    edges = node.next_functions  # one per tensor input (None, a non-tensor argument, has none)
+    return getattr(edges[index][0], "variable", None) if index < len(edges) else None
 
 
 def _per_sample(t: Tensor, batch: int, what: str) -> Tensor:
@@ -192,7 +192,7 @@ def clip_and_accumulate(
     per_layer = []
     for weight, bias, uses in layers.values():
         grad_out = _steps([g for g, _ in uses], batch, "a layer's output gradient")
-        x = _steps([x for _, x in uses], batch, "a layer's input")
+        x = _steps([x for _, x in uses], batch, "a layer's input") if weight is not None else None
         if weight is None:  # a frozen weight, a trainable bias: its norm is ||sum_t dY_b[t]||
             bias_norm = grad_out.sum(1) if grad_out.dim() == 3 else grad_out
             squares += (bias_norm.double() ** 2).sum(1).numpy()
@@ -210,11 +210,11 @@ def clip_and_accumulate(
         like = grad_out
         steps = grad_out.shape[1] if grad_out.dim() == 3 else 1
         rows_g = grad_out.reshape(-1, grad_out.shape[-1])
-        rows_x = x.reshape(-1, x.shape[-1])
         s = np.repeat(clip / batch, steps).astype(np.float32 if like.dtype == torch.float32 else np.float64)
-        if weight is None:
+        if weight is None:  # a frozen weight, a trainable bias
             grads[id(bias)] = torch.from_numpy(s) @ rows_g
             continue
+        rows_x = x.reshape(-1, x.shape[-1])
         dw, out = _ops._empty(like, rows_g.shape[1], rows_x.shape[1])
         db, bias_out = _ops._empty(like, rows_g.shape[1]) if bias is not None else (None, None)
         has_bias = bias is not None
