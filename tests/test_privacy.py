@@ -327,11 +327,26 @@ def test_noise_is_reproducible_and_scaled():
     for ga, gb, gc in zip(a, b, c):
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)  # same generator seed: same bits
         assert not torch.equal(ga, gc)
-    # the noise is N(0, (noise * C)^2) / B, drawn from the generator in parameters() order
+    # the noise is N(0, (noise * C)^2) / B, drawn from the generator in parameters() order, in chunks
     g = torch.Generator().manual_seed(5)
     for p, g0, ga in zip(model.parameters(), clean, a):
-        noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.3 * 0.7 / 32)
-        torch.testing.assert_close(ga, g0 + noise, rtol=1e-12, atol=1e-15)
+        noise = torch.cat([torch.randn(n, generator=g, dtype=p.dtype) for n in _chunks(p.numel())])
+        torch.testing.assert_close(ga, g0 + noise.reshape(p.shape) * (1.3 * 0.7 / 32), rtol=1e-12, atol=1e-15)
+
+
+def _chunks(n):
+    chunk = lingrad.privacy.NOISE_CHUNK
+    return [min(chunk, n - i) for i in range(0, n, chunk)]
+
+
+@needs_torch
+def test_noise_in_chunks(monkeypatch):
+    monkeypatch.setattr(lingrad.privacy, "NOISE_CHUNK", 7)
+    grad = torch.zeros(5, 4, dtype=torch.float64)
+    lingrad.privacy.add_noise(grad, 2.0, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    want = torch.cat([torch.randn(n, generator=g, dtype=torch.float64) for n in (7, 7, 6)]) * 2.0
+    torch.testing.assert_close(grad.reshape(-1), want, rtol=0, atol=0)
 
 
 @needs_torch

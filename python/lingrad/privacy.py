@@ -33,10 +33,22 @@ from torch import Tensor
 from . import _ops, kernels, mlp
 from .nn import Linear
 
-__all__ = ["clip_and_accumulate"]
+__all__ = ["clip_and_accumulate", "add_noise"]
 
 _LINEAR_NODE = _ops.linear.function._backward_cls  # lingrad.Linear's (and functional.linear's) graph node
 _MLP_NODE = mlp._MLPFunction._backward_cls  # a FusedMLP's (loss=None) graph node
+
+
+NOISE_CHUNK = 1 << 16  # elements of noise drawn at a time (bounded extra memory for any layer)
+
+
+def add_noise(grad: Tensor, std: float, generator: torch.Generator | None) -> None:
+    """grad += std * N(0, 1), drawn from `generator` in chunks of NOISE_CHUNK elements of grad's
+    flattened order (a draw of at most 256 KiB in float32 at a time, whatever the layer's size)."""
+    flat = grad.view(-1)
+    for start in range(0, flat.numel(), NOISE_CHUNK):
+        part = flat[start : start + NOISE_CHUNK]
+        part.add_(torch.randn(part.shape, generator=generator, dtype=grad.dtype), alpha=std)
 
 
 def _check_model(model: torch.nn.Module) -> list[Tensor]:
@@ -120,7 +132,7 @@ def clip_and_accumulate(
     g_b, is clipped jointly by c_b = min(1, max_grad_norm / ||g_b||); ``.grad`` is set (not added) to
     (sum_b c_b g_b + noise) / B, with Gaussian noise of standard deviation noise_multiplier *
     max_grad_norm drawn from ``generator`` (torch's default generator if None) for each parameter in
-    ``model.parameters()`` order. One backward pass; no per-sample gradient is materialised. A
+    ``model.parameters()`` order (see :func:`add_noise`). One backward pass; no per-sample gradient is materialised. A
     parameter that no sample's loss reached gets the noise alone.
     """
     params = _check_model(model)
@@ -200,13 +212,17 @@ def clip_and_accumulate(
             norms = kernels.linear_per_sample_grad_norms(_ops._array(grad_out), _ops._array(x), bias=bias is not None)
             squares += norms * norms
         per_layer.append((weight, bias, grad_out, x))
+    # Only per_layer keeps the layers' tensors now; each is dropped once its gradient is made.
+    layers.clear()
+    captures.clear()
     norms = np.sqrt(squares)
     with np.errstate(divide="ignore"):
         clip = np.minimum(1.0, max_grad_norm / norms)  # a zero gradient: 1
 
     # The clipped sum, its noise, over the batch size.
     grads: dict[int, Tensor] = {}
-    for weight, bias, grad_out, x in per_layer:
+    while per_layer:
+        weight, bias, grad_out, x = per_layer.pop(0)
         like = grad_out
         steps = grad_out.shape[1] if grad_out.dim() == 3 else 1
         rows_g = grad_out.reshape(-1, grad_out.shape[-1])
@@ -229,6 +245,6 @@ def clip_and_accumulate(
         if g is None:
             g = torch.zeros_like(p)
         if std > 0:
-            g.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=std)
+            add_noise(g, std, generator)
         p.grad = g
     return torch.from_numpy(norms)
