@@ -125,7 +125,8 @@ def main() -> None:
         line = f"{epoch + 1:5d} | {accuracy(model, x_test, labels_test):.3f}, {lingrad_time:.2f} s"
         if opacus is not None:
             eps = accountant.get_epsilon(delta=args.delta)
-            line += f" | {accuracy(twin, x_test, labels_test):.3f}, {opacus_time:.2f} s | {eps:.2f} (delta {args.delta:g})"
+            twin_accuracy = accuracy(twin, x_test, labels_test)
+            line += f" | {twin_accuracy:.3f}, {opacus_time:.2f} s | {eps:.2f} (delta {args.delta:g})"
         print(line)
     print(
         "(the two runs draw their noise from different generators, so their accuracies differ by chance;"

@@ -151,9 +151,9 @@ void linear_per_sample_grads(SampleView<T> dy, SampleView<T> x, T* out) {
   }
 }
 
-#define LINGRAD_INSTANTIATE(T)                                                                                   \
-  template void linear_per_sample_grad_norms<T>(SampleView<T>, SampleView<T>, bool, double*);                    \
-  template void linear_backward_weight_weighted<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, T*, T*);         \
+#define LINGRAD_INSTANTIATE(T)                                                                           \
+  template void linear_per_sample_grad_norms<T>(SampleView<T>, SampleView<T>, bool, double*);            \
+  template void linear_backward_weight_weighted<T>(MatrixView<T>, MatrixView<T>, VectorView<T>, T*, T*); \
   template void linear_per_sample_grads<T>(SampleView<T>, SampleView<T>, T*);
 LINGRAD_INSTANTIATE(float)
 LINGRAD_INSTANTIATE(double)
