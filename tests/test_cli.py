@@ -96,6 +96,7 @@ def test_demo_small(capsys, tmp_path, demo_deps):
     assert lingrad.get_num_threads() == threads  # restored
     assert code == 0, out + err
     assert "agree to float32 tolerance" in out
+    assert "lingrad.fuse (the whole network as one call)" in out
     assert "1 threads; PyTorch" in out
     assert "their gradients are exactly 0.0 in every unit" in out
     assert f"picture written to {png}" in out
@@ -114,8 +115,9 @@ def test_demo_training_agrees_and_zero_gradient_is_computed(demo_deps):
     run = demo.train(pixels, labels, steps=4, lr=0.008, seed=1, progress=True, progress_file=bar)
     assert "4/4" in bar.getvalue() and "lingrad=" in bar.getvalue()
     assert run.loss["lingrad"][-1] < run.loss["lingrad"][0]
-    for ours, ref in zip(run.loss["lingrad"], run.loss["torch"]):
+    for ours, ref, fused in zip(run.loss["lingrad"], run.loss["torch"], run.loss["fused"]):
         assert demo.relative_difference(ours, ref) <= demo.RTOL
+        assert demo.relative_difference(fused, ref) <= demo.RTOL
     facts = demo.gradient_facts(run)
     black = (pixels == 0).all(axis=0)
     assert facts["black"] == int(black.sum()) > 0

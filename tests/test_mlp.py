@@ -138,6 +138,7 @@ def test_errors_name_the_argument():
 
 torch = pytest.importorskip("torch")
 import copy  # noqa: E402
+import warnings  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -306,12 +307,26 @@ def test_torch_compile_fullgraph():
 
 def test_other_dtypes_fall_back(monkeypatch):
     monkeypatch.setattr(LF, "_fallback_warned", False)
-    reference = sequential("relu", dtype=torch.bfloat16)
+    reference = sequential("relu", dtype=torch.float16)
     model = lingrad.fuse(copy.deepcopy(reference))
-    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    x = torch.randn(4, 8, dtype=torch.float16)
     with pytest.warns(LF.FallbackWarning):
         y = model(x)
     assert torch.equal(y, reference(x))
+
+
+def test_bfloat16_runs_layer_by_layer_on_lingrads_products():
+    pytest.importorskip("ml_dtypes")
+    reference = sequential("relu", dtype=torch.bfloat16)  # torch.nn.Linear layers
+    model = lingrad.fuse(copy.deepcopy(reference))
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FallbackWarning
+        y = model(x)
+    h = x
+    for m in reference:
+        h = LF.linear(h, m.weight, m.bias) if isinstance(m, torch.nn.Linear) else m(h)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, h)
 
 
 def test_retain_graph_and_no_aliasing():

@@ -360,9 +360,9 @@ def test_kernels_read_dlpack_capsules_as_views():
     expected = base.t() @ w.t()
     base.resize_(10, 10)  # still resizable
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    with pytest.raises(TypeError, match="x has dtype int64; lingrad computes in float32 or float64"):
+    with pytest.raises(TypeError, match="x has dtype int64; lingrad computes in float32, float64 or"):
         kernels.linear_forward(to_dlpack(torch.ones(2, 3, dtype=torch.int64)), w.numpy())
-    with pytest.raises(TypeError, match="x has dtype bfloat16"):
+    with pytest.raises(TypeError, match="weight has dtype float64 but x has dtype bfloat16"):
         kernels.linear_forward(to_dlpack(torch.ones(2, 3, dtype=torch.bfloat16)), w.numpy())
 
 
@@ -518,7 +518,7 @@ def fresh_fallback_warning(monkeypatch):
     monkeypatch.setattr(LF, "_fallback_warned", False)
 
 
-def test_float16_and_bfloat16_fall_back_with_one_warning(fresh_fallback_warning):
+def test_float16_falls_back_with_one_warning_and_bfloat16_mse_is_pytorchs(fresh_fallback_warning):
     layer = lingrad.Linear(4, 3, dtype=torch.float16)
     reference = torch.nn.Linear(4, 3, dtype=torch.float16)
     reference.load_state_dict(layer.state_dict())
@@ -615,9 +615,12 @@ def test_torch_compile_fullgraph():
     loss.backward()
     torch.testing.assert_close(head.weight.grad, reference[2].weight.grad)
 
-    # The fallback to PyTorch traces without a graph break as well.
-    half = torch.compile(lingrad.swap_linear(mlp(8, 4).to(torch.bfloat16)), fullgraph=True, backend="aot_eager")
-    assert half(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    # The fallback to PyTorch traces without a graph break as well, and so do bfloat16 kernels.
+    half = torch.compile(lingrad.swap_linear(mlp(8, 4).to(torch.float16)), fullgraph=True, backend="aot_eager")
+    assert half(x.to(torch.float16)).dtype == torch.float16
+    brain = lingrad.swap_linear(mlp(8, 4).to(torch.bfloat16))
+    compiled = torch.compile(brain, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x.to(torch.bfloat16)), brain(x.to(torch.bfloat16)))
 
 
 @pytest.mark.filterwarnings(

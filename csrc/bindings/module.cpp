@@ -57,7 +57,21 @@ std::string byte_count(double bytes) {
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-enum class DType { float32, float64 };
+enum class DType { float32, float64, bfloat16 };
+
+// NumPy's bfloat16 is ml_dtypes.bfloat16 (an optional dependency): its dtype, or None without it.
+py::object bf16_dtype() {
+  static py::object dtype = [] {
+    try {
+      return py::object(py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));
+    } catch (py::error_already_set&) {
+      return py::object(py::none());
+    }
+  }();
+  return dtype;
+}
+
+bool is_bf16(const py::dtype& dt) { return dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bf16_dtype()); }
 
 // DLPack (the unversioned ABI that torch.utils.dlpack.to_dlpack exports, as a capsule named
 // "dltensor"): lingrad's PyTorch layer hands tensors over this way. Tensor.numpy() would mark the
@@ -94,11 +108,17 @@ py::array from_dlpack(py::handle capsule, const char* name) {
   const DLTensor& t = managed->dl_tensor;
   if (t.device.device_type != 1)
     throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
-  if (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64)) {
+  const bool bf16 = t.dtype.code == 4 && t.dtype.bits == 16 && t.dtype.lanes == 1;
+  if (bf16 && bf16_dtype().is_none())
+    throw py::type_error(
+        std::string(name) +
+        " has dtype bfloat16, which lingrad reads through the ml_dtypes package: " + "pip install ml_dtypes");
+  if (!bf16 && (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64))) {
     const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
     const std::string kind = t.dtype.code < 7 ? kinds[t.dtype.code] : "code " + std::to_string(t.dtype.code);
     throw py::type_error(std::string(name) + " has dtype " + kind + std::to_string(t.dtype.bits) +
-                         "; lingrad computes in float32 or float64 (convert explicitly)");
+                         "; lingrad computes in float32, float64 or (the Linear layer's products) bfloat16 "
+                         "(convert explicitly)");
   }
   const py::ssize_t itemsize = t.dtype.bits / 8;
   std::vector<py::ssize_t> shape(t.shape, t.shape + t.ndim), strides(t.ndim);
@@ -109,7 +129,9 @@ py::array from_dlpack(py::handle capsule, const char* name) {
     auto* m = static_cast<DLManagedTensor*>(p);
     if (m->deleter) m->deleter(m);
   });
-  const py::dtype dtype = itemsize == 4 ? py::dtype::of<float>() : py::dtype::of<double>();
+  const py::dtype dtype = bf16            ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
+                          : itemsize == 4 ? py::dtype::of<float>()
+                                          : py::dtype::of<double>();
   return py::array(dtype, shape, strides, static_cast<char*>(t.data) + t.byte_offset, owner);
 }
 
@@ -133,32 +155,51 @@ DType dtype_of(const py::array& a, const char* name) {
   const py::dtype dt = a.dtype();
   if (dt.equal(py::dtype::of<float>())) return DType::float32;
   if (dt.equal(py::dtype::of<double>())) return DType::float64;
+  if (is_bf16(dt)) return DType::bfloat16;
   const std::string dts = py::str(dt);
   if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
     throw py::type_error(std::string(name) + " has non-native byte order (dtype " + dts +
                          "); convert it with .astype(its dtype.newbyteorder('='))");
   throw py::type_error(std::string(name) + " has dtype " + dts +
-                       "; lingrad computes in float32 or float64 (convert explicitly with .astype)");
+                       "; lingrad computes in float32, float64 or (the Linear layer's products) bfloat16 "
+                       "(convert explicitly with .astype)");
 }
 
-const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
+const char* dtype_name(DType d) {
+  return d == DType::float32 ? "float32" : d == DType::float64 ? "float64" : "bfloat16";
+}
 
 // The arguments of one call: the dtype set by the first array, every input remembered so that
 // outputs can be checked for overlap.
+//
+// A call of a function with bfloat16 products (the Linear layer's) may mix float32 and bfloat16
+// inputs: its dtype is then bfloat16, and a new result is bfloat16 if every input is, else float32.
 class Call {
  public:
+  explicit Call(bool bf16_products = false) : bf16_ok_(bf16_products) {}
+
   // An input array of rank `ndim` (or 1 when allow_1d), of the call's dtype.
   // other_ndim: a second rank that is also accepted (3 for per-sample arrays with a sequence dimension).
   py::array input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d = false,
                   int other_ndim = -1) {
     py::array a = as_ndarray(obj, name);
     const DType d = dtype_of(a, name);
+    if (d == DType::bfloat16 && !bf16_ok_)
+      throw py::type_error(
+          std::string(name) +
+          " has dtype bfloat16; of lingrad's kernels, linear_forward, linear_backward_input, "
+          "linear_backward_weight and linear_mse compute in bfloat16 (convert explicitly with .astype)");
     if (inputs_.empty()) {
       dtype_ = d;
     } else if (d != dtype_) {
-      throw py::type_error(std::string(name) + " has dtype " + dtype_name(d) + " but " + inputs_[0].first +
-                           " has dtype " + dtype_name(dtype_) + "; all arrays must share one dtype");
+      const DType first = dtype_of(inputs_[0].second, inputs_[0].first);
+      if (!bf16_ok_ || d == DType::float64 || dtype_ == DType::float64)
+        throw py::type_error(std::string(name) + " has dtype " + dtype_name(d) + " but " + inputs_[0].first +
+                             " has dtype " + dtype_name(first) + "; all arrays must share one dtype" +
+                             (bf16_ok_ ? " (or mix float32 and bfloat16)" : ""));
+      dtype_ = DType::bfloat16;  // float32 with bfloat16: bfloat16 products
     }
+    all_bf16_ = all_bf16_ && d == DType::bfloat16;
     if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1) && a.ndim() != other_ndim)
       throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning + ", got shape " +
                             shape_of(a));
@@ -167,17 +208,27 @@ class Call {
     return a;
   }
 
-  // A new output, or the caller's `out` checked to be exactly what a new one would be.
-  py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape) {
+  // A new output, or the caller's `out` checked to be exactly what a new one would be. In a
+  // bfloat16 call, `out` may be float32 or bfloat16 (unless `dtype` fixes it), and a new one is
+  // `dtype` if given, else the call's result dtype.
+  py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape,
+                   std::optional<DType> dtype = std::nullopt) {
     py::array a;
     if (obj.is_none()) {
-      a = allocate(name, shape);
+      a = allocate(name, shape, dtype ? *dtype : result_dtype());
     } else {
       a = as_ndarray(obj, name);
       auto expect = [&] { return shape_string(shape); };
-      if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>()))
+      if (dtype_ == DType::bfloat16) {
+        const bool f32 = a.dtype().equal(py::dtype::of<float>()), bf16 = is_bf16(a.dtype());
+        if (dtype ? !(*dtype == DType::float32 ? f32 : bf16) : !(f32 || bf16))
+          throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
+                                (dtype ? dtype_name(*dtype) : "float32 or bfloat16") +
+                                " (a bfloat16 product's result)");
+      } else if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>())) {
         throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
                               dtype_name(dtype_) + " like the inputs");
+      }
       if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
         throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect());
       if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
@@ -195,19 +246,22 @@ class Call {
   }
 
   DType dtype() const { return dtype_; }
+  // A new result's dtype: the call's, except a bfloat16 call with a float32 input makes float32.
+  DType result_dtype() const { return dtype_ == DType::bfloat16 && !all_bf16_ ? DType::float32 : dtype_; }
 
  private:
   // A new output array. One that cannot exist is an error naming it: ValueError if it is larger
   // than the address space, MemoryError if it cannot be allocated.
-  py::array allocate(const char* name, const std::vector<py::ssize_t>& shape) const {
-    double bytes = dtype_ == DType::float32 ? 4.0 : 8.0;  // in double: the product never overflows
+  py::array allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const {
+    double bytes = dtype == DType::float32 ? 4.0 : dtype == DType::float64 ? 8.0 : 2.0;  // (double: never overflows)
     for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
     // (the message is built only when needed: it costs more than a small kernel)
     auto what = [&] { return std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")"; };
     if (bytes > static_cast<double>(PY_SSIZE_T_MAX))
       throw py::value_error(what() + " would be larger than the address space");
     try {
-      return dtype_ == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+      if (dtype == DType::bfloat16) return py::array(py::reinterpret_borrow<py::dtype>(bf16_dtype()), shape);
+      return dtype == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
     } catch (py::error_already_set& e) {
       if (!e.matches(PyExc_MemoryError)) throw;
       throw_memory_error("cannot allocate " + what());
@@ -253,6 +307,7 @@ class Call {
     return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
   }
 
+  bool bf16_ok_ = false, all_bf16_ = true;
   DType dtype_ = DType::float32;
   std::vector<std::pair<const char*, py::array>> inputs_;
   std::vector<std::pair<const char*, py::array>> outputs_;
@@ -287,6 +342,43 @@ template <typename F>
 decltype(auto) with_dtype(DType d, F&& f) {
   if (d == DType::float32) return f(float{});
   return f(double{});
+}
+
+// bfloat16 products' operands and results: float32 or bfloat16 arrays, by their dtype.
+using lingrad::Bf16Matrix;
+using lingrad::Bf16Output;
+using lingrad::bfloat16;
+
+bool is_f32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
+
+Bf16Matrix bf16_matrix(const py::array& a) {
+  if (is_f32(a)) {
+    const MatrixView<float> m = matrix<float>(a);
+    return {m.data, nullptr, m.rows, m.cols, m.rs, m.cs};
+  }
+  const MatrixView<bfloat16> m = matrix<bfloat16>(a);
+  return {nullptr, m.data, m.rows, m.cols, m.rs, m.cs};
+}
+
+Bf16Output bf16_output(py::array& a) {
+  if (is_f32(a)) return {mutable_data<float>(a), nullptr};
+  return {nullptr, mutable_data<bfloat16>(a)};
+}
+
+// A float32 vector's view, or a bfloat16 one widened into `buffer` (a bias: out_features values).
+VectorView<float> float_vector(const std::optional<py::array>& v, std::vector<float>& buffer) {
+  if (!v) return {};
+  if (is_f32(*v)) return vector<float>(*v);
+  const VectorView<bfloat16> h = vector<bfloat16>(*v);
+  buffer.resize(static_cast<std::size_t>(h.size));
+  for (index_t i = 0; i < h.size; ++i) buffer[i] = lingrad::bf16_to_float(h.data[i * h.stride]);
+  return {buffer.data(), h.size, 1};
+}
+
+// A float32 result computed into `buffer` and rounded into the bfloat16 array `out` (a bias gradient).
+void round_into(const std::vector<float>& buffer, py::array& out) {
+  bfloat16* o = mutable_data<bfloat16>(out);
+  for (std::size_t i = 0; i < buffer.size(); ++i) o[i] = lingrad::float_to_bf16(buffer[i]);
 }
 
 void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
@@ -338,12 +430,21 @@ Reduction parse_reduction(py::handle obj, bool allow_none) {
 py::object or_none(const std::optional<py::array>& a) { return a ? py::object(*a) : py::object(py::none()); }
 
 py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle out_obj) {
-  Call call;
+  Call call(/*bf16_products=*/true);
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
   const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
   py::array y = call.output(out_obj, "out", {x.shape(0), w.shape(0)});
+  if (call.dtype() == DType::bfloat16) {
+    std::vector<float> bias_buffer;
+    const VectorView<float> bias = float_vector(b, bias_buffer);
+    const Bf16Output out = bf16_output(y);
+    const Bf16Matrix xm = bf16_matrix(x), wm = bf16_matrix(w);  // (with the GIL: they read dtypes)
+    py::gil_scoped_release release;
+    lingrad::linear_forward_bf16(xm, wm, bias, out);
+    return y;
+  }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     const VectorView<T> bias = b ? vector<T>(*b) : VectorView<T>{};
@@ -354,12 +455,19 @@ py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bia
 }
 
 py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::handle out_obj) {
-  Call call;
+  Call call(/*bf16_products=*/true);
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_columns(w, "weight", 0, dy, "grad_out", 1,
                        "weight must be (out_features, in_features) with grad_out's out_features");
   py::array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
+  if (call.dtype() == DType::bfloat16) {
+    const Bf16Output out = bf16_output(dx);
+    const Bf16Matrix dym = bf16_matrix(dy), wm = bf16_matrix(w);
+    py::gil_scoped_release release;
+    lingrad::linear_backward_input_bf16(dym, wm, out);
+    return dx;
+  }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     py::gil_scoped_release release;
@@ -370,7 +478,7 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
 
 py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle sample_weights_obj,
                                  py::handle bias_obj, py::handle out_obj, py::handle bias_out_obj) {
-  Call call;
+  Call call(/*bf16_products=*/true);
   const bool bias = parse_flag(bias_obj, "bias");
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
@@ -384,6 +492,20 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
   py::array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
   std::optional<py::array> db;
   if (bias) db = call.output(bias_out_obj, "bias_out", {dy.shape(1)});
+  if (call.dtype() == DType::bfloat16) {
+    if (s)
+      throw py::type_error("sample_weights are for float32 and float64 products; these arrays make a bfloat16 product");
+    const Bf16Output out = bf16_output(dw);
+    std::vector<float> db_buffer(db && !is_f32(*db) ? static_cast<std::size_t>(dy.shape(1)) : 0);
+    float* db_data = !db ? nullptr : is_f32(*db) ? mutable_data<float>(*db) : db_buffer.data();
+    const Bf16Matrix dym = bf16_matrix(dy), xm = bf16_matrix(x);
+    {
+      py::gil_scoped_release release;
+      lingrad::linear_backward_weight_bf16(dym, xm, out, db_data);
+    }
+    if (!db_buffer.empty()) round_into(db_buffer, *db);
+    return py::make_tuple(dw, or_none(db));
+  }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     T* db_data = db ? mutable_data<T>(*db) : nullptr;
@@ -481,9 +603,44 @@ py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle re
   return grad;
 }
 
+// linear_mse's bfloat16 step, its arrays validated: a bfloat16 target is widened to float32 first
+// (a (batch, out) copy; the loss compares in float32).
+py::tuple linear_mse_bf16(const py::array& x, const py::array& w, const std::optional<py::array>& b, const py::array& t,
+                          Reduction reduction, std::optional<py::array>& dx, py::array& dw,
+                          std::optional<py::array>& db, std::optional<py::array>& dy) {
+  std::vector<float> bias_buffer, target_buffer, db_buffer;
+  const VectorView<float> bias = float_vector(b, bias_buffer);
+  MatrixView<float> target{nullptr, t.shape(0), t.shape(1), 0, 0};
+  if (is_f32(t)) {
+    target = matrix<float>(t);
+  } else {
+    const MatrixView<bfloat16> h = matrix<bfloat16>(t);
+    target_buffer.resize(static_cast<std::size_t>(h.rows * h.cols));
+    for (index_t r = 0; r < h.rows; ++r)
+      for (index_t c = 0; c < h.cols; ++c)
+        target_buffer[r * h.cols + c] = lingrad::bf16_to_float(h.data[r * h.rs + c * h.cs]);
+    target = {target_buffer.data(), h.rows, h.cols, h.cols, 1};
+  }
+  const Bf16Output dx_out = dx ? bf16_output(*dx) : Bf16Output{}, dw_out = bf16_output(dw);
+  if (db && !is_f32(*db)) db_buffer.resize(static_cast<std::size_t>(w.shape(0)));
+  float* db_data = !db ? nullptr : is_f32(*db) ? mutable_data<float>(*db) : db_buffer.data();
+  float* dy_data = dy ? mutable_data<float>(*dy) : nullptr;
+  const Bf16Matrix xm = bf16_matrix(x), wm = bf16_matrix(w);
+  double loss = 0;
+  try {
+    py::gil_scoped_release release;
+    loss = lingrad::linear_mse_bf16(xm, wm, bias, target, reduction, dx_out, dw_out, db_data, dy_data);
+  } catch (const std::bad_alloc&) {
+    throw_memory_error("linear_mse cannot allocate its float32 buffers for (batch, out_features) = (" +
+                       std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ")");
+  }
+  if (!db_buffer.empty()) round_into(db_buffer, *db);
+  return py::make_tuple(loss, or_none(dx), dw, or_none(db));
+}
+
 py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
                      py::handle reduction_obj, py::handle input_grad_obj, py::handle grad_output_obj) {
-  Call call;
+  Call call(/*bf16_products=*/true);
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
@@ -495,12 +652,19 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
                           std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") for x " + shape_of(x) +
                           " and weight " + shape_of(w));
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/false);
+  // Each gradient has its input's dtype (in a bfloat16 call: a float32 weight gets a float32
+  // gradient); grad_output is float32 there (dY is summed and kept in float32).
+  const bool bf16 = call.dtype() == DType::bfloat16;
+  auto like = [&](const py::array& a) { return bf16 ? std::optional<DType>(dtype_of(a, "")) : std::nullopt; };
   std::optional<py::array> dx, db;
-  if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
-  py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)});
-  if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)});
+  if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)}, like(x));
+  py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)}, like(w));
+  if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)}, like(*b));
   std::optional<py::array> dy;
-  if (!grad_output_obj.is_none()) dy = call.output(grad_output_obj, "grad_output", {x.shape(0), w.shape(0)});
+  if (!grad_output_obj.is_none())
+    dy = call.output(grad_output_obj, "grad_output", {x.shape(0), w.shape(0)},
+                     bf16 ? std::optional<DType>(DType::float32) : std::nullopt);
+  if (bf16) return linear_mse_bf16(x, w, b, t, reduction, dx, dw, db, dy);
   double loss = 0;
   try {
     loss = with_dtype(call.dtype(), [&](auto zero) {
@@ -828,6 +992,8 @@ py::dict build_info() {
   info["gemm_slab_bytes"] = lingrad::gemm_slab_bytes();
   info["gemm_small_m"] = lingrad::gemm_small_m();
   info["gemm_small_min_k"] = lingrad::gemm_small_min_k();
+  info["bf16_kernel"] = lingrad::bf16_kernel();
+  info["bf16_numpy"] = !bf16_dtype().is_none();  // ml_dtypes importable: bfloat16 arrays are accepted
   info["num_threads"] = lingrad::get_num_threads();
   return info;
 }
@@ -1031,7 +1197,8 @@ gradient, then every gradient. Arguments as in mlp_forward; target (batch, out).
   m.def("get_num_threads", &lingrad::get_num_threads, "Number of threads the kernels use.");
   m.def("set_num_threads", &set_num_threads, keyword("n"),
         "Set the number of threads the kernels use (n >= 1). Results do not depend on it.");
-  m.def("get_isa", &lingrad::get_isa, "The micro-kernel instruction set in use ('avx512', 'avx2' or 'generic').");
+  m.def("get_isa", &lingrad::get_isa,
+        "The micro-kernel instruction set in use ('amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'generic').");
   m.def("set_isa", &set_isa, keyword("name"),
         "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
@@ -1043,6 +1210,15 @@ gradient, then every gradient. Arguments as in mlp_forward; target (batch, out).
       },
       keyword("threads"), keyword("seconds") = 0.3,
       "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path.");
+  m.def(
+      "measure_bf16_peak",
+      [](int threads, double seconds) {
+        py::gil_scoped_release release;
+        return lingrad::measure_bf16_peak(threads, seconds);
+      },
+      keyword("threads"), keyword("seconds") = 0.3,
+      "The bfloat16 peak in GFLOP/s of the active ISA's bfloat16 instructions (AMX tiles or vdpbf16ps), or "
+      "0.0 where it has none.");
   m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
   m.def("_gemm_plan", &gemm_plan, keyword("m"), keyword("n"), keyword("k"), keyword("a_rs"), keyword("a_cs"),
         keyword("b_rs"), keyword("b_cs"), keyword("dtype") = "float32", py::kw_only(), keyword("row_sums") = false,

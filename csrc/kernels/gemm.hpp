@@ -29,8 +29,10 @@ struct Epilogue {
   const T* at = nullptr;  // (M, N), rows saved_ld apart: what grad_act' is computed from, if set
   bool at_is_pre = false;
   index_t saved_ld = 0;
+  bfloat16* out16 = nullptr;  // (M, N), rows out16_ld apart: receives c rounded to bfloat16, if set (last)
+  index_t out16_ld = 0;
 
-  bool active() const { return bias.data || target || act != Activation::identity || pre || at; }
+  bool active() const { return bias.data || target || act != Activation::identity || pre || at || out16; }
 };
 
 template <typename T>
@@ -49,6 +51,12 @@ struct GemmArgs {
   // packed path (A packed), whatever its shape.
   const T* a_col_scale = nullptr;
   int num_threads = 1;
+  // A bfloat16 product (T = float): A's and B's values rounded to bfloat16 (see lingrad.hpp). An
+  // operand is read from a16 (b16), bfloat16 with the strides above, when that is set, else from a
+  // (b), float rounded as it is packed. Such products always take the packed path, A and B packed.
+  bool bf16 = false;
+  const bfloat16* a16 = nullptr;
+  const bfloat16* b16 = nullptr;
 };
 
 // Choices shared by every build of the engine (reported by build_info(); the tests read them there).
@@ -76,12 +84,17 @@ struct GemmKernels {
   double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
   int fma_probe_flops;                                  // float flops per probe iteration
   GemmBlocking blocking_float, blocking_double;
+  const char* bf16_kernel;                               // how bfloat16 products run (lingrad.hpp)
+  double (*bf16_probe)(index_t iterations, float seed);  // bfloat16 peak probe, or null
+  int bf16_probe_flops;
 };
 
 namespace isa_generic { extern const GemmKernels kernels; }
 #if defined(LINGRAD_X86)
 namespace isa_avx2 { extern const GemmKernels kernels; }
 namespace isa_avx512 { extern const GemmKernels kernels; }
+namespace isa_avx512_bf16 { extern const GemmKernels kernels; }
+namespace isa_amx_bf16 { extern const GemmKernels kernels; }
 #endif
 
 // The build chosen at run time (cpu.cpp).

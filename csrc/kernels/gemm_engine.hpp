@@ -34,6 +34,9 @@
 #include <type_traits>
 
 #include "gemm.hpp"
+#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
+#include <immintrin.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -133,6 +136,32 @@ inline void store_vector(T* p, typename Vector<T, L>::type v) {
   *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
 }
 
+// A finished MR x NR register tile (NR / V vectors per row) into C's mr x nr corner: C = (or +=) acc.
+template <typename T, int MR, int NR, int V>
+inline void store_tile(const typename Vector<T, V>::type (&acc)[MR][NR / V], T* __restrict c, index_t ldc, index_t mr,
+                       index_t nr, bool accumulate) {
+  constexpr int NV = NR / V;
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i) {
+      T* ci = c + i * ldc;
+      for (int v = 0; v < NV; ++v)
+        store_vector<T, V>(ci + v * V, accumulate ? load_vector<T, V>(ci + v * V) + acc[i][v] : acc[i][v]);
+    }
+  } else {  // edge tile: spill the registers to a buffer, copy what is valid
+    alignas(64) T tile[MR * NR];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) store_vector<T, V>(tile + i * NR + v * V, acc[i][v]);
+    for (index_t i = 0; i < mr; ++i) {
+      T* ci = c + i * ldc;
+      if (accumulate) {
+        for (index_t j = 0; j < nr; ++j) ci[j] += tile[i * NR + j];
+      } else {
+        for (index_t j = 0; j < nr; ++j) ci[j] = tile[i * NR + j];
+      }
+    }
+  }
+}
+
 // The micro-kernel: C[0:mr, 0:nr] = (or +=) A (MR x kc) * B (kc x NR).
 // A is a packed micro-panel (a[k*MR + i]) or, read in place, MR rows with unit k stride
 // (a[i*a_rs + k]); B is read as rows of NR contiguous elements b_rs apart (b[k*b_rs + j]): a packed
@@ -165,25 +194,7 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
     }
   }
 
-  if (mr == MR && nr == NR) {
-    for (int i = 0; i < MR; ++i) {
-      T* ci = c + i * ldc;
-      for (int v = 0; v < NV; ++v)
-        store_vector<T, V>(ci + v * V, accumulate ? load_vector<T, V>(ci + v * V) + acc[i][v] : acc[i][v]);
-    }
-  } else {  // edge tile: spill the registers to a buffer, copy what is valid
-    alignas(64) T tile[MR * NR];
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) store_vector<T, V>(tile + i * NR + v * V, acc[i][v]);
-    for (index_t i = 0; i < mr; ++i) {
-      T* ci = c + i * ldc;
-      if (accumulate) {
-        for (index_t j = 0; j < nr; ++j) ci[j] += tile[i * NR + j];
-      } else {
-        for (index_t j = 0; j < nr; ++j) ci[j] = tile[i * NR + j];
-      }
-    }
-  }
+  store_tile<T, MR, NR, V>(acc, c, ldc, mr, nr, accumulate);
 }
 
 // One tile through the micro-kernel, its A panel packed (a_rs unused) or in place; B is read as rows
@@ -197,6 +208,233 @@ void run_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, i
   else
     micro_kernel<T, MR, W, false, VL>(kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
 }
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 products (GemmArgs::bf16). Every operand value is rounded to bfloat16 (or read as one),
+// a denormal flushed to zero, and K is taken in pairs (k, k + 1) from an even k, a missing k + 1
+// being zero. Each pair updates each element of the tile in two float32 roundings, odd k first:
+//   c = c + A[i, k+1] B[k+1, j];   c = c + A[i, k] B[k, j]
+// which is what one step of vdpbf16ps does with one pair (Intel's manual: the odd element first,
+// denormal inputs and outputs flushed, round to nearest even). A product of two bfloat16 values is
+// exact in float32, so an FMA or a multiply and an add give the same bits, and two forms compute
+// the same result:
+//   widened  float32 panels with each pair stored odd k first, run by the float32 micro-kernel
+//            (every build; this is also the portable emulation of the instruction);
+//   pairs    bfloat16 panels of K pairs, run by bf16_pair_kernel (the avx512_bf16 build).
+// They differ only where a partial sum is a float32 denormal, which vdpbf16ps flushes to zero.
+//   amx      the amx_bf16 build: AMX tiles (tdpbf16ps, 16 x 16 float32 blocks of C, K in tiles of 32).
+//            Its additions follow the hardware's own order, not the pairs above: its results differ
+//            from the other paths in the last bits, and are bitwise the same for any thread count.
+enum class Kind { plain, bf16_widened, bf16_pairs, bf16_amx };
+
+#if defined(LINGRAD_AMX)
+constexpr Kind kBf16Kind = Kind::bf16_amx;
+#elif defined(LINGRAD_BF16_DOT)
+constexpr Kind kBf16Kind = Kind::bf16_pairs;
+#else
+constexpr Kind kBf16Kind = Kind::bf16_widened;
+#endif
+// K slices of bfloat16 products are multiples of this (AMX: whole K tiles; else whole pairs).
+constexpr index_t kBf16KStep = kBf16Kind == Kind::bf16_amx ? 32 : 2;
+
+// An operand value as a bfloat16 product sees it: rounded, and a denormal flushed to (signed) zero.
+inline bfloat16 flush_denormal(bfloat16 h) {
+  return {static_cast<std::uint16_t>((h.bits & 0x7f80u) == 0 ? h.bits & 0x8000u : h.bits)};
+}
+inline bfloat16 bf16_operand(const bfloat16* p) { return flush_denormal(*p); }
+inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf16(*p)); }
+
+// Packs rows (<= R) rows of a strided rows x kc block of a bfloat16 product's operand (src float or
+// bfloat16) into one micro-panel of ceil(kc / 2) K pairs, zero beyond rows and kc:
+//   pairs:    bfloat16 panel[(p*R + r)*2 + t] = v(r, 2p + t)
+//   widened:  float panel[(2p + 1 - t)*R + r] = v(r, 2p + t)   (odd k first)
+// If sums is set, sums[r] += the row's values summed in the widened order (the bias gradient).
+template <int R, Kind kKind, typename S>
+void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
+                     index_t kc_padded) {
+  const index_t pairs = ceil_div(kc_padded, 2);
+  bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
+  float acc[R] = {};
+  for (index_t p = 0; p < pairs; ++p)
+    for (int r = 0; r < R; ++r)
+      for (int t = 1; t >= 0; --t) {
+        const index_t k = 2 * p + t;
+        const bfloat16 v = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
+        if constexpr (kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx)
+          half[(p * R + r) * 2 + t] = v;
+        else
+          panel[(2 * p + 1 - t) * R + r] = bf16_to_float(v);
+        if (sums) acc[r] += bf16_to_float(v);
+      }
+  if (sums)
+    for (index_t r = 0; r < rows; ++r) sums[r] += acc[r];
+}
+
+// The AMX form of an A panel: R rows of kc_padded bfloat16 values each, k contiguous (a tile's
+// 16 rows of 32 k are 2 kc_padded bytes apart), zero beyond rows and kc; sums as pack_bf16_panel's.
+template <int R, typename S>
+void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
+                    index_t kc_padded) {
+  bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
+  for (index_t r = 0; r < R; ++r) {
+    bfloat16* row = half + r * kc_padded;
+    float acc = 0;
+    for (index_t k = 0; k < kc_padded; k += 2) {
+      const bfloat16 v0 = r < rows && k < kc ? bf16_operand(src + r * rs + k * cs) : bfloat16{0};
+      const bfloat16 v1 = r < rows && k + 1 < kc ? bf16_operand(src + r * rs + (k + 1) * cs) : bfloat16{0};
+      row[k] = v0;
+      row[k + 1] = v1;
+      acc += bf16_to_float(v1);  // (the widened order: the bias gradient is the same on every path)
+      acc += bf16_to_float(v0);
+    }
+    if (sums && r < rows) sums[r] += acc;
+  }
+}
+
+// An operand panel of a product of kind kKind: plain (T's own values) or bfloat16 (from a16/b16 when
+// set), kc values of K padded with zeros to kc_padded (see padded_k); rows_form: an AMX A panel.
+template <typename T, int R, Kind kKind, bool kRowsForm = false>
+void pack_operand_panel(T* panel, const T* src, const bfloat16* src16, index_t offset, index_t rs, index_t cs,
+                        index_t rows, index_t kc, T* sums, index_t kc_padded) {
+  if constexpr (kKind == Kind::plain) {
+    (void)src16, (void)kc_padded;
+    pack_micro_panel<T, R>(panel, src + offset, rs, cs, rows, kc, sums);
+  } else if constexpr (kRowsForm) {
+    if (src16)
+      pack_bf16_rows<R>(panel, src16 + offset, rs, cs, rows, kc, sums, kc_padded);
+    else
+      pack_bf16_rows<R>(panel, src + offset, rs, cs, rows, kc, sums, kc_padded);
+  } else if (src16) {
+    pack_bf16_panel<R, kKind>(panel, src16 + offset, rs, cs, rows, kc, sums, kc_padded);
+  } else {
+    pack_bf16_panel<R, kKind>(panel, src + offset, rs, cs, rows, kc, sums, kc_padded);
+  }
+}
+
+#if defined(LINGRAD_AMX)
+// AMX: eight tiles of 16 rows x 64 bytes (palette 1): C in tiles 0-3 (a 32 x 32 float32 block), A in
+// 4-5 (32 rows x 32 k), B in 6-7 (16 K pairs x 32 columns). Each thread of a product loads this
+// configuration before its first tile and releases it after its last.
+struct alignas(64) AmxConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: A an AMX rows panel of 32 rows (row stride
+// a_ld bfloat16), B a pairs panel of 32 columns. A full tile accumulates in C in place; an edge tile
+// through a 32 x 32 buffer.
+void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* b, float* c, index_t ldc,
+                     index_t mr, index_t nr, bool accumulate) {
+  alignas(64) float edge[32 * 32];
+  const bool full = mr == 32 && nr == 32;
+  float* out = full ? c : edge;
+  const index_t ld = full ? ldc : 32;
+  if (!full) {
+    for (index_t i = 0; i < 32; ++i)
+      for (index_t j = 0; j < 32; ++j) edge[i * 32 + j] = accumulate && i < mr && j < nr ? c[i * ldc + j] : 0.0f;
+  }
+  const int stride = static_cast<int>(ld * sizeof(float));
+  if (accumulate || !full) {
+    _tile_loadd(0, out, stride);
+    _tile_loadd(1, out + 16, stride);
+    _tile_loadd(2, out + 16 * ld, stride);
+    _tile_loadd(3, out + 16 * ld + 16, stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int a_stride = static_cast<int>(a_ld * sizeof(bfloat16));
+  for (index_t t = 0; t < ktiles; ++t) {
+    _tile_loadd(4, a + t * 32, a_stride);
+    _tile_loadd(5, a + 16 * a_ld + t * 32, a_stride);
+    _tile_loadd(6, b + t * 16 * 64, 128);  // 16 pairs of 32 columns: 64 bfloat16 per pair
+    _tile_loadd(7, b + t * 16 * 64 + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, stride);
+  _tile_stored(1, out + 16, stride);
+  _tile_stored(2, out + 16 * ld, stride);
+  _tile_stored(3, out + 16 * ld + 16, stride);
+  if (!full)
+    for (index_t i = 0; i < mr; ++i)
+      for (index_t j = 0; j < nr; ++j) c[i * ldc + j] = edge[i * 32 + j];
+}
+
+// The AMX peak probe: four independent tile products on fixed tiles; 4 * 16 * 16 * 32 * 2 flops.
+double amx_probe(index_t iterations, float seed) {
+  static const AmxConfig config;
+  alignas(64) static bfloat16 ones[16 * 32];
+  for (auto& v : ones) v = float_to_bf16(1.0f + 1e-3f * seed);
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (index_t it = 0; it < iterations; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float c[16 * 16];
+  _tile_stored(0, c, 64);
+  _tile_release();
+  return c[0];
+}
+#endif
+
+#if defined(LINGRAD_BF16_DOT)
+// The pairs micro-kernel: C[0:mr, 0:nr] = (or +=) A B over `pairs` K pairs, A a pairs panel of MR rows,
+// B rows of NV * 16 columns of a pairs panel b_ps bfloat16 apart per pair. NV x 16 float32 lanes per
+// row of the tile, in registers like micro_kernel's; each vdpbf16ps adds one pair (see above).
+template <int MR, int NV>
+void bf16_pair_kernel(index_t pairs, const bfloat16* __restrict a, const bfloat16* __restrict b, index_t b_ps,
+                      float* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+  using vec = typename Vector<float, 16>::type;
+  if (prefetch_c)
+    for (index_t i = 0; i < mr; ++i) {
+      __builtin_prefetch(c + i * ldc, 1);
+      __builtin_prefetch(c + i * ldc + nr - 1, 1);
+    }
+  vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  for (index_t p = 0; p < pairs; ++p) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * b_ps + v * 32);
+    for (int i = 0; i < MR; ++i) {
+      int pair;
+      __builtin_memcpy(&pair, a + (p * MR + i) * 2, sizeof pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[i][v] = (vec)_mm512_dpbf16_ps((__m512)acc[i][v], av, bv[v]);
+    }
+  }
+  store_tile<float, MR, NV * 16, 16>(acc, c, ldc, mr, nr, accumulate);
+}
+
+// The bfloat16 peak probe: 12 independent chains of vdpbf16ps (the pairs kernel without memory);
+// 12 * 16 lanes * 2 pairs * 2 flops per iteration.
+double bf16_probe(index_t iterations, float seed) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(seed * static_cast<float>(i + 1));  // distinct chains
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x33d633d6);
+  for (index_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+  double sum = 0;
+  for (int i = 0; i < 12; ++i) sum += _mm512_reduce_add_ps(acc[i]);
+  return sum;
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Activations and their derivatives, elementwise, as PyTorch defines them (ReLU' and LeakyReLU' at
@@ -328,6 +566,10 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
           for (index_t j = 0; j < nr; ++j) ci[j] *= activation_grad_at_output<A>(at[j], slope);
         }
       });
+    }
+    if (e.out16) {
+      bfloat16* out = e.out16 + (m0 + i) * e.out16_ld + n0;
+      for (index_t j = 0; j < nr; ++j) out[j] = float_to_bf16(static_cast<float>(ci[j]));
     }
   }
   return squares;
@@ -801,6 +1043,10 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
   p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
   p.kc = ceil_div(K, p.k_slices);
+  if (g.bf16 && p.kc % kBf16KStep) {  // bfloat16: slices of whole K pairs or tiles (the last one padded)
+    p.kc = ceil_div(p.kc, kBf16KStep) * kBf16KStep;
+    p.k_slices = K > 0 ? ceil_div(K, p.kc) : 1;
+  }
   // M in equal blocks of at most MC rows (threads get equal work). When N is too narrow to share
   // out (N = 50: four column panels, one work item per row block), the rows are cut into more blocks,
   // down to 2 MR rows, until there are kMinItems work items: else one thread could wait for another
@@ -831,12 +1077,12 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
   // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes
   // apart: they would fall into the same L1 cache sets.
-  p.pack_a = !(g.a_cs == 1 && !g.a_row_sums && !g.a_col_scale && (g.a_rs * size) % kAliasBytes != 0);
+  p.pack_a = g.bf16 || !(g.a_cs == 1 && !g.a_row_sums && !g.a_col_scale && (g.a_rs * size) % kAliasBytes != 0);
   // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
   // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
   // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
   // only when a B micro-panel is reused, by more than one row panel.
-  p.pack_b = !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * size) % kAliasBytes != 0));
+  p.pack_b = g.bf16 || !(rows_fit_one_block && g.b_cs == 1 && (M <= MR || (g.b_rs * size) % kAliasBytes != 0));
   // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2 by
   // the next slice, so they are prefetched before each tile's update.
   p.prefetch_c = p.mc * p.nc * size > kCacheBytes;
@@ -848,23 +1094,71 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
                     (g.epilogue.loss ? ceil_div(M, MR) * ceil_div(N, NR) * static_cast<index_t>(sizeof(double)) : 0);
 }
 
+// A packed panel holds kc k (plain) or ceil(kc / 2) pairs of k (bfloat16: padded_k = 2 ceil(kc / 2)
+// values; AMX: whole K tiles of 32), in half as many floats' room for the kinds that keep bfloat16
+// values (two to a float).
+template <Kind kKind>
+constexpr index_t padded_k(index_t kc) {
+  return kKind == Kind::plain ? kc : kKind == Kind::bf16_amx ? ceil_div(kc, 32) * 32 : kc + (kc & 1);
+}
+template <Kind kKind>
+constexpr index_t elements_per_slot() {
+  return kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx ? 2 : 1;
+}
+
+// One tile of a product of kind kKind (stage 3): the plain micro-kernel (with a narrower tile for a
+// narrow last panel), or, for bfloat16 products, the widened values through the same, or the pairs
+// or AMX kernel on bfloat16 panels (both operands packed: a_rs and b_rs unused).
+template <typename T, int MR, int NR, int VL, Kind kKind>
+inline void run_kind_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c,
+                          index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
+#if defined(LINGRAD_AMX)
+  if constexpr (kKind == Kind::bf16_amx) {
+    static_assert(MR == 32 && NR == 32, "the AMX block is 2 x 2 tiles of 16 x 16");
+    amx_tile_kernel(kc / 32, reinterpret_cast<const bfloat16*>(a), kc, reinterpret_cast<const bfloat16*>(b), c, ldc, mr,
+                    nr, accumulate);
+    return;
+  }
+#endif
+#if defined(LINGRAD_BF16_DOT)
+  if constexpr (kKind == Kind::bf16_pairs) {
+    static_assert(NR % 32 == 0, "a pairs tile is one or more pairs of 16-float vectors");
+    const bfloat16* a_pairs = reinterpret_cast<const bfloat16*>(a);
+    const bfloat16* b_pairs = reinterpret_cast<const bfloat16*>(b);
+    if (nr <= NR / 2)
+      bf16_pair_kernel<MR, NR / 32>(kc / 2, a_pairs, b_pairs, 2 * NR, c, ldc, mr, nr, accumulate, prefetch_c);
+    else
+      bf16_pair_kernel<MR, NR / 16>(kc / 2, a_pairs, b_pairs, 2 * NR, c, ldc, mr, nr, accumulate, prefetch_c);
+    return;
+  }
+#endif
+  if constexpr (kKind == Kind::plain || kKind == Kind::bf16_widened) {
+    if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
+      run_tile<T, MR, NR / 4, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    else if (nr <= NR / 2)
+      run_tile<T, MR, NR / 2, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+    else
+      run_tile<T, MR, NR, VL>(packed_a, kc, a, a_rs, b, b_rs, c, ldc, mr, nr, accumulate, prefetch_c);
+  }
+}
+
 // Stage 1: the slab of K slices [pc0, pc1) of the column block at jc (nc wide), packed into b_pack
 // (slice after slice, slice elements apart): NR-column micro-panels, k-major. Panels read in place
 // (pack_b off) are skipped, except a last panel narrower than NR, always packed with zeros. Called
 // by every thread of the team: the panels are shared out, and the implicit barrier at the end
 // means the slab is complete before anyone reads it.
-template <typename T, int NR>
+template <typename T, int NR, Kind kKind>
 void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t pc0, index_t pc1, T* b_pack,
                  index_t slice) {
   const index_t n_panels = ceil_div(nc, NR);
 #pragma omp for schedule(static)
   for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
     const index_t pc = pc0 + job / n_panels, panel = job % n_panels;
-    const index_t k0 = pc * p.kc, kc = imin(p.kc, g.k - k0);
+    const index_t k0 = pc * p.kc, kc = padded_k<kKind>(imin(p.kc, g.k - k0));
     if (p.pack_b || nc - panel * NR < NR)
-      pack_micro_panel<T, NR>(b_pack + (pc - pc0) * slice + panel * NR * kc,
-                              g.b + k0 * g.b_rs + (jc + panel * NR) * g.b_cs, g.b_cs, g.b_rs, imin(NR, nc - panel * NR),
-                              kc, nullptr);
+      pack_operand_panel<T, NR, kKind>(b_pack + (pc - pc0) * slice + panel * NR * kc / elements_per_slot<kKind>(), g.b,
+                                       g.b16, k0 * g.b_rs + (jc + panel * NR) * g.b_cs, g.b_cs, g.b_rs,
+                                       imin(NR, nc - panel * NR), imin(p.kc, g.k - k0), nullptr, kc);
   }
 }
 
@@ -872,9 +1166,10 @@ void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc
 // An item is a row block and a group of kPanelsPerItem column panels; for each K slice, the row
 // block's A is packed into a_pack (or read in place), then each MR x NR tile runs the
 // micro-kernel (stage 3), and tiles whose sum is complete get the epilogue (stage 4).
-template <typename T, int MR, int NR, int VL>
+template <typename T, int MR, int NR, int VL, Kind kKind>
 void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t first, index_t last,
                   index_t pc0, index_t pc1, const T* b_pack, index_t slice, T* a_pack, double* tile_squares) {
+  constexpr index_t kSlot = elements_per_slot<kKind>();
   const index_t M = g.m, N = g.n, K = g.k;
   const index_t n_panels = ceil_div(nc, NR), parts = ceil_div(n_panels, kPanelsPerItem);
   const index_t tiles_n = ceil_div(N, NR);
@@ -888,13 +1183,15 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
     T* sums = (g.a_row_sums && jc == 0 && part_begin == 0) ? g.a_row_sums + i0 : nullptr;
 
     for (index_t pc = pc0; pc < pc1; ++pc) {
-      const index_t k0 = pc * p.kc, kc = imin(p.kc, K - k0);
+      const index_t k0 = pc * p.kc, kc = padded_k<kKind>(imin(p.kc, K - k0));
       for (index_t ip = 0; ip < mc; ip += MR)
         if (p.pack_a || mc - ip < MR) {
           T* const panel_sums = sums ? sums + ip : nullptr;
-          pack_micro_panel<T, MR>(a_pack + ip * kc, g.a + (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs,
-                                  imin(MR, mc - ip), kc, g.a_col_scale ? nullptr : panel_sums);
-          if (g.a_col_scale)  // per-sample weights of dW: scaled in the packed panel, then summed
+          const bool scale = kKind == Kind::plain && g.a_col_scale;  // (never set in bfloat16 products)
+          pack_operand_panel<T, MR, kKind, kKind == Kind::bf16_amx>(
+              a_pack + ip * kc / kSlot, g.a, g.a16, (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs, imin(MR, mc - ip),
+              imin(p.kc, K - k0), scale ? nullptr : panel_sums, kc);
+          if (scale)  // per-sample weights of dW: scaled in the packed panel, then summed
             scale_micro_panel<T, MR>(a_pack + ip * kc, g.a_col_scale + k0, imin(MR, mc - ip), kc, panel_sums);
         }
       const T* b_slice = b_pack + (pc - pc0) * slice;
@@ -905,19 +1202,12 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
           const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
           T* c = g.c + m0 * g.ldc + j0;
           const bool packed_a = p.pack_a || mr < MR, packed_b = p.pack_b || nr < NR;
-          const T* a_panel = packed_a ? a_pack + ip * kc : g.a + m0 * g.a_rs + k0;
-          const T* b_panel = packed_b ? b_slice + panel * NR * kc : g.b + k0 * g.b_rs + j0;
+          const T* a_panel = packed_a ? a_pack + ip * kc / kSlot : g.a + m0 * g.a_rs + k0;
+          const T* b_panel = packed_b ? b_slice + panel * NR * kc / kSlot : g.b + k0 * g.b_rs + j0;
           const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
           const bool accumulate = pc > 0;
-          if (nr <= NR / 4)  // a narrow last panel (50 outputs = 3 x 16 + 2) runs a narrower tile
-            run_tile<T, MR, NR / 4, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                        p.prefetch_c);
-          else if (nr <= NR / 2)
-            run_tile<T, MR, NR / 2, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                        p.prefetch_c);
-          else
-            run_tile<T, MR, NR, VL>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                    p.prefetch_c);
+          run_kind_tile<T, MR, NR, VL, kKind>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
+                                              p.prefetch_c);
           if (pc == p.k_slices - 1 && has_epilogue) {
             const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
             if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
@@ -929,7 +1219,7 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
 }
 
 // The packed path: the jc and slab loops around stages 1 and 2, on the plan's team.
-template <typename T, int MR, int NR, int VL>
+template <typename T, int MR, int NR, int VL, Kind kKind>
 void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
   const index_t N = g.n;
   const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;  // elements of one packed K slice
@@ -949,6 +1239,10 @@ void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
     const int thread = 0, team = 1;
 #endif
     T* const a_pack = b_pack + b_slab + thread * a_block;
+#if defined(LINGRAD_AMX)
+    static const AmxConfig kAmxConfig;
+    if constexpr (kKind == Kind::bf16_amx) _tile_loadconfig(&kAmxConfig);
+#endif
     for (index_t jc = 0; jc < N; jc += NC) {
       const index_t nc = imin(NC, N - jc);
       // This thread's share of the (row block, part) items: a contiguous range, fixed by the team size.
@@ -956,12 +1250,16 @@ void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
       const index_t first = items * thread / team, last = items * (thread + 1) / team;
       for (index_t pc0 = 0; pc0 < p.k_slices; pc0 += p.slices_per_slab) {
         const index_t pc1 = imin(p.k_slices, pc0 + p.slices_per_slab);
-        pack_b_slab<T, NR>(g, p, jc, nc, pc0, pc1, b_pack, slice);
-        macro_kernel<T, MR, NR, VL>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack, tile_squares.get());
+        pack_b_slab<T, NR, kKind>(g, p, jc, nc, pc0, pc1, b_pack, slice);
+        macro_kernel<T, MR, NR, VL, kKind>(g, p, jc, nc, first, last, pc0, pc1, b_pack, slice, a_pack,
+                                           tile_squares.get());
 #pragma omp barrier
         // (everyone is done with the slab before it is repacked)
       }
     }
+#if defined(LINGRAD_AMX)
+    if constexpr (kKind == Kind::bf16_amx) _tile_release();
+#endif
   };
   if (p.threads > 1) {
 #pragma omp parallel num_threads(p.threads)
@@ -991,15 +1289,27 @@ constexpr const GemmBlocking& blocking_of() {
 
 // Every decision for one product, from g's shape and strides (and whether row sums and the loss
 // are wanted) and the build's table; no pointer is read.
+#if defined(LINGRAD_AMX)
+// The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 512 (16 K tiles, a 32 KB
+// B micro-panel); MC 128 rows (a 128 KB A block).
+constexpr GemmBlocking kAmxBlocking = {32, 32, 128, 512, 4096, 16};
+#endif
+
 template <typename T, const GemmTable& kTable>
 GemmPlan make_plan(const GemmArgs<T>& g) {
+#if defined(LINGRAD_AMX)
+  const GemmBlocking& b = g.bf16 ? kAmxBlocking : blocking_of<T, kTable>();
+#else
   const GemmBlocking& b = blocking_of<T, kTable>();
+#endif
   GemmPlan p;
   if (g.m == 0 || g.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
   const bool small = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k) < kSerialWork;
   p.threads = small || g.num_threads < 1 ? 1 : g.num_threads;
-  if (g.n <= kNarrowN && !g.a_col_scale) {  // (scaled A: only the packed path scales it)
+  if (g.bf16) {
+    plan_packed(g, b, p);                          // (the narrow and small-M paths read their operands in place)
+  } else if (g.n <= kNarrowN && !g.a_col_scale) {  // (scaled A: only the packed path scales it)
     p.path = GemmPath::narrow;
     p.copy_a = g.a_cs != 1;
     p.copy_b = g.b_rs != 1;
@@ -1026,16 +1336,29 @@ void gemm(const GemmArgs<T>& g) {
     case GemmPath::empty:
       if (g.n == 0 && g.a_row_sums)  // nothing to multiply, but the row sums are still wanted
         for (index_t m = 0; m < M; ++m)
-          for (index_t k = 0; k < K; ++k)
-            g.a_row_sums[m] +=
-                g.a_col_scale ? g.a[m * g.a_rs + k * g.a_cs] * g.a_col_scale[k] : g.a[m * g.a_rs + k * g.a_cs];
+          for (index_t k = 0; k < K; ++k) {
+            const index_t at = m * g.a_rs + k * g.a_cs;
+            if constexpr (std::is_same_v<T, float>)
+              if (g.bf16) {
+                g.a_row_sums[m] += bf16_to_float(g.a16 ? bf16_operand(g.a16 + at) : bf16_operand(g.a + at));
+                continue;
+              }
+            g.a_row_sums[m] += g.a_col_scale ? g.a[at] * g.a_col_scale[k] : g.a[at];
+          }
       return;
     case GemmPath::narrow:
       return gemm_narrow(g, plan.threads);
     case GemmPath::small_m:
       return gemm_small<T, b.vl>(g, plan);
     case GemmPath::packed:
-      return gemm_packed<T, b.mr, b.nr, b.vl>(g, plan, b.nc);
+      if constexpr (std::is_same_v<T, float>) {
+#if defined(LINGRAD_AMX)
+        if (g.bf16) return gemm_packed<T, kAmxBlocking.mr, kAmxBlocking.nr, b.vl, kBf16Kind>(g, plan, kAmxBlocking.nc);
+#else
+        if (g.bf16) return gemm_packed<T, b.mr, b.nr, b.vl, kBf16Kind>(g, plan, b.nc);
+#endif
+      }
+      return gemm_packed<T, b.mr, b.nr, b.vl, Kind::plain>(g, plan, b.nc);
   }
 }
 
@@ -1075,7 +1398,20 @@ constexpr GemmKernels make_kernels() {
                      &fma_probe<kTable.f.vl>,
                      2 * 12 * kTable.f.vl,
                      kTable.f,
-                     kTable.d};
+                     kTable.d,
+#if defined(LINGRAD_AMX)
+                     "amx",
+                     &amx_probe,
+                     4 * 16 * 16 * 32 * 2};
+#elif defined(LINGRAD_BF16_DOT)
+                     "vdpbf16ps",
+                     &bf16_probe,
+                     12 * 16 * 2 * 2};
+#else
+                     "widened",
+                     nullptr,
+                     0};
+#endif
 }
 
 const GemmKernels kernels = make_kernels<kBlocking>();

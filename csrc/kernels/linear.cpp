@@ -1,5 +1,6 @@
 // The Linear layer's three products and the fused training step, as calls of the GEMM engine.
 #include <memory>
+#include <utility>
 
 #include "products.hpp"
 
@@ -48,6 +49,88 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
   if (dx) gemm(input_grad_args(dy_view, w, dx));
   gemm(weight_grad_args(dy_view, x, dw, db));
   return reduction == Reduction::mean ? squares / count : squares;  // mean of nothing is NaN, as in torch
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 products: the float32 engine with GemmArgs::bf16 set, each operand read as float32 or
+// bfloat16 (see gemm.hpp); a bfloat16 result is rounded in the epilogue, from float32 sums kept in
+// a scratch buffer of the call's own.
+
+namespace {
+
+MatrixView<float> float_view(const Bf16Matrix& m) { return {m.f32, m.rows, m.cols, m.rs, m.cs}; }
+
+// The product A B of two bfloat16-product operands into C (a.rows x b.cols): out.f32, or a scratch
+// whose tiles the epilogue rounds into out.bf16.
+struct Bf16Product {
+  GemmArgs<float> g;
+  std::unique_ptr<float[]> scratch;
+
+  Bf16Product(const Bf16Matrix& a, const Bf16Matrix& b, Bf16Output out) {
+    g = product_args(float_view(a), float_view(b), out.f32);
+    g.bf16 = true;
+    g.a16 = a.bf16;
+    g.b16 = b.bf16;
+    if (!out.f32) {
+      const index_t size = a.rows * b.cols;
+      scratch.reset(new float[size > 0 ? size : 1]);
+      g.c = scratch.get();
+      g.epilogue.out16 = out.bf16;
+      g.epilogue.out16_ld = b.cols;
+    }
+  }
+};
+
+Bf16Matrix transposed(Bf16Matrix m) {
+  std::swap(m.rows, m.cols);
+  std::swap(m.rs, m.cs);
+  return m;
+}
+
+}  // namespace
+
+void linear_forward_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, Bf16Output y) {
+  Bf16Product p(x, transposed(w), y);
+  p.g.epilogue.bias = bias;
+  gemm(p.g);
+}
+
+void linear_backward_input_bf16(Bf16Matrix dy, Bf16Matrix w, Bf16Output dx) {
+  Bf16Product p(dy, w, dx);
+  gemm(p.g);
+}
+
+void linear_backward_weight_bf16(Bf16Matrix dy, Bf16Matrix x, Bf16Output dw, float* db) {
+  Bf16Product p(transposed(dy), x, dw);
+  p.g.a_row_sums = db;
+  gemm(p.g);
+}
+
+double linear_mse_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, MatrixView<float> target,
+                       Reduction reduction, Bf16Output dx, Bf16Output dw, float* db, float* dy) {
+  const index_t batch = x.rows, out = w.rows;
+  const double count = static_cast<double>(batch) * static_cast<double>(out);
+  std::unique_ptr<float[]> dy_buffer;
+  if (!dy) {
+    dy_buffer.reset(new float[batch * out > 0 ? batch * out : 1]);
+    dy = dy_buffer.get();
+  }
+  // Forward with the loss in the epilogue (float32 Y becomes float32 dY in cache), then dX and dW
+  // with dY rounded to bfloat16 as they pack it.
+  double squares = 0;
+  Bf16Product fwd(x, transposed(w), Bf16Output{dy, nullptr});
+  fwd.g.epilogue.bias = bias;
+  fwd.g.epilogue.target = target.data;
+  fwd.g.epilogue.target_rs = target.rs;
+  fwd.g.epilogue.target_cs = target.cs;
+  fwd.g.epilogue.grad_scale = static_cast<float>(reduction == Reduction::mean ? 2.0 / count : 2.0);
+  fwd.g.epilogue.loss = &squares;
+  gemm(fwd.g);
+
+  const Bf16Matrix dy_view{dy, nullptr, batch, out, out, 1};
+  if (dx.f32 || dx.bf16) linear_backward_input_bf16(dy_view, w, dx);
+  linear_backward_weight_bf16(dy_view, x, dw, db);
+  return reduction == Reduction::mean ? squares / count : squares;
 }
 
 #define LINGRAD_INSTANTIATE(T)                                                      \

@@ -68,6 +68,62 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
                   T* dx, T* dw, T* db, T* dy = nullptr);
 
 // ---------------------------------------------------------------------------------------------
+// bfloat16 products: the operands' values rounded to bfloat16 (to nearest, ties to even), each
+// product of two of them exact in float32, the sums in float32. Every ISA path but AMX computes the
+// same bits (see gemm_engine.hpp: the pairs of K); a denormal bfloat16 operand counts as zero, as the
+// AVX512-BF16 instruction reads it.
+
+struct bfloat16 {
+  std::uint16_t bits;
+};
+
+// The conversions, with internal linkage so that no build shares a copy compiled for another ISA.
+static inline float bf16_to_float(bfloat16 h) {
+  const std::uint32_t u = static_cast<std::uint32_t>(h.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline bfloat16 float_to_bf16(float f) {  // round to nearest even; NaN stays a (quiet) NaN
+  std::uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<std::uint16_t>((u >> 16) | 0x40u)};
+  return {static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// An operand of a bfloat16 product: bfloat16 values, or float32 values rounded to bfloat16 as the
+// engine packs them (never converted by a separate copy). Exactly one of f32 and bf16 is set.
+struct Bf16Matrix {
+  const float* f32 = nullptr;
+  const bfloat16* bf16 = nullptr;
+  index_t rows = 0, cols = 0;
+  index_t rs = 0, cs = 0;  // element (r, c) at [r*rs + c*cs]
+};
+
+// Where a result of a bfloat16 product goes, dense row-major: float32 values (f32), or rounded to
+// bfloat16 (bf16: then f32 is null and the float32 sums live in a scratch buffer of the call).
+struct Bf16Output {
+  float* f32 = nullptr;
+  bfloat16* bf16 = nullptr;
+};
+
+// The layer's products and the fused step of linear_forward ... linear_mse, for bfloat16 operands.
+// The bias, the target and db are float32 (the bindings widen a bfloat16 bias or target, a vector
+// and a (B, out) matrix; dY is kept in float32 and rounded to bfloat16 as dX's and dW's products
+// pack it, as PyTorch's autocast rounds it).
+void linear_forward_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, Bf16Output y);
+void linear_backward_input_bf16(Bf16Matrix dy, Bf16Matrix w, Bf16Output dx);
+void linear_backward_weight_bf16(Bf16Matrix dy, Bf16Matrix x, Bf16Output dw, float* db);
+double linear_mse_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, MatrixView<float> target,
+                       Reduction reduction, Bf16Output dx, Bf16Output dw, float* db, float* dy = nullptr);
+
+// How the ISA in use runs bfloat16 products: "amx" (AMX tiles), "vdpbf16ps" (AVX512-BF16 pair dot
+// products) or "widened" (to float32 while packing, the float32 micro-kernel). And the machine's peak
+// with those instructions in GFLOP/s (0 for "widened"), measured like measure_fma_peak.
+const char* bf16_kernel();
+double measure_bf16_peak(int threads, double seconds);
+
+// ---------------------------------------------------------------------------------------------
 // Whole small networks (mlp.cpp): L Linear layers, each followed by an elementwise activation.
 //
 //   H_0 = X (B, in_0);   Z_l = H_{l-1} W_l^T + b_l (B, out_l);   H_l = act_l(Z_l);   Y = H_L
@@ -154,8 +210,8 @@ int get_num_threads();
 void set_num_threads(int n);  // n >= 1; ignored (stays 1) in a build without OpenMP
 bool has_openmp();
 
-const char* get_isa();                                 // the micro-kernel set in use: "avx512", "avx2" or "generic"
-bool set_isa(const char* name);                        // false if unknown or not supported by this CPU
+const char* get_isa();           // the micro-kernel set in use: "avx512_bf16", "avx512", "avx2" or "generic"
+bool set_isa(const char* name);  // false if unknown or not supported by this CPU
 int available_isas(const char** names, int capacity);  // supported by this build and CPU, best first
 // The block sizes of the GEMM engine in use (Goto/BLIS names): an MR x NR register tile, MC rows
 // of A and KC of the reduction per packed block, NC columns of B per packed panel; VL, the vector

@@ -27,7 +27,8 @@ from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threa
 
 __version__: str = _C.build_info()["version"]
 
-_KNOWN_ISAS = ("avx512", "avx2", "generic")  # every build's names, best first (csrc/kernels/cpu.cpp)
+# every build's names, best first (csrc/kernels/cpu.cpp)
+_KNOWN_ISAS = ("amx_bf16", "avx512_bf16", "avx512", "avx2", "generic")
 if os.environ.get("LINGRAD_ISA") and os.environ["LINGRAD_ISA"] not in available_isas():
     _requested = os.environ["LINGRAD_ISA"]
     warnings.warn(
@@ -95,6 +96,16 @@ def config() -> dict:
     return _C.build_info()
 
 
+def _bf16_line(info: dict) -> str:
+    how = {
+        "amx": "AMX tiles (tdpbf16ps)",
+        "vdpbf16ps": "AVX512-BF16 pair dot products (vdpbf16ps)",
+        "widened": "widened to float32 while packed",
+    }
+    numpy = "NumPy arrays of ml_dtypes.bfloat16" if info["bf16_numpy"] else "no NumPy dtype (pip install ml_dtypes)"
+    return f"{how[info['bf16_kernel']]}, float32 sums; {numpy}"
+
+
 def show_config(file: IO[str] | None = None) -> None:
     """Print :func:`config` in a readable form (to stdout by default)."""
     info = config()
@@ -114,6 +125,7 @@ def show_config(file: IO[str] | None = None) -> None:
         f"  GEMM paths      narrow for N <= 4, small-M for M <= {info['gemm_small_m']} and "
         f"K >= {info['gemm_small_min_k']} M^2, packed otherwise; one thread below "
         f"{info['gemm_serial_work']:.0f} multiply-adds",
+        f"  bfloat16        {_bf16_line(info)}",
         f"  threads         {info['num_threads']}",
     ]
     print("\n".join(lines), file=out)

@@ -71,6 +71,14 @@ def _empty(like: Tensor, *shape: int) -> tuple[Tensor, object]:
     return t, _to_dlpack(t)
 
 
+def _tensor(a: np.ndarray) -> Tensor:
+    """A kernel's NumPy result as a tensor sharing its memory (a bfloat16 array through its bits:
+    torch.from_numpy knows no ml_dtypes)."""
+    if a.dtype.kind == "V":  # ml_dtypes.bfloat16
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -105,7 +113,7 @@ def _transforming() -> bool:
 
 # The classes of arguments with which a call may skip the dispatcher: real tensors and the
 # operators' other argument types.
-_PLAIN_ARGS = frozenset({Tensor, torch.nn.Parameter, type(None), str, bool})
+_PLAIN_ARGS = frozenset({Tensor, torch.nn.Parameter, type(None), str, bool, torch.dtype})
 
 
 class Operator:
@@ -270,15 +278,20 @@ def _linear_setup(ctx, inputs, output):
     need_x, need_weight, _ = ctx.needs_input_grad[:3]
     # grad_x needs the weight, grad_weight needs x: keep only what backward will read (as nn.Linear).
     ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
+    ctx.weight_dtype = weight.dtype
     _save_for_forward(ctx, x, weight)
 
 
-def _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias) -> tuple:
-    """(grad_x, grad_weight, grad_bias) of y = x @ weight.T + bias for grad_y, each None unless needed."""
+def _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias, weight_dtype) -> tuple:
+    """(grad_x, grad_weight, grad_bias) of y = x @ weight.T + bias for grad_y, each None unless needed
+    (the weight itself is saved only if grad_x is needed; weight_dtype is its dtype)."""
     grad_x = linear_backward_input(grad_y, weight) if need_x else None
     grad_weight = grad_bias = None
     if need_weight:
-        grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias)
+        if weight_dtype == grad_y.dtype:
+            grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias)
+        else:  # bfloat16 activations, float32 master weight: its gradient summed and made in float32
+            grad_weight, grad_bias = linear_backward_weight(grad_y, x, need_bias, weight_dtype)
     elif need_bias:  # a frozen weight: only the column sums
         grad_bias = grad_y.sum(0)
     return grad_x, grad_weight, grad_bias
@@ -290,7 +303,7 @@ def _linear_backward(ctx, grad_y):
     if capture is not None:  # lingrad.privacy: keep (grad_y, x) for per-sample gradients, skip dW and db
         capture.append((grad_y, x))
         return linear_backward_input(grad_y, weight) if ctx.needs_input_grad[0] else None, None, None
-    return _linear_grads(grad_y, x, weight, *ctx.needs_input_grad[:3])
+    return _linear_grads(grad_y, x, weight, *ctx.needs_input_grad[:3], ctx.weight_dtype)
 
 
 def _linear_jvp(ctx, t_x, t_weight, t_bias):
@@ -387,23 +400,29 @@ linear_backward_input.register_rules(
 # linear_backward_weight: grad_weight (out, in) = grad_out.T @ x, grad_bias (out,) = grad_out.sum(0)
 
 
-@operator("linear_backward_weight(Tensor grad_out, Tensor x, bool bias) -> (Tensor, Tensor?)")
-def linear_backward_weight(grad_out: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+# dtype: the results' dtype, if not grad_out's (a float32 master weight's gradient from bfloat16
+# activations and output gradients).
+@operator("linear_backward_weight(Tensor grad_out, Tensor x, bool bias, ScalarType? dtype=None) -> (Tensor, Tensor?)")
+def linear_backward_weight(
+    grad_out: Tensor, x: Tensor, bias: bool, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor | None]:
     out_features = grad_out.shape[1]
-    grad_weight, out = _empty(grad_out, out_features, x.shape[1])
-    grad_bias, bias_out = _empty(grad_out, out_features) if bias else (None, None)
+    like = grad_out if dtype is None or dtype == grad_out.dtype else grad_out.new_empty(0, dtype=dtype)
+    grad_weight, out = _empty(like, out_features, x.shape[1])
+    grad_bias, bias_out = _empty(like, out_features) if bias else (None, None)
     kernels.linear_backward_weight(_array(grad_out), _array(x), bias=bias, out=out, bias_out=bias_out)
     return grad_weight, grad_bias
 
 
 @linear_backward_weight.register_fake
-def _(grad_out, x, bias):
-    out_features = grad_out.shape[1]
-    return grad_out.new_empty(out_features, x.shape[1]), (grad_out.new_empty(out_features) if bias else None)
+def _(grad_out, x, bias, dtype=None):
+    out_features, dtype = grad_out.shape[1], dtype or grad_out.dtype
+    grad_bias = grad_out.new_empty(out_features, dtype=dtype) if bias else None
+    return grad_out.new_empty(out_features, x.shape[1], dtype=dtype), grad_bias
 
 
 def _linear_backward_weight_setup(ctx, inputs, output):
-    grad_out, x, bias = inputs
+    grad_out, x, bias = inputs[:3]
     need_grad_out, need_x = ctx.needs_input_grad[:2]
     ctx.save_for_backward(grad_out if need_x else None, x if need_grad_out else None)
     _save_for_forward(ctx, grad_out, x)
@@ -418,10 +437,11 @@ def _linear_backward_weight_backward(ctx, g_weight, g_bias):
         linear(x, g_weight, g_bias) if need_grad_out else None,  # x @ g_weight.T + g_bias
         linear_backward_input(grad_out, g_weight) if need_x else None,  # grad_out @ g_weight
         None,
+        None,  # (dtype, when given)
     )
 
 
-def _linear_backward_weight_jvp(ctx, t_grad_out, t_x, _):
+def _linear_backward_weight_jvp(ctx, t_grad_out, t_x, *_):
     grad_out, x = ctx.saved_tensors
     t_weight = _sum(
         None if t_grad_out is None else linear_backward_weight(t_grad_out, x, False)[0],
@@ -433,12 +453,12 @@ def _linear_backward_weight_jvp(ctx, t_grad_out, t_x, _):
     return t_weight, t_bias
 
 
-def _linear_backward_weight_vmap(info, in_dims, grad_out, x, bias):
-    grad_dim, x_dim, _ = in_dims
+def _linear_backward_weight_vmap(info, in_dims, grad_out, x, bias, dtype=None):
+    grad_dim, x_dim = in_dims[:2]
     n = info.batch_size
     if x_dim is None:  # a batch of output gradients, one x: (n*out, in) = grad_out' (B, n*out).T @ x
         gs = grad_out.movedim(grad_dim, 1)  # (B, n, out)
-        grad_weight, grad_bias = linear_backward_weight(gs.reshape(gs.shape[0], -1), x, bias)
+        grad_weight, grad_bias = linear_backward_weight(gs.reshape(gs.shape[0], -1), x, bias, dtype)
         grad_weight = grad_weight.reshape(n, -1, x.shape[-1])
         return (grad_weight, None if grad_bias is None else grad_bias.reshape(n, -1)), (
             0,
@@ -446,12 +466,15 @@ def _linear_backward_weight_vmap(info, in_dims, grad_out, x, bias):
         )
     if grad_dim is None:  # one output gradient, a batch of x: (out, n*in) = grad_out.T @ x' (B, n*in)
         xs = x.movedim(x_dim, 1)  # (B, n, in)
-        grad_weight, grad_bias = linear_backward_weight(grad_out, xs.reshape(xs.shape[0], -1), bias)
+        grad_weight, grad_bias = linear_backward_weight(grad_out, xs.reshape(xs.shape[0], -1), bias, dtype)
         return (grad_weight.reshape(grad_weight.shape[0], n, -1), grad_bias), (1, None)
     # both batched (per-sample gradients): batched matmul
     gs, xs = grad_out.movedim(grad_dim, 0), x.movedim(x_dim, 0)
     grad_bias = gs.sum(-2) if bias else None
-    return (torch.matmul(gs.mT, xs), grad_bias), (0, None if grad_bias is None else 0)
+    grad_weight = torch.matmul(gs.mT, xs)
+    if dtype is not None:
+        grad_weight, grad_bias = grad_weight.to(dtype), None if grad_bias is None else grad_bias.to(dtype)
+    return (grad_weight, grad_bias), (0, None if grad_bias is None else 0)
 
 
 linear_backward_weight.register_rules(
@@ -459,7 +482,7 @@ linear_backward_weight.register_rules(
     _linear_backward_weight_backward,
     _linear_backward_weight_jvp,
     _linear_backward_weight_vmap,
-    lambda grad_out, x, bias: (grad_out.mT @ x, grad_out.sum(-2) if bias else None),
+    lambda grad_out, x, bias, dtype=None: (grad_out.mT @ x, grad_out.sum(-2) if bias else None),
 )
 
 
@@ -582,7 +605,7 @@ mse_backward.register_rules(
 def linear_mse(
     x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str, input_grad: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
-    grad_y, grad_y_out = _empty(x, x.shape[0], weight.shape[0])
+    grad_y, grad_y_out = _empty(_grad_y_like(x, weight), x.shape[0], weight.shape[0])
     loss, grad_x, grad_weight, grad_bias = kernels.linear_mse(
         _array(x),
         _array(weight),
@@ -593,20 +616,28 @@ def linear_mse(
         grad_output=grad_y_out,
     )
     # The gradients stay inside the Function (backward returns scaled copies): NumPy's memory is fine.
-    grad_x, grad_weight, grad_bias = (
-        None if g is None else torch.from_numpy(g) for g in (grad_x, grad_weight, grad_bias)
-    )
-    return _scalar(loss, x), grad_x, grad_weight, grad_bias, grad_y
+    grad_x, grad_weight, grad_bias = (None if g is None else _tensor(g) for g in (grad_x, grad_weight, grad_bias))
+    return _scalar(loss, _loss_like(x, target)), grad_x, grad_weight, grad_bias, grad_y
+
+
+def _grad_y_like(x: Tensor, weight: Tensor) -> Tensor:
+    """grad_y's dtype: x's, but float32 in a bfloat16 step (the kernel keeps dY in float32)."""
+    return x.new_empty(0, dtype=torch.float32) if x.dtype == torch.bfloat16 else x  # (a float32 x: float32)
+
+
+def _loss_like(x: Tensor, target: Tensor) -> Tensor:
+    """The loss's dtype: that of F.mse_loss(y, target), y having x's dtype."""
+    return x if target.dtype == x.dtype else target.new_empty(0, dtype=torch.promote_types(x.dtype, target.dtype))
 
 
 @linear_mse.register_fake
 def _(x, weight, bias, target, reduction, input_grad):
     return (
-        x.new_empty(()),
+        _loss_like(x, target).new_empty(()),
         x.new_empty(x.shape) if input_grad else None,
         weight.new_empty(weight.shape),
         None if bias is None else bias.new_empty(bias.shape),
-        x.new_empty(x.shape[0], weight.shape[0]),
+        _grad_y_like(x, weight).new_empty(x.shape[0], weight.shape[0]),
     )
 
 
@@ -627,6 +658,7 @@ def _save_linear_mse(ctx, inputs, output) -> None:
     # The inputs that need gradients, for double backward only: their values are never read there.
     ctx.inputs = tuple(t if need else None for t, need in zip((x, weight, bias, target), ctx.needs_input_grad))
     ctx.scale = 2.0 / max(grad_y.numel(), 1) if reduction == "mean" else 2.0
+    ctx.weight_dtype = weight.dtype
     _save_for_forward(ctx, x, weight, grad_y)
 
 
@@ -654,10 +686,14 @@ def _linear_mse_backward(ctx, grad_loss, *_):
     extra = (None, None)  # reduction, input_grad
     if torch.is_grad_enabled():  # create_graph=True (or torch.func): differentiable gradients
         grad_y = grad_loss * _differentiable_grad_y(ctx, x, weight, grad_y)
-        grad_x, grad_weight, grad_bias = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
+        grad_x, grad_weight, grad_bias = _linear_grads(
+            grad_y, x, weight, need_x, need_weight, need_bias, ctx.weight_dtype
+        )
         return (grad_x, grad_weight, grad_bias, -grad_y if need_target else None, *extra)
     made, ctx.made = ctx.made, None  # handed out once: no returned gradient aliases saved state
-    grads = made if made is not None else _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias)
+    if made is None:
+        made = _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias, ctx.weight_dtype)
+    grads = made
     grad_x, grad_weight, grad_bias = grads
     if need_x and grad_x is None:  # the kernel was asked not to make it
         grad_x = linear_backward_input(grad_y, weight)

@@ -1,11 +1,12 @@
-"""`lingrad demo`: the MLP of the fast.ai backprop lesson trained on real MNIST digits, twice.
+"""`lingrad demo`: the MLP of the fast.ai backprop lesson trained on real MNIST digits, three times.
 
     784 pixels -> Linear(784, 50) -> ReLU -> Linear(50, 1) -> MSE against the digit's label
 
 One copy is built from lingrad (``lingrad.Linear`` for the first layer, the fused
 ``lingrad.LinearMSELoss`` for the second layer and its loss), the other from ``torch.nn.Linear``
-and ``F.mse_loss``; both start from the same weights and take the same full-batch gradient-descent
-steps. The demo prints both final losses, the time per step of each, and what the first layer's
+and ``F.mse_loss``, and a third is the whole network fused into one native call (``lingrad.fuse``);
+all start from the same weights and take the same full-batch gradient-descent steps. The demo
+prints the final losses, the time per step of each, and what the first layer's
 weight gradient looks like, and draws the loss curves and that gradient for a few hidden units as
 28x28 pictures in a PNG.
 
@@ -101,17 +102,23 @@ class Run:
     steps: int
     lr: float
     images: int
-    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})  # per step, before the update
-    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": []})  # per step: forward, backward, update
+    # per step, before the update; "fused" is the same network as one lingrad.fuse call
+    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
+    # per step: forward, backward, update
+    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
     final: dict = field(default_factory=dict)  # loss of the trained model on all images
     grad_w1: np.ndarray | None = None  # lingrad's first-layer weight gradient, last step
     pixels: np.ndarray | None = None
 
 
 def build_models(seed: int):
-    """The two MLPs, from the same initial weights (torch.nn.Linear's initialisation, seeded)."""
+    """The MLPs, from the same initial weights (torch.nn.Linear's initialisation, seeded): lingrad's
+    layers, PyTorch's, and the whole network fused into one native call (lingrad.fuse)."""
+    import copy
+
     import torch
 
+    import lingrad.mlp
     import lingrad.nn
 
     torch.manual_seed(seed)
@@ -121,7 +128,9 @@ def build_models(seed: int):
         for mine, theirs in zip(ours, reference):
             mine.weight.copy_(theirs.weight)
             mine.bias.copy_(theirs.bias)
-    return ours, reference
+    network = torch.nn.Sequential(copy.deepcopy(reference[0]), torch.nn.ReLU(), copy.deepcopy(reference[1]))
+    fused = lingrad.mlp.fuse(network, loss="mse")
+    return ours, reference, fused
 
 
 def train(
@@ -142,9 +151,10 @@ def train(
 
     x = torch.from_numpy(pixels)
     target = torch.from_numpy(labels.astype(np.float32)).unsqueeze(1)  # (images, 1): the label as a number
-    (layer1, layer2_loss), (ref1, ref2) = build_models(seed)
+    (layer1, layer2_loss), (ref1, ref2), fused = build_models(seed)
     ours_opt = torch.optim.SGD([*layer1.parameters(), *layer2_loss.parameters()], lr=lr)
     ref_opt = torch.optim.SGD([*ref1.parameters(), *ref2.parameters()], lr=lr)
+    fused_opt = torch.optim.SGD(fused.parameters(), lr=lr)
 
     def lingrad_step() -> float:
         ours_opt.zero_grad()
@@ -160,6 +170,13 @@ def train(
         ref_opt.step()
         return loss.item()
 
+    def fused_step() -> float:
+        fused_opt.zero_grad()
+        loss = fused(x, target)  # the whole network and its loss: one native call forward, one backward
+        loss.backward()
+        fused_opt.step()
+        return loss.item()
+
     run = Run(steps=steps, lr=lr, images=len(pixels), pixels=pixels)
     bar = tqdm(
         range(steps),
@@ -170,7 +187,7 @@ def train(
         dynamic_ncols=True,
     )
     for _ in bar:
-        for name, step in (("lingrad", lingrad_step), ("torch", torch_step)):
+        for name, step in (("lingrad", lingrad_step), ("torch", torch_step), ("fused", fused_step)):
             t0 = time.perf_counter()
             run.loss[name].append(step())
             run.seconds[name].append(time.perf_counter() - t0)
@@ -182,6 +199,7 @@ def train(
     with torch.no_grad():
         run.final["lingrad"] = layer2_loss(F.relu(layer1(x)), target).item()
         run.final["torch"] = F.mse_loss(ref2(F.relu(ref1(x))), target).item()
+        run.final["fused"] = fused(x, target).item()
     return run
 
 
@@ -314,8 +332,13 @@ def report(run: Run, facts: dict, png: str, out: IO[str]) -> bool:
             "does): try a smaller --lr or fewer --steps."
         )
     p(f"time per step (forward, backward, SGD update; median of {run.steps}, the two models interleaved)")
+    t_fused = statistics.median(run.seconds["fused"]) * 1e3
     p(f"  lingrad  {t_ours:.2f} ms")
     p(f"  PyTorch  {t_ref:.2f} ms   PyTorch / lingrad = {t_ref / t_ours:.2f}x")
+    p(
+        f"  lingrad.fuse (the whole network as one call)  {t_fused:.2f} ms   PyTorch / fused = "
+        f"{t_ref / t_fused:.2f}x; its loss after training {run.final['fused']:.6f}"
+    )
     p()
     grad = run.grad_w1
     p(

@@ -9,12 +9,20 @@ They agree with torch.nn.functional wherever it works: leading dimensions, 1-D i
 batches, any strides; mse_loss promotes mixed dtypes and broadcasts (with PyTorch's warning) as
 F.mse_loss does; autograd, torch.func transforms, forward-mode AD and torch.compile all apply.
 
-lingrad's kernels run on CPU float32 and float64 tensors with ordinary strided storage (a
-negative view is resolved first). Anything else goes to PyTorch's own implementation: float16,
-bfloat16 and complex tensors, other devices, other layouts (sparse, nested, MKL-DNN), and every
-call under ``torch.autocast`` to a lower precision (lingrad then gives what nn.Linear gives, in
-bfloat16), with one :class:`FallbackWarning` per process (none while torch.compile traces).
-Integer tensors go there without a warning and fail (or compute) exactly as they do in PyTorch.
+lingrad's kernels run on CPU float32, float64 and bfloat16 tensors with ordinary strided storage
+(a negative view is resolved first; bfloat16 needs the ml_dtypes package). Anything else goes to
+PyTorch's own implementation: float16 and complex tensors, other devices, other layouts (sparse,
+nested, MKL-DNN), and calls under ``torch.autocast`` to float16, with one :class:`FallbackWarning`
+per process (none while torch.compile traces). Integer tensors go there without a warning and fail
+(or compute) exactly as they do in PyTorch.
+
+bfloat16: linear and linear_mse_loss run lingrad's bfloat16 products (float32 sums). Under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` linear does what autocast does to F.linear, on
+lingrad's kernels: the input is cast to bfloat16 and the output is bfloat16; a float32 weight and
+bias are rounded to bfloat16 as the kernels pack them (not copied), and receive float32 gradients
+summed in float32 (PyTorch rounds them to bfloat16 on the way). mse_loss of bfloat16 tensors is
+PyTorch's (an elementwise loss; autocast computes it in float32). The fused linear_mse_loss keeps y
+in float32 for the loss, where the unfused pair rounds it to bfloat16 first.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import _ops
+from . import _C, _ops
 
 __all__ = ["linear", "mse_loss", "linear_mse_loss", "FallbackWarning"]
 
@@ -39,7 +47,9 @@ class FallbackWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 # The one fallback decision.
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+# bfloat16 crosses to the kernels as an ml_dtypes.bfloat16 array: offered when ml_dtypes is there.
+_BF16 = bool(_C.build_info()["bf16_numpy"])
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16) if _BF16 else (torch.float32, torch.float64)
 _STRIDED = torch.strided
 _fallback_warned = False  # once per process; tests reset it
 
@@ -53,8 +63,20 @@ def _readable(t: Tensor | None) -> bool:
 
 
 def _autocast_lowers() -> bool:
-    """True under torch.autocast("cpu") to a lower precision: nn.Linear then computes in it."""
+    """True under torch.autocast("cpu") to a precision lingrad has no kernels for (float16):
+    nn.Linear then computes in it, and so does PyTorch's implementation here."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") not in _KERNEL_DTYPES
+
+
+def _autocast_bf16(*tensors: Tensor | None) -> bool:
+    """True under torch.autocast("cpu", dtype=torch.bfloat16) for float32/bfloat16 CPU tensors:
+    lingrad then casts the input as autocast would and runs its bfloat16 products."""
+    return (
+        _BF16
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and all(t is None or (t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu) for t in tensors)
+    )
 
 
 # How the kernels (and the bridge to them) refuse tensors they cannot read: a TypeError for another
@@ -82,7 +104,7 @@ def _kernels_take(*tensors: Tensor | None, autocast_lowers: bool = False) -> boo
         else:
             kinds = ", ".join(sorted({_describe(t) for t in present}))
         warnings.warn(
-            f"lingrad computes on CPU float32/float64 strided tensors; got {kinds}, so PyTorch's own "
+            f"lingrad computes on CPU float32/float64/bfloat16 strided tensors; got {kinds}, so PyTorch's own "
             "implementation is used (this warning is shown once per process)",
             FallbackWarning,
             stacklevel=3,
@@ -127,6 +149,18 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     cannot be merged into one without a copy are copied, as in torch.matmul.
     weight (out_features, in_features), bias (out_features,) or None. Returns (*, out_features).
     """
+    if _autocast_bf16(input, weight, bias) and isinstance(input, Tensor):
+        input = input.to(torch.bfloat16)  # as autocast casts F.linear's input (weight and bias: see the top)
+    elif (
+        isinstance(input, Tensor)
+        and isinstance(weight, Tensor)
+        and input.dtype != weight.dtype
+        and torch.bfloat16 in (input.dtype, weight.dtype)
+    ):  # (the kernels mix float32 and bfloat16; nn.Linear outside autocast does not)
+        raise TypeError(
+            f"weight has dtype {weight.dtype} but input has dtype {input.dtype}: a Linear layer computes in "
+            "one dtype (mix float32 parameters with bfloat16 inputs under torch.autocast)"
+        )
     return _kernels_or_pytorch(
         lambda: _linear(input, weight, bias), lambda: F.linear(input, weight, bias), input, weight, bias
     )
@@ -145,6 +179,8 @@ def _mse_operands(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor] | None
     """input and target as the kernels take them, with F.mse_loss's type promotion and
     broadcasting; None if they go to PyTorch."""
     dtype = torch.result_type(input, target) if input.dtype != target.dtype else input.dtype
+    if dtype == torch.bfloat16:  # no bfloat16 MSE kernel: PyTorch's elementwise loss, no warning
+        return None
     if dtype not in _KERNEL_DTYPES:
         _kernels_take(input, target)  # the warning, for floating-point tensors
         return None
@@ -195,9 +231,12 @@ def linear_mse_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    autocast_bf16 = isinstance(target, Tensor) and _autocast_bf16(input, weight, bias, target)
+    if autocast_bf16:
+        input = input.to(torch.bfloat16)  # autocast's F.linear; its mse_loss runs in float32
     fusable = (
         isinstance(target, Tensor)
-        and target.dtype == input.dtype
+        and (target.dtype == input.dtype or autocast_bf16)
         and target.shape[:-1] == input.shape[:-1]
         and input.dim() > 0
         and not torch._C._are_functorch_transforms_active()  # torch.func: the per-operator rules

@@ -167,6 +167,8 @@ class FusedMLP(torch.nn.Sequential):
         weights = [m.weight for m in self._linears]
         biases = [m.bias for m in self._linears]
         tensors = (input, target, *weights, *biases)
+        if input.dtype == torch.bfloat16 or functional._autocast_bf16(input):
+            return self._layer_by_layer_bf16(input, target)
         if (
             torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()
@@ -182,6 +184,15 @@ class FusedMLP(torch.nn.Sequential):
     def _layer_by_layer(self, input: Tensor, target: Tensor | None) -> Tensor:
         y = super().forward(input)
         return y if target is None else functional.mse_loss(y, target, self.reduction)
+
+    def _layer_by_layer_bf16(self, input: Tensor, target: Tensor | None) -> Tensor:
+        """bfloat16 (or autocast to it): the network's native calls are float32/float64 only, so each
+        Linear runs lingrad's bfloat16 products (lingrad.functional.linear, whichever Linear class
+        it is) and the activations PyTorch's."""
+        h = input
+        for module in self:
+            h = functional.linear(h, module.weight, module.bias) if isinstance(module, torch.nn.Linear) else module(h)
+        return h if target is None else functional.mse_loss(h, target, self.reduction)
 
     def _fused(self, input: Tensor, target: Tensor | None, weights: list, biases: list) -> Tensor:
         x = input if input.dim() == 2 else functional._rows(input)

@@ -25,6 +25,8 @@ __all__ = [
     "linear_mse",
     "mlp_forward",
     "mlp_mse",
+    "bf16_values",
+    "bf16_output_bound",
     "error_ratio",
     "assert_within",
 ]
@@ -37,6 +39,24 @@ def eps(dtype) -> float:
 
 def f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def bf16_values(a):
+    """The values a bfloat16 product of lingrad's computes with, as a float32 array: a rounded to
+    bfloat16 (to nearest even; needs ml_dtypes), a denormal flushed to (signed) zero. A product of
+    two is exact in float32, so the float32 references above, given these, bound a bfloat16
+    product's float32 sums."""
+    import ml_dtypes
+
+    rounded = np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32)
+    tiny = np.abs(rounded) < np.finfo(np.float32).tiny
+    return np.where(tiny, np.copysign(np.float32(0), rounded), rounded).astype(np.float32)
+
+
+def bf16_output_bound(want, bound):
+    """A bound for a result rounded to bfloat16: the float32 result's bound plus half an ulp of
+    bfloat16 (8 significant bits) of its magnitude."""
+    return bound + 2.0**-8 * (np.abs(want) + bound)
 
 
 def linear_forward(x, w, b=None):

@@ -1,0 +1,176 @@
+"""bfloat16: lingrad's bfloat16 products against its own float32 ones, and autocast training steps
+against PyTorch's autocast (oneDNN), timed interleaved in one process (medians).
+
+    python bench/bf16.py                 # both tables
+    python bench/bf16.py --lock FILE     # hold an exclusive flock on FILE while timing (shared machines)
+
+Products (NumPy level, bfloat16 x and weight, float32 results): on every bfloat16 path this CPU has
+(amx_bf16: AMX tiles; avx512_bf16: vdpbf16ps; the widened float32 micro-kernel), each as a ratio to
+lingrad's float32 product and as a fraction of the peaks measured here (float32 FMA, and the
+path's own bfloat16 instructions).
+
+Steps: nn.Linear + F.mse_loss + backward under torch.autocast("cpu", dtype=torch.bfloat16), against
+the same with lingrad.Linear (drop-in) and with lingrad.LinearMSELoss (fused), float32 parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lingrad
+from lingrad import _C, kernels
+from lingrad.benchmark import cpu_name, time_interleaved
+
+PRODUCT_SHAPES = [(4096, 1024, 1024), (1024, 4096, 1024), (512, 1024, 1024), (256, 784, 256)]
+STEP_SHAPES = [
+    (256, 784, 256),
+    (512, 1024, 1024),
+    (4096, 1024, 1024),
+    (1024, 4096, 1024),
+    (5000, 784, 50),
+    (257, 511, 1000),
+    (777, 1000, 257),
+    (1000, 777, 511),
+]
+PATHS = {"amx_bf16": "AMX", "avx512_bf16": "vdpbf16ps", "avx512": "widened", "avx2": "widened", "generic": "widened"}
+
+
+@contextlib.contextmanager
+def locked(path: str | None):
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def product_cases(x, w, dy, xb, wb, dyb) -> dict:
+    """Each product as (float32 call, bfloat16 call with a float32 result)."""
+    y32 = np.empty((x.shape[0], w.shape[0]), np.float32)
+    dx32, dw32 = np.empty(x.shape, np.float32), np.empty(w.shape, np.float32)
+    return {
+        "forward": (lambda: kernels.linear_forward(x, w), lambda: kernels.linear_forward(xb, wb, out=y32)),
+        "grad input": (
+            lambda: kernels.linear_backward_input(dy, w),
+            lambda: kernels.linear_backward_input(dyb, wb, out=dx32),
+        ),
+        "grad weight": (
+            lambda: kernels.linear_backward_weight(dy, x),
+            lambda: kernels.linear_backward_weight(dyb, xb, out=dw32),
+        ),
+    }
+
+
+def autocast_step(model, x, t, fused: bool):
+    """One SGD-free training step under autocast to bfloat16 (zero_grad, forward, loss, backward)."""
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, t) if fused else F.mse_loss(model(x), t)
+        loss.backward()
+
+    return run
+
+
+def products(budget: float, lock: str | None) -> None:
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    default = lingrad.get_isa()
+    isas = [i for i in lingrad.available_isas() if i in ("amx_bf16", "avx512_bf16")]
+    widened = next(i for i in lingrad.available_isas() if PATHS[i] == "widened")
+    with locked(lock):
+        fma = _C.measure_fma_peak(lingrad.get_num_threads(), 0.5)
+        peaks = {}
+        for isa in isas:
+            lingrad.set_isa(isa)
+            peaks[isa] = _C.measure_bf16_peak(lingrad.get_num_threads(), 0.5)
+        lingrad.set_isa(default)
+    print(f"\nCPU: {cpu_name()}; lingrad {lingrad.__version__}, {lingrad.get_num_threads()} threads")
+    print(f"peaks: float32 FMA {fma:.0f} GFLOP/s; " + "; ".join(f"{PATHS[i]} {p:.0f}" for i, p in peaks.items()))
+    columns = [*isas, widened]
+    print("\n| product | B, in, out | float32 GF/s | " + " | ".join(f"{PATHS[i]} ({i})" for i in columns) + " |")
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in [*isas, widened]) + " |")
+    for shape in PRODUCT_SHAPES:
+        batch, n_in, n_out = shape
+        rng = np.random.default_rng(0)
+        x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in [(batch, n_in), (n_out, n_in), (batch, n_out)])
+        xb, wb, dyb = x.astype(bf16), w.astype(bf16), dy.astype(bf16)
+        flops = 2.0 * batch * n_in * n_out
+        cases = product_cases(x, w, dy, xb, wb, dyb)
+        for name, (f32, b16) in cases.items():
+            seconds = {}
+            with locked(lock):
+                lingrad.set_isa(widened)
+                seconds["float32"] = time_interleaved({"f": f32}, budget / 4)["f"]
+                for isa in [*isas, widened]:
+                    lingrad.set_isa(isa)
+                    seconds[isa] = time_interleaved({"b": b16}, budget / 4)["b"]
+                lingrad.set_isa(default)
+            cells = []
+            for isa in [*isas, widened]:
+                gf = flops / seconds[isa] * 1e-9
+                own = f", {gf / peaks[isa]:.0%} of its peak" if isa in peaks else ""
+                ratio = seconds["float32"] / seconds[isa]
+                cells.append(f"{gf:.0f} GF/s: {ratio:.2f}x float32, {gf / fma:.0%} FMA{own}")
+            f32_gf = flops / seconds["float32"] * 1e-9
+            print(f"| {name} | {batch}, {n_in}, {n_out} | {f32_gf:.0f} | " + " | ".join(cells) + " |")
+
+
+def steps(budget: float, lock: str | None) -> None:
+    print(
+        f"\nautocast bfloat16 training step (float32 parameters), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), lingrad on {lingrad.get_isa()}; median time per step"
+    )
+    print("\n| B, in, out | PyTorch | drop-in | fused | drop-in vs PyTorch | fused vs PyTorch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for batch, n_in, n_out in STEP_SHAPES:
+        torch.manual_seed(0)
+        theirs = torch.nn.Linear(n_in, n_out)
+        ours = lingrad.Linear(n_in, n_out)
+        fused = lingrad.LinearMSELoss(n_in, n_out)
+        ours.load_state_dict(theirs.state_dict())
+        fused.load_state_dict(theirs.state_dict())
+        x, t = torch.randn(batch, n_in), torch.randn(batch, n_out)
+
+        with locked(lock):
+            s = time_interleaved(
+                {
+                    "torch": autocast_step(theirs, x, t, False),
+                    "drop-in": autocast_step(ours, x, t, False),
+                    "fused": autocast_step(fused, x, t, True),
+                },
+                budget,
+            )
+        us = {k: v * 1e6 for k, v in s.items()}
+        print(
+            f"| {batch}, {n_in}, {n_out} | {us['torch']:.0f} us | {us['drop-in']:.0f} us | {us['fused']:.0f} us | "
+            f"{s['torch'] / s['drop-in']:.2f}x | {s['torch'] / s['fused']:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per comparison")
+    parser.add_argument("--lock", help="hold an exclusive flock on this file while timing")
+    parser.add_argument("--only", choices=["products", "steps"])
+    args = parser.parse_args()
+    if args.only != "steps":
+        products(args.budget, args.lock)
+    if args.only != "products":
+        steps(args.budget, args.lock)
+
+
+if __name__ == "__main__":
+    main()
