@@ -179,7 +179,9 @@ class Call {
   explicit Call(bool bf16_products = false) : bf16_ok_(bf16_products) {}
 
   // An input array of rank `ndim` (or 1 when allow_1d), of the call's dtype.
-  py::array input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d = false) {
+  // other_ndim: a second rank that is also accepted (3 for per-sample arrays with a sequence dimension).
+  py::array input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d = false,
+                  int other_ndim = -1) {
     py::array a = as_ndarray(obj, name);
     const DType d = dtype_of(a, name);
     if (d == DType::bfloat16 && !bf16_ok_)
@@ -198,7 +200,7 @@ class Call {
       dtype_ = DType::bfloat16;  // float32 with bfloat16: bfloat16 products
     }
     all_bf16_ = all_bf16_ && d == DType::bfloat16;
-    if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1))
+    if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1) && a.ndim() != other_ndim)
       throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning + ", got shape " +
                             shape_of(a));
     require_aligned(a, name);
@@ -474,18 +476,25 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
   return dx;
 }
 
-py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle bias_obj, py::handle out_obj,
-                                 py::handle bias_out_obj) {
+py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle sample_weights_obj,
+                                 py::handle bias_obj, py::handle out_obj, py::handle bias_out_obj) {
   Call call(/*bf16_products=*/true);
   const bool bias = parse_flag(bias_obj, "bias");
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   require_same_columns(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
+  std::optional<py::array> s;
+  if (!sample_weights_obj.is_none()) {
+    s = call.input(sample_weights_obj, "sample_weights", 1, "(batch,)");
+    require_same_columns(*s, "sample_weights", 0, dy, "grad_out", 0, "sample_weights must be (batch,)");
+  }
   if (!bias && !bias_out_obj.is_none()) throw py::value_error("bias_out was given but bias=False");
   py::array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
   std::optional<py::array> db;
   if (bias) db = call.output(bias_out_obj, "bias_out", {dy.shape(1)});
   if (call.dtype() == DType::bfloat16) {
+    if (s)
+      throw py::type_error("sample_weights are for float32 and float64 products; these arrays make a bfloat16 product");
     const Bf16Output out = bf16_output(dw);
     std::vector<float> db_buffer(db && !is_f32(*db) ? static_cast<std::size_t>(dy.shape(1)) : 0);
     float* db_data = !db ? nullptr : is_f32(*db) ? mutable_data<float>(*db) : db_buffer.data();
@@ -500,10 +509,62 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     T* db_data = db ? mutable_data<T>(*db) : nullptr;
+    const VectorView<T> weights = s ? vector<T>(*s) : VectorView<T>{};
     py::gil_scoped_release release;
-    lingrad::linear_backward_weight<T>(matrix<T>(dy), matrix<T>(x), mutable_data<T>(dw), db_data);
+    if (s)
+      lingrad::linear_backward_weight_weighted<T>(matrix<T>(dy), matrix<T>(x), weights, mutable_data<T>(dw), db_data);
+    else
+      lingrad::linear_backward_weight<T>(matrix<T>(dy), matrix<T>(x), mutable_data<T>(dw), db_data);
   });
   return py::make_tuple(dw, or_none(db));
+}
+
+// Per-sample arrays: grad_out (batch, out_features) and x (batch, in_features), or both with a
+// sequence dimension, (batch, steps, out_features) and (batch, steps, in_features).
+std::pair<py::array, py::array> per_sample_inputs(Call& call, py::handle grad_obj, py::handle x_obj) {
+  const py::array dy =
+      call.input(grad_obj, "grad_out", 2, "(batch, out_features) or 3-D (batch, steps, out_features)", false, 3);
+  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features) or 3-D (batch, steps, in_features)", false, 3);
+  if (dy.ndim() != x.ndim() || dy.shape(0) != x.shape(0) || (dy.ndim() == 3 && dy.shape(1) != x.shape(1)))
+    throw py::value_error("grad_out has shape " + shape_of(dy) + " but x has shape " + shape_of(x) +
+                          ": both must be (batch, features) or both (batch, steps, features), with the same batch" +
+                          (dy.ndim() == 3 ? " and steps" : ""));
+  return {dy, x};
+}
+
+template <typename T>
+lingrad::SampleView<T> samples(const py::array& a) {
+  const T* data = static_cast<const T*>(a.data());
+  if (a.ndim() == 2) return {{data, 1, a.shape(1), 0, stride<T>(a, 1)}, a.shape(0), stride<T>(a, 0)};
+  return {{data, a.shape(1), a.shape(2), stride<T>(a, 1), stride<T>(a, 2)}, a.shape(0), stride<T>(a, 0)};
+}
+
+py::array linear_per_sample_grad_norms(py::handle grad_obj, py::handle x_obj, py::handle bias_obj) {
+  Call call;
+  const bool bias = parse_flag(bias_obj, "bias");
+  const auto [dy, x] = per_sample_inputs(call, grad_obj, x_obj);
+  py::array_t<double> norms(dy.shape(0));
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    double* data = norms.mutable_data();
+    py::gil_scoped_release release;
+    lingrad::linear_per_sample_grad_norms<T>(samples<T>(dy), samples<T>(x), bias, data);
+  });
+  return std::move(norms);
+}
+
+py::array linear_per_sample_grads(py::handle grad_obj, py::handle x_obj, py::handle out_obj) {
+  Call call;
+  const auto [dy, x] = per_sample_inputs(call, grad_obj, x_obj);
+  const py::ssize_t last = dy.ndim() - 1;
+  py::array g = call.output(out_obj, "out", {dy.shape(0), dy.shape(last), x.shape(last)});
+  with_dtype(call.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* data = mutable_data<T>(g);
+    py::gil_scoped_release release;
+    lingrad::linear_per_sample_grads<T>(samples<T>(dy), samples<T>(x), data);
+  });
+  return g;
 }
 
 py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj, py::handle out_obj) {
@@ -1016,9 +1077,11 @@ Input gradient of a Linear layer: grad_input = grad_out @ weight.
 grad_out (batch, out_features), weight (out_features, in_features); returns (batch, in_features).
 Inputs and out follow the rules of linear_forward.)doc");
 
-  m.def("linear_backward_weight", &linear_backward_weight, keyword("grad_out"), keyword("x"), py::kw_only(),
-        keyword("bias") = true, keyword("out") = py::none(), keyword("bias_out") = py::none(),
-        R"doc(linear_backward_weight(grad_out, x, *, bias=True, out=None, bias_out=None) -> (grad_weight, grad_bias)
+  m.def(
+      "linear_backward_weight", &linear_backward_weight, keyword("grad_out"), keyword("x"), py::kw_only(),
+      keyword("sample_weights") = py::none(), keyword("bias") = true, keyword("out") = py::none(),
+      keyword("bias_out") = py::none(),
+      R"doc(linear_backward_weight(grad_out, x, *, sample_weights=None, bias=True, out=None, bias_out=None) -> (grad_weight, grad_bias)
 
 Weight and bias gradients of a Linear layer:
   grad_weight = grad_out.T @ x    (out_features, in_features), the sum over the batch of one outer
@@ -1026,9 +1089,40 @@ Weight and bias gradients of a Linear layer:
                                   (batch, out, in) temporary)
   grad_bias   = grad_out.sum(0)   (out_features,), taken in the same pass; None when bias=False.
 
-grad_out (batch, out_features), x (batch, in_features). out and bias_out, if given, receive
-the results and follow the rules of linear_forward. The batch reduction is never split across
-threads, so the result is bitwise identical for any thread count.)doc");
+grad_out (batch, out_features), x (batch, in_features). sample_weights, if given, is a (batch,)
+array of the inputs' dtype: each sample's contribution is scaled by its weight,
+grad_weight = (s[:, None] * grad_out).T @ x and grad_bias = s @ grad_out (DP-SGD's clipped sum),
+in the same pass and memory (the weights scale grad_out.T as the GEMM engine packs it, one rounding
+of s * grad_out per element). out and bias_out, if given, receive the results and follow the rules
+of linear_forward. The batch reduction is never split across threads, so the result is bitwise
+identical for any thread count.)doc");
+
+  m.def("linear_per_sample_grad_norms", &linear_per_sample_grad_norms, keyword("grad_out"), keyword("x"), py::kw_only(),
+        keyword("bias") = true,
+        R"doc(linear_per_sample_grad_norms(grad_out, x, *, bias=True) -> norms (batch,) float64
+
+The norm of each sample's gradient of a Linear layer, sqrt(||G_b||^2 + ||g_b||^2) with the weight
+gradient G_b = grad_out[b].T @ x[b] (out_features, in_features) and the bias gradient g_b (left out
+when bias=False), without materialising G_b; accumulated in double.
+
+2-D: grad_out (batch, out_features), x (batch, in_features): ||G_b|| = ||grad_out[b]|| ||x[b]||,
+g_b = grad_out[b]. 3-D (a sequence of `steps` per sample): grad_out (batch, steps, out_features),
+x (batch, steps, in_features), G_b = sum_t outer(grad_out[b, t], x[b, t]), g_b = grad_out[b].sum(0).
+Per shape, the cheaper of two exact forms (counted in multiply-adds, T = steps):
+  Gram   ||G_b||^2 = sum_{t,s} <grad_out[b,t], grad_out[b,s]> <x[b,t], x[b,s]>   T (T + 1) / 2 (in + out)
+  rows   G_b computed one row at a time in double, its squares summed        T in out
+the Gram form when T (T + 1) / 2 (in + out) <= T in out (always for T = 1).
+Inputs follow the rules of linear_forward; each sample is summed by one thread in a fixed order.)doc");
+
+  m.def("linear_per_sample_grads", &linear_per_sample_grads, keyword("grad_out"), keyword("x"), py::kw_only(),
+        keyword("out") = py::none(),
+        R"doc(linear_per_sample_grads(grad_out, x, *, out=None) -> grads (batch, out_features, in_features)
+
+Every sample's weight gradient G_b = grad_out[b].T @ x[b] (2-D: the outer product of grad_out[b]
+and x[b]; 3-D inputs as in linear_per_sample_grad_norms, summed over the steps). This tensor is
+batch times larger than the weight: call it on chunks of the batch you size yourself (grad_out[i:j],
+x[i:j]), reusing one out array of (chunk, out_features, in_features). out follows the rules of
+linear_forward.)doc");
 
   m.def("mse_loss", &mse_loss, keyword("pred"), keyword("target"), keyword("reduction") = "mean", py::kw_only(),
         keyword("out") = py::none(),

@@ -46,6 +46,10 @@ struct GemmArgs {
   index_t ldc = 0;  // C[m, n] = c[m*ldc + n], never read before written
   Epilogue<T> epilogue;
   T* a_row_sums = nullptr;  // (M): if set, receives sum_k A[m, k] (computed while packing A)
+  // (K): if set, A[m, k] is read as A[m, k] * a_col_scale[k], rounded once, as A is packed (and so
+  // are the row sums): dW = (s * dY)^T X with per-sample weights s. Such a product always takes the
+  // packed path (A packed), whatever its shape.
+  const T* a_col_scale = nullptr;
   int num_threads = 1;
   // A bfloat16 product (T = float): A's and B's values rounded to bfloat16 (see lingrad.hpp). An
   // operand is read from a16 (b16), bfloat16 with the strides above, when that is set, else from a

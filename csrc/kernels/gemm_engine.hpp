@@ -105,6 +105,21 @@ void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs,
   }
 }
 
+// Scales a packed micro-panel's k-th column by scale[k] (GemmArgs::a_col_scale), then adds the
+// rows' sums to sums if set, in pack_micro_panel's order (of the scaled values).
+template <typename T, int R>
+void scale_micro_panel(T* __restrict panel, const T* scale, index_t rows, index_t kc, T* sums) {
+  for (index_t k = 0; k < kc; ++k)
+    for (int r = 0; r < R; ++r) panel[k * R + r] *= scale[k];
+  if (sums) {
+    for (index_t r = 0; r < rows; ++r) {
+      T s = 0;
+      for (index_t k = 0; k < kc; ++k) s += panel[k * R + r];
+      sums[r] += s;
+    }
+  }
+}
+
 // L elements of T as one SIMD register (GCC/Clang vector extension), loaded and stored unaligned.
 // The compiler keeps an array of these, indexed by constants, in registers more reliably than an
 // array of scalars that it must vectorise itself.
@@ -1099,7 +1114,7 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
   // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes
   // apart: they would fall into the same L1 cache sets.
-  p.pack_a = g.bf16 || !(g.a_cs == 1 && !g.a_row_sums && (g.a_rs * size) % kAliasBytes != 0);
+  p.pack_a = g.bf16 || !(g.a_cs == 1 && !g.a_row_sums && !g.a_col_scale && (g.a_rs * size) % kAliasBytes != 0);
   // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
   // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
   // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
@@ -1207,10 +1222,15 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
     for (index_t pc = pc0; pc < pc1; ++pc) {
       const index_t k0 = pc * p.kc, kc = padded_k<kKind>(imin(p.kc, K - k0));
       for (index_t ip = 0; ip < mc; ip += MR)
-        if (p.pack_a || mc - ip < MR)
+        if (p.pack_a || mc - ip < MR) {
+          T* const panel_sums = sums ? sums + ip : nullptr;
+          const bool scale = kKind == Kind::plain && g.a_col_scale;  // (never set in bfloat16 products)
           pack_operand_panel<T, MR, kKind, kKind == Kind::bf16_amx>(
               a_pack + ip * kc / kSlot, g.a, g.a16, (i0 + ip) * g.a_rs + k0 * g.a_cs, g.a_rs, g.a_cs, imin(MR, mc - ip),
-              imin(p.kc, K - k0), sums ? sums + ip : nullptr, kc);
+              imin(p.kc, K - k0), scale ? nullptr : panel_sums, kc);
+          if (scale)  // per-sample weights of dW: scaled in the packed panel, then summed
+            scale_micro_panel<T, MR>(a_pack + ip * kc, g.a_col_scale + k0, imin(MR, mc - ip), kc, panel_sums);
+        }
       const T* b_slice = b_pack + (pc - pc0) * slice;
       const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
       for (index_t panel = part_begin * kPanelsPerItem; panel < p_end; ++panel) {
@@ -1326,15 +1346,15 @@ GemmPlan make_plan(const GemmArgs<T>& g) {
   const bool small = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k) < kSerialWork;
   p.threads = small || g.num_threads < 1 ? 1 : g.num_threads;
   if (g.bf16) {
-    plan_packed(g, b, p);  // (the narrow and small-M paths read their operands in place)
-  } else if (g.n <= kNarrowN) {
+    plan_packed(g, b, p);                          // (the narrow and small-M paths read their operands in place)
+  } else if (g.n <= kNarrowN && !g.a_col_scale) {  // (scaled A: only the packed path scales it)
     p.path = GemmPath::narrow;
     p.copy_a = g.a_cs != 1;
     p.copy_b = g.b_rs != 1;
     p.items = ceil_div(g.m, kNarrowRows);
     p.scratch_bytes = p.threads * narrow_buffer(g) * static_cast<index_t>(sizeof(T)) +
                       (g.epilogue.loss ? p.items * static_cast<index_t>(sizeof(double)) : 0);
-  } else if (g.m <= kSmallM && g.k >= kSmallMinK * g.m * g.m) {
+  } else if (g.m <= kSmallM && g.k >= kSmallMinK * g.m * g.m && !g.a_col_scale) {
     plan_small(g, b.vl, p);
   } else {
     plan_packed(g, b, p);
@@ -1361,7 +1381,7 @@ void gemm(const GemmArgs<T>& g) {
                 g.a_row_sums[m] += bf16_to_float(g.a16 ? bf16_operand(g.a16 + at) : bf16_operand(g.a + at));
                 continue;
               }
-            g.a_row_sums[m] += g.a[at];
+            g.a_row_sums[m] += g.a_col_scale ? g.a[at] * g.a_col_scale[k] : g.a[at];
           }
       return;
     case GemmPath::narrow:

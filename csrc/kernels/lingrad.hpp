@@ -172,6 +172,39 @@ double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> 
                T* const* dw, T* const* db);
 
 // ---------------------------------------------------------------------------------------------
+// Per-sample gradients, for clipping and differentially private training (privacy.cpp).
+//
+// A batch of per-sample matrices: sample b's (steps, features) matrix is m with its data at
+// data + b * batch_stride. A 2-D (B, features) array is B samples of one step (steps = 1).
+template <typename T>
+struct SampleView {
+  MatrixView<T> m;  // one sample: (steps, features), its data the first sample's
+  index_t batch = 0, batch_stride = 0;
+};
+
+// Sample b's weight gradient is G_b = dY_b^T X_b (out, in), its bias gradient g_b = sum_t dY_b[t]
+// (out). norms[b] (B) = sqrt(||G_b||_F^2 + ||g_b||^2) (the bias term only if bias), accumulated in
+// double, without storing G_b whole. Per sample, the cheaper of two ways (multiply-adds):
+//   Gram   ||G_b||^2 = sum_{t,s} <dY_t, dY_s> <X_t, X_s>, over t <= s:   T (T + 1) / 2 (in + out)
+//   rows   G_b one row at a time (in doubles), its squares summed:        T in out
+// the Gram form when T (T + 1) / 2 (in + out) <= T in out (always for T = 1: ||dY_b||^2 ||X_b||^2).
+// Samples are shared out to threads; each is summed by one thread in a fixed order.
+template <typename T>
+void linear_per_sample_grad_norms(SampleView<T> dy, SampleView<T> x, bool bias, double* norms);
+// Whether linear_per_sample_grad_norms takes the Gram form for these sizes.
+bool per_sample_norms_use_gram(index_t steps, index_t in, index_t out);
+
+// The weighted weight gradient: dW (out, in) = sum_b s_b dY[b]^T X[b] = (s * dY)^T X, and db (out)
+// = sum_b s_b dY[b] when db is not null, in one pass of the GEMM engine (the weights scale dY^T's
+// columns while it is packed). dy (B, out), x (B, in), s (B).
+template <typename T>
+void linear_backward_weight_weighted(MatrixView<T> dy, MatrixView<T> x, VectorView<T> sample_weights, T* dw, T* db);
+
+// out (B, out, in, dense) = G_b = dY_b^T X_b for every sample (for T = 1 the outer products dY[b] X[b]^T).
+template <typename T>
+void linear_per_sample_grads(SampleView<T> dy, SampleView<T> x, T* out);
+
+// ---------------------------------------------------------------------------------------------
 // Threads and instruction sets (process-wide, thread-safe).
 int get_num_threads();
 void set_num_threads(int n);  // n >= 1; ignored (stays 1) in a build without OpenMP

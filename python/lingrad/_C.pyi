@@ -19,10 +19,13 @@ def linear_backward_weight(
     grad_out: _LinearArray,
     x: _LinearArray,
     *,
+    sample_weights: _Array | None = None,
     bias: bool = True,
     out: _LinearArray | None = None,
     bias_out: _LinearArray | None = None,
 ) -> tuple[_LinearArray, _LinearArray | None]: ...
+def linear_per_sample_grad_norms(grad_out: _Array, x: _Array, *, bias: bool = True) -> _Array: ...
+def linear_per_sample_grads(grad_out: _Array, x: _Array, *, out: _Array | None = None) -> _Array: ...
 def mse_loss(
     pred: _Array, target: _Array, reduction: Literal["mean", "sum", "none"] = "mean", *, out: _Array | None = None
 ) -> float | _Array: ...

@@ -62,6 +62,7 @@ _TORCH_NAMES = {
     "FusedMLP": "mlp",
     "mlp": "mlp",
     "functional": "functional",
+    "privacy": "privacy",
     "autograd": "autograd",
 }
 

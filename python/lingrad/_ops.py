@@ -299,6 +299,10 @@ def _linear_grads(grad_y, x, weight, need_x, need_weight, need_bias, weight_dtyp
 
 def _linear_backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
+    capture = getattr(ctx, "lingrad_capture", None)
+    if capture is not None:  # lingrad.privacy: keep (grad_y, x) for per-sample gradients, skip dW and db
+        capture.append((grad_y, x))
+        return linear_backward_input(grad_y, weight) if ctx.needs_input_grad[0] else None, None, None
     return _linear_grads(grad_y, x, weight, *ctx.needs_input_grad[:3], ctx.weight_dtype)
 
 

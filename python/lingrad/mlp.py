@@ -306,6 +306,10 @@ class _MLPFunction(torch.autograd.Function):
             return _double_backward(ctx, (x, spec, *params), outputs_of, (grad_y,))
         activations, slopes, _ = spec
         weights, biases = _split(spec, params)
+        capture = getattr(ctx, "lingrad_capture", None)
+        if capture is not None:  # lingrad.privacy: each layer's (grad_out, input), no weight gradients
+            grad_x = _capture_layers(ctx, capture, grad_y, x, y, weights)
+            return (grad_x, None, *(None for _ in params))
         grad_x, grad_weights, grad_biases = kernels.mlp_backward(
             _ops._array(grad_y),
             _ops._array(x),
@@ -324,6 +328,43 @@ class _MLPFunction(torch.autograd.Function):
             None,
             *(torch.from_numpy(g) if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])),
         )
+
+
+def _activation_grad(grad_h: Tensor, h: Tensor, z: Tensor | None, act: str, slope: float) -> Tensor:
+    """grad_h * act'(z), from the pre-activation z where the kernels kept it, else from h = act(z)."""
+    if act == "identity":
+        return grad_h
+    if z is not None:  # GELU, SiLU (and any activation whose pre-activation was kept): autograd
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            return torch.autograd.grad(_apply_activation(z, act, slope), z, grad_h)[0]
+    if act == "relu":
+        return torch.where(h > 0, grad_h, 0.0)
+    if act == "leaky_relu":
+        return torch.where(h > 0, grad_h, grad_h * slope)
+    if act == "tanh":
+        return grad_h * (1 - h * h)
+    if act == "sigmoid":
+        return grad_h * h * (1 - h)
+    raise AssertionError(f"no derivative of {act} from its output")
+
+
+def _capture_layers(ctx, capture: list, grad_y: Tensor, x: Tensor, y: Tensor, weights: list) -> Tensor | None:
+    """lingrad.privacy's backward of the network: appends (layer index, grad_out of the layer's
+    Linear, its input) for every layer to capture, computing only the input gradients; returns
+    grad_x (None unless x needs one)."""
+    activations, slopes, _ = ctx.spec
+    n = len(weights)
+    hidden = [torch.from_numpy(h) for h in ctx.hidden]
+    pre = [None if z is None else torch.from_numpy(z) for z in ctx.pre]
+    grad_h = grad_y
+    for layer in range(n - 1, -1, -1):
+        out = y if layer == n - 1 else hidden[layer]
+        grad_z = _activation_grad(grad_h, out, pre[layer], activations[layer], slopes[layer])
+        capture.append((layer, grad_z, x if layer == 0 else hidden[layer - 1]))
+        if layer > 0 or ctx.needs_input_grad[0]:
+            grad_h = _ops.linear_backward_input(grad_z, weights[layer])
+    return grad_h if ctx.needs_input_grad[0] else None
 
 
 class _MLPMSEFunction(torch.autograd.Function):

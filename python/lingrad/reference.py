@@ -18,6 +18,9 @@ __all__ = [
     "linear_forward",
     "linear_backward_input",
     "linear_backward_weight",
+    "per_sample_grads",
+    "per_sample_grad_norms",
+    "weighted_backward_weight",
     "mse",
     "linear_mse",
     "mlp_forward",
@@ -81,6 +84,48 @@ def linear_backward_weight(dy, x):
     db = f64(dy).sum(axis=0)
     db_bound = (batch + 1) * e * np.abs(f64(dy)).sum(axis=0)
     return dw, dw_bound, db, db_bound
+
+
+def per_sample_grads(dy, x):
+    """Every sample's weight gradient in float64, (B, out, in) (the lesson's broadcast, without the
+    .sum(0)): dy (B, out) and x (B, in), or (B, T, out) and (B, T, in) summed over T; and the bound
+    for results in dy's dtype (one rounding per product, T + 1 per sum)."""
+    e = eps(dy.dtype)
+    if dy.ndim == 2:
+        g = np.einsum("bo,bi->boi", f64(dy), f64(x))
+        return g, e * np.abs(g)
+    g = np.einsum("bto,bti->boi", f64(dy), f64(x))
+    return g, (dy.shape[1] + 1) * e * np.einsum("bto,bti->boi", np.abs(f64(dy)), np.abs(f64(x)))
+
+
+def per_sample_grad_norms(dy, x, bias=True):
+    """sqrt(||G_b||^2 + ||g_b||^2) per sample in float64, from the materialised per-sample
+    gradients, and a bound for the kernel's double accumulation of inputs exact in double."""
+    g, _ = per_sample_grads(dy, x)
+    squares = (g**2).sum(axis=(1, 2))
+    k = g.shape[1] * g.shape[2]
+    if bias:
+        gb = f64(dy) if dy.ndim == 2 else f64(dy).sum(axis=1)
+        squares = squares + (gb**2).sum(axis=1)
+        k += gb.shape[1]
+    steps = 1 if dy.ndim == 2 else dy.shape[1]
+    norms = np.sqrt(squares)
+    # every square and cross term is a product of sums of at most max(in, out, T) terms, added up in
+    # fewer than k + T^2 steps; magnitudes at most those of |G_b| computed from |dY|, |X|
+    mag = np.sqrt((per_sample_grads(np.abs(f64(dy)), np.abs(f64(x)))[0] ** 2).sum(axis=(1, 2)))
+    terms = k + steps * steps + max(dy.shape[-1], x.shape[-1])
+    return norms, 4 * terms * eps(np.float64) * (mag + norms) + 1e-300
+
+
+def weighted_backward_weight(dy, x, s):
+    """(dW, its bound, db, its bound) of the weighted sums (s * dy)^T x and s @ dy: the kernels
+    round s * dy once, then sum as linear_backward_weight does."""
+    e = eps(dy.dtype)
+    sdy = f64(s)[:, None] * f64(dy)
+    batch = dy.shape[0]
+    dw = sdy.T @ f64(x)
+    db = sdy.sum(axis=0)
+    return dw, (batch + 2) * e * (np.abs(sdy).T @ np.abs(f64(x))), db, (batch + 2) * e * np.abs(sdy).sum(axis=0)
 
 
 def mse(pred, target, reduction="mean"):
