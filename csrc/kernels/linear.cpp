@@ -6,6 +6,28 @@
 
 namespace lingrad {
 
+namespace {
+
+// A buffer of `size` elements (at least one) owned by `holder`: the fused step's dY when the caller keeps none.
+template <typename T>
+T* own_buffer(std::unique_ptr<T[]>& holder, index_t size) {
+  holder.reset(new T[size > 0 ? size : 1]);
+  return holder.get();
+}
+
+// The forward product's epilogue of the fused step: each tile of Y becomes dY = 2 (Y - T) / N (N = count
+// for "mean", 1 for "sum"), and the squared residuals are summed into *squares.
+template <typename T>
+void set_mse_epilogue(Epilogue<T>& e, MatrixView<T> target, Reduction reduction, double count, double* squares) {
+  e.target = target.data;
+  e.target_rs = target.rs;
+  e.target_cs = target.cs;
+  e.grad_scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
+  e.loss = squares;
+}
+
+}  // namespace
+
 template <typename T>
 void linear_forward(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, T* y) {
   GemmArgs<T> g = forward_args(x, w, y);
@@ -29,20 +51,13 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
   const index_t batch = x.rows, out = w.rows;
   const double count = static_cast<double>(batch) * static_cast<double>(out);
   std::unique_ptr<T[]> dy_buffer;
-  if (!dy) {
-    dy_buffer.reset(new T[batch * out > 0 ? batch * out : 1]);
-    dy = dy_buffer.get();
-  }
+  dy = dy ? dy : own_buffer(dy_buffer, batch * out);
 
   // Forward with the loss in the epilogue: each tile of Y becomes dY = 2 (Y - T) / N in cache.
   double squares = 0;
   GemmArgs<T> fwd = forward_args(x, w, dy);
   fwd.epilogue.bias = bias;
-  fwd.epilogue.target = target.data;
-  fwd.epilogue.target_rs = target.rs;
-  fwd.epilogue.target_cs = target.cs;
-  fwd.epilogue.grad_scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
-  fwd.epilogue.loss = &squares;
+  set_mse_epilogue(fwd.epilogue, target, reduction, count, &squares);
   gemm(fwd);
 
   const MatrixView<T> dy_view{dy, batch, out, out, 1};
@@ -111,20 +126,13 @@ double linear_mse_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, Matri
   const index_t batch = x.rows, out = w.rows;
   const double count = static_cast<double>(batch) * static_cast<double>(out);
   std::unique_ptr<float[]> dy_buffer;
-  if (!dy) {
-    dy_buffer.reset(new float[batch * out > 0 ? batch * out : 1]);
-    dy = dy_buffer.get();
-  }
+  dy = dy ? dy : own_buffer(dy_buffer, batch * out);
   // Forward with the loss in the epilogue (float32 Y becomes float32 dY in cache), then dX and dW
   // with dY rounded to bfloat16 as they pack it.
   double squares = 0;
   Bf16Product fwd(x, transposed(w), Bf16Output{dy, nullptr});
   fwd.g.epilogue.bias = bias;
-  fwd.g.epilogue.target = target.data;
-  fwd.g.epilogue.target_rs = target.rs;
-  fwd.g.epilogue.target_cs = target.cs;
-  fwd.g.epilogue.grad_scale = static_cast<float>(reduction == Reduction::mean ? 2.0 / count : 2.0);
-  fwd.g.epilogue.loss = &squares;
+  set_mse_epilogue(fwd.g.epilogue, target, reduction, count, &squares);
   gemm(fwd.g);
 
   const Bf16Matrix dy_view{dy, nullptr, batch, out, out, 1};
