@@ -136,6 +136,17 @@ inline void store_vector(T* p, typename Vector<T, L>::type v) {
   *reinterpret_cast<typename Vector<T, L>::type*>(p) = v;
 }
 
+// Fetches the mr rows of C's nr-wide tile (rows ldc apart) now: the caller asks for it when they are
+// likely far away (too many to stay in L2 between K slices), so that the update after the K loop
+// does not wait for memory.
+template <typename T>
+inline void prefetch_tile(const T* c, index_t ldc, index_t mr, index_t nr) {
+  for (index_t i = 0; i < mr; ++i) {
+    __builtin_prefetch(c + i * ldc, 1);
+    __builtin_prefetch(c + i * ldc + nr - 1, 1);
+  }
+}
+
 // A finished MR x NR register tile (NR / V vectors per row) into C's mr x nr corner: C = (or +=) acc.
 template <typename T, int MR, int NR, int V>
 inline void store_tile(const typename Vector<T, V>::type (&acc)[MR][NR / V], T* __restrict c, index_t ldc, index_t mr,
@@ -173,13 +184,7 @@ void micro_kernel(index_t kc, const T* __restrict a, index_t a_rs, const T* __re
                   index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
   constexpr int V = NR < VL ? NR : VL, NV = NR / V;
   using vec = typename Vector<T, V>::type;
-  // The caller asks for C's rows to be fetched now when they are likely far away (too many to stay
-  // in L2 between K slices), so that the update after the loop does not wait for memory.
-  if (prefetch_c)
-    for (index_t i = 0; i < mr; ++i) {
-      __builtin_prefetch(c + i * ldc, 1);
-      __builtin_prefetch(c + i * ldc + nr - 1, 1);
-    }
+  if (prefetch_c) prefetch_tile(c, ldc, mr, nr);
   vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
@@ -438,11 +443,7 @@ template <int MR, int NV>
 void bf16_pair_kernel(index_t pairs, const bfloat16* __restrict a, const bfloat16* __restrict b, index_t b_ps,
                       float* __restrict c, index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
   using vec = typename Vector<float, 16>::type;
-  if (prefetch_c)
-    for (index_t i = 0; i < mr; ++i) {
-      __builtin_prefetch(c + i * ldc, 1);
-      __builtin_prefetch(c + i * ldc + nr - 1, 1);
-    }
+  if (prefetch_c) prefetch_tile(c, ldc, mr, nr);
   vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
