@@ -320,3 +320,10 @@ def test_fuse_under_autocast_and_compile():
 def test_mixed_dtypes_outside_autocast_are_a_type_error():
     with pytest.raises(TypeError, match="weight has dtype torch.float32 but input has dtype torch.bfloat16"):
         LF.linear(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 3))
+
+
+def test_what_is_not_a_tensor_is_pytorchs_type_error():
+    with pytest.raises(TypeError, match="must be Tensor, not list"):
+        LF.linear([[1.0]], torch.ones(1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must be Tensor, not list"):
+        LF.linear([[1.0]], torch.ones(1, 1))

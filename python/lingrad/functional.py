@@ -75,7 +75,10 @@ def _autocast_bf16(*tensors: Tensor | None) -> bool:
         _BF16
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and all(t is None or (t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu) for t in tensors)
+        and all(
+            t is None or (isinstance(t, Tensor) and t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu)
+            for t in tensors
+        )
     )
 
 
@@ -149,14 +152,12 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     cannot be merged into one without a copy are copied, as in torch.matmul.
     weight (out_features, in_features), bias (out_features,) or None. Returns (*, out_features).
     """
-    if _autocast_bf16(input, weight, bias) and isinstance(input, Tensor):
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor)):
+        return F.linear(input, weight, bias)  # PyTorch's TypeError for what is not a tensor
+    if _autocast_bf16(input, weight, bias):
         input = input.to(torch.bfloat16)  # as autocast casts F.linear's input (weight and bias: see the top)
-    elif (
-        isinstance(input, Tensor)
-        and isinstance(weight, Tensor)
-        and input.dtype != weight.dtype
-        and torch.bfloat16 in (input.dtype, weight.dtype)
-    ):  # (the kernels mix float32 and bfloat16; nn.Linear outside autocast does not)
+    elif input.dtype != weight.dtype and torch.bfloat16 in (input.dtype, weight.dtype):
+        # (the kernels mix float32 and bfloat16; nn.Linear outside autocast does not)
         raise TypeError(
             f"weight has dtype {weight.dtype} but input has dtype {input.dtype}: a Linear layer computes in "
             "one dtype (mix float32 parameters with bfloat16 inputs under torch.autocast)"
