@@ -77,3 +77,14 @@ def _text(data) -> str:
     if data is None:
         return ""
     return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def assert_same_bytes_for_any_thread_count(run, num_threads) -> None:
+    """run() returns a list of arrays; they must be byte for byte the same with 1, 2, 3 and again 1
+    threads (num_threads: the fixture that sets lingrad's thread count)."""
+    num_threads(1)
+    first = run()
+    for threads in (2, 3, 1):
+        num_threads(threads)
+        for a, b in zip(first, run()):
+            assert a.tobytes() == b.tobytes(), f"results differ with {threads} threads"

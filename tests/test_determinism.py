@@ -6,6 +6,8 @@ import pytest
 import lingrad
 from lingrad import kernels
 
+from helpers import assert_same_bytes_for_any_thread_count
+
 
 def all_results(rng, dtype, batch, n_in, n_out):
     x = rng.standard_normal((batch, n_in)).astype(dtype)
@@ -46,13 +48,7 @@ def all_results(rng, dtype, batch, n_in, n_out):
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
-    run = all_results(np.random.default_rng(7), dtype, *shape)
-    num_threads(1)
-    first = run()
-    for threads in (2, 3, 1):
-        num_threads(threads)
-        for a, b in zip(first, run()):
-            assert a.tobytes() == b.tobytes(), f"results differ with {threads} threads"
+    assert_same_bytes_for_any_thread_count(all_results(np.random.default_rng(7), dtype, *shape), num_threads)
 
 
 def test_thread_setting_round_trips(num_threads):

@@ -15,6 +15,8 @@ import lingrad
 from lingrad import kernels
 from lingrad import reference as ref
 
+from helpers import assert_same_bytes_for_any_thread_count
+
 try:
     import torch
 except ImportError:  # the kernels' tests run without torch (scripts/serial.sh, sanitize.sh)
@@ -155,12 +157,7 @@ def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
             results += kernels.linear_backward_weight(dy, x, sample_weights=s)
         return results
 
-    num_threads(1)
-    first = run()
-    for threads in (2, 3, 1):
-        num_threads(threads)
-        for a, b in zip(first, run()):
-            assert a.tobytes() == b.tobytes(), f"results differ with {threads} threads"
+    assert_same_bytes_for_any_thread_count(run, num_threads)
 
 
 def test_errors():

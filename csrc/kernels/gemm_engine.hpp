@@ -249,6 +249,18 @@ inline bfloat16 flush_denormal(bfloat16 h) {
 inline bfloat16 bf16_operand(const bfloat16* p) { return flush_denormal(*p); }
 inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf16(*p)); }
 
+// The sum of a row's kc values (k stride cs) as a bfloat16 product sees them, from the source, in the
+// widened order (each pair's odd k first): the bias gradient, the same bits on every path.
+template <typename S>
+float bf16_row_sum(const S* row, index_t cs, index_t kc) {
+  float acc = 0;
+  for (index_t j = 0; j < kc; j += 2) {
+    acc += j + 1 < kc ? bf16_to_float(bf16_operand(row + (j + 1) * cs)) : 0.0f;
+    acc += bf16_to_float(bf16_operand(row + j * cs));
+  }
+  return acc;
+}
+
 // Packs rows (<= R) rows of a strided rows x kc block of a bfloat16 product's operand (src float or
 // bfloat16) into one micro-panel of ceil(kc / 2) K pairs, zero beyond rows and kc:
 //   pairs:    bfloat16 panel[(p*R + r)*2 + t] = v(r, 2p + t)
@@ -285,16 +297,8 @@ void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t
     }
     for (; p < pairs; ++p) put(p, r, bfloat16{0}, bfloat16{0});
   }
-  if (sums)  // from the source, each pair's odd k first (the widened order, the same on every path)
-    for (index_t r = 0; r < rows; ++r) {
-      const S* row = src + r * rs;
-      float acc = 0;
-      for (index_t j = 0; j < kc; j += 2) {
-        acc += j + 1 < kc ? bf16_to_float(bf16_operand(row + (j + 1) * cs)) : 0.0f;
-        acc += bf16_to_float(bf16_operand(row + j * cs));
-      }
-      sums[r] += acc;
-    }
+  if (sums)
+    for (index_t r = 0; r < rows; ++r) sums[r] += bf16_row_sum(src + r * rs, cs, kc);
 }
 
 // The AMX form of an A panel: for each K tile of 32, R rows of 32 bfloat16 values (row r of K tile
@@ -321,15 +325,7 @@ void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t 
       }
       for (; j < 32; ++j) out[j] = bfloat16{0};
     }
-    if (sums && r < rows) {  // from the source (each pair's odd k first: the same bias gradient on every path)
-      const S* row = src + r * rs;
-      float acc = 0;
-      for (index_t j = 0; j < kc; j += 2) {
-        acc += j + 1 < kc ? bf16_to_float(bf16_operand(row + (j + 1) * cs)) : 0.0f;
-        acc += bf16_to_float(bf16_operand(row + j * cs));
-      }
-      sums[r] += acc;
-    }
+    if (sums && r < rows) sums[r] += bf16_row_sum(src + r * rs, cs, kc);
   }
 }
 
