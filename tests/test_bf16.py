@@ -174,6 +174,34 @@ def test_nan_inf_and_denormals(isa):
     assert y[2, 0] == 2.0  # a denormal operand counts as zero
 
 
+def special_floats(rng, shape):
+    """float32 values that test rounding to bfloat16 as the engine packs them: ties (to even), carries
+    into the exponent, denormals (flushed to zero) and the largest denormal (which rounds up to the
+    smallest normal), each sign, among normal values of every magnitude."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F7FFFFF, 0x007FFFFF, 0x00000001, 0x00400000, 0x7F7F0000], np.uint32)
+    specials = np.concatenate([bits, bits | np.uint32(0x80000000)]).view(np.float32)
+    a = (rng.standard_normal(shape) * 2.0 ** rng.integers(-60, 60, size=shape)).astype(np.float32)
+    a.flat[rng.choice(a.size, size=3 * specials.size, replace=False)] = np.tile(specials, 3)
+    return a
+
+
+def test_float32_operands_are_rounded_as_packed(isa, rng):
+    # A product with an identity reads out each packed float32 operand: exactly its bfloat16 value.
+    # Every operand position (X, W, dY), rows and K pairs of both parities (37 and 45 wide).
+    n_in, n_out = 37, 45
+    eye = lambda n: np.eye(n, dtype=np.float32).astype(BF16)  # noqa: E731
+    w = special_floats(rng, (n_out, n_in))
+    x, dy = special_floats(rng, (n_in, n_out)), special_floats(rng, (n_in, n_out))
+    out = lambda *shape: np.empty(shape, np.float32)  # noqa: E731
+    np.testing.assert_array_equal(kernels.linear_forward(eye(n_in), w, out=out(n_in, n_out)), ref.bf16_values(w).T)
+    dx = kernels.linear_backward_input(eye(n_out), w, out=out(n_out, n_in))
+    np.testing.assert_array_equal(dx, ref.bf16_values(w))
+    dw, _ = kernels.linear_backward_weight(eye(n_in), x, out=out(n_in, n_out))
+    np.testing.assert_array_equal(dw, ref.bf16_values(x))
+    dw, _ = kernels.linear_backward_weight(dy, eye(n_in), out=out(n_out, n_in))
+    np.testing.assert_array_equal(dw, ref.bf16_values(dy).T)
+
+
 def test_empty_and_zero_k(isa):
     x = np.zeros((0, 5), BF16)
     assert kernels.linear_forward(x, np.zeros((3, 5), BF16)).shape == (0, 3)

@@ -261,72 +261,205 @@ float bf16_row_sum(const S* row, index_t cs, index_t kc) {
   return acc;
 }
 
+// sums[r] += bf16_row_sum of each of rows (<= R) rows; rows next to each other (rs == 1: dY^T for dW)
+// all at once, k after k, in the same order for each row (the same bits).
+template <int R, typename S>
+void add_bf16_row_sums(float* sums, const S* src, index_t rs, index_t cs, index_t rows, index_t kc) {
+  if (rs != 1) {
+    for (index_t r = 0; r < rows; ++r) sums[r] += bf16_row_sum(src + r * rs, cs, kc);
+    return;
+  }
+  float acc[R] = {};
+  for (index_t j = 0; j < kc; j += 2) {
+    const S *k0 = src + j * cs, *k1 = k0 + cs;
+    if (j + 1 < kc) {
+      for (index_t r = 0; r < rows; ++r) acc[r] += bf16_to_float(bf16_operand(k1 + r));
+    } else {
+      for (index_t r = 0; r < rows; ++r) acc[r] += 0.0f;
+    }
+    for (index_t r = 0; r < rows; ++r) acc[r] += bf16_to_float(bf16_operand(k0 + r));
+  }
+  for (index_t r = 0; r < rows; ++r) sums[r] += acc[r];
+}
+
+// K pair p (k = 2p and 2p + 1) of rows (<= R) rows of a strided rows x kc block of a bfloat16
+// product's operand (src float or bfloat16) as 32-bit words, the even k in the low half: words[r],
+// zero beyond rows and kc. Rows next to each other (rs == 1: W for dX, X and dY^T for dW) are read
+// as vectors, two k at a time.
+template <int R, typename S>
+inline void pair_words(std::uint32_t (&words)[R], const S* src, index_t rs, index_t cs, index_t rows, index_t kc,
+                       index_t p) {
+  auto word = [](bfloat16 v0, bfloat16 v1) {
+    return static_cast<std::uint32_t>(v0.bits) | static_cast<std::uint32_t>(v1.bits) << 16;
+  };
+  const S *k0 = src + 2 * p * cs, *k1 = k0 + cs;
+  index_t r = 0;
+  if (2 * p + 1 < kc) {
+    if (rs == 1) {
+      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r), bf16_operand(k1 + r));
+    } else {
+      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bf16_operand(k1 + r * rs));
+    }
+  } else if (2 * p < kc) {  // a last half pair
+    for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bfloat16{0});
+  }
+  for (; r < R; ++r) words[r] = 0;
+}
+
+#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
+// Vector packing for the builds with bfloat16 instructions (all with AVX-512 F and BW).
+// 32 bfloat16 lanes as bf16_operand sees them: a denormal (exponent 0) to its signed zero.
+inline __m512i flush_denormals(__m512i v) {
+  const __mmask32 denormal = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x7f80));
+  return _mm512_mask_mov_epi16(v, denormal, _mm512_and_si512(v, _mm512_set1_epi16(static_cast<short>(0x8000))));
+}
+// 16 floats rounded as float_to_bf16 rounds them (to nearest even; a NaN stays a quiet NaN).
+inline __m256i round_to_bf16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f), high = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+}
+// k .. k + 31 of a row with unit k stride (n of them, zero beyond) as 16 K-pair words.
+inline __m512i operand_words(const bfloat16* row, index_t n) {
+  const __mmask32 in = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+  return flush_denormals(_mm512_maskz_loadu_epi16(in, row));
+}
+inline __m512i operand_words(const float* row, index_t n) {
+  auto part = [&](index_t from) {
+    const index_t m = n - from;
+    const __mmask16 in = m >= 16 ? __mmask16{0xffff} : m <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << m) - 1);
+    return round_to_bf16(_mm512_maskz_loadu_ps(in, row + from));
+  };
+  return flush_denormals(_mm512_inserti64x4(_mm512_castsi256_si512(part(0)), part(16), 1));
+}
+// v[i] lane j = v[j] lane i: the 16 x 16 transpose of 32-bit words.
+inline void transpose_words(__m512i (&v)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+// pack_bf16_panel's pairs and AMX forms from rows with unit k stride (W^T in the forward pass): 16
+// rows x 16 K pairs at a time, read as vectors and transposed in registers (the words pair_words
+// would give, 4 to 8 times faster than gathering them).
+template <int R, Kind kKind, typename S>
+void pack_pairs_transposed(bfloat16* half, const S* src, index_t rs, index_t rows, index_t kc, index_t kc_padded) {
+  static_assert(R % 16 == 0, "whole groups of 16 rows");
+  std::uint32_t* const out = reinterpret_cast<std::uint32_t*>(half);
+  const index_t pairs = ceil_div(kc_padded, 2);
+  for (index_t p0 = 0; p0 < pairs; p0 += 16) {
+    for (index_t g = 0; g < R / 16; ++g) {
+      __m512i v[16];
+      for (index_t i = 0; i < 16; ++i) {
+        const index_t r = g * 16 + i;
+        v[i] = r < rows && 2 * p0 < kc ? operand_words(src + r * rs + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
+      }
+      transpose_words(v);  // v[j]: pair p0 + j of the 16 rows
+      for (index_t j = 0; j < 16 && p0 + j < pairs; ++j) {
+        const index_t p = p0 + j;
+        std::uint32_t* to =
+            kKind == Kind::bf16_amx ? out + (((p / 16) * (R / 16) + g) * 16 + p % 16) * 16 : out + p * R + g * 16;
+        _mm512_storeu_si512(to, v[j]);
+      }
+    }
+  }
+}
+#endif
+
 // Packs rows (<= R) rows of a strided rows x kc block of a bfloat16 product's operand (src float or
-// bfloat16) into one micro-panel of ceil(kc / 2) K pairs, zero beyond rows and kc:
+// bfloat16) into one micro-panel of ceil(kc_padded / 2) K pairs, zero beyond rows and kc:
 //   pairs:    bfloat16 panel[(p*R + r)*2 + t] = v(r, 2p + t)
+//   amx:      the same, in AMX B tiles of 16 pairs x 16 rows, each 1 KB contiguous
 //   widened:  float panel[(2p + 1 - t)*R + r] = v(r, 2p + t)   (odd k first)
 // If sums is set, sums[r] += the row's values summed in the widened order (the bias gradient).
 template <int R, Kind kKind, typename S>
 void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
                      index_t kc_padded) {
-  const index_t pairs = ceil_div(kc_padded, 2), full = kc / 2;  // pairs, and those with both k < kc
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
-  auto put = [&](index_t p, index_t r, bfloat16 v0, bfloat16 v1) {
-    const std::uint32_t both = static_cast<std::uint32_t>(v0.bits) | static_cast<std::uint32_t>(v1.bits) << 16;
-    if constexpr (kKind == Kind::bf16_amx) {  // AMX B tiles of 16 pairs x 16 columns, each 1 KB contiguous
-      static_assert(R % 16 == 0, "AMX B panels hold whole tiles of 16 columns");
-      __builtin_memcpy(half + (((p / 16) * (R / 16) + r / 16) * 16 + p % 16) * 32 + (r % 16) * 2, &both, sizeof both);
-    } else if constexpr (kKind == Kind::bf16_pairs) {
-      __builtin_memcpy(half + (p * R + r) * 2, &both, sizeof both);
-    } else {
-      panel[(2 * p) * R + r] = bf16_to_float(v1);  // odd k first
-      panel[(2 * p + 1) * R + r] = bf16_to_float(v0);
+#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
+  if constexpr (kKind != Kind::bf16_widened && R % 16 == 0) {
+    if (cs == 1 && rs != 1) {
+      pack_pairs_transposed<R, kKind>(half, src, rs, rows, kc, kc_padded);
+      if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
+      return;
     }
-    (void)both;
-  };
-  // Row by row (each row's k in order, contiguous when cs == 1); rows beyond `rows` and k beyond kc are 0.
-  for (index_t r = 0; r < R; ++r) {
-    index_t p = 0;
-    if (r < rows) {
-      const S* row = src + r * rs;
-      for (; p < full; ++p) put(p, r, bf16_operand(row + 2 * p * cs), bf16_operand(row + (2 * p + 1) * cs));
-      if (p < pairs && 2 * p < kc) {  // a last half pair
-        put(p, r, bf16_operand(row + 2 * p * cs), bfloat16{0});
-        ++p;
+  }
+#endif
+  std::uint32_t words[R];
+  for (index_t p = 0; p < ceil_div(kc_padded, 2); ++p) {
+    pair_words<R>(words, src, rs, cs, rows, kc, p);
+    if constexpr (kKind == Kind::bf16_amx) {
+      static_assert(R % 16 == 0, "AMX B panels hold whole tiles of 16 columns");
+      for (index_t g = 0; g < R / 16; ++g)
+        __builtin_memcpy(half + (((p / 16) * (R / 16) + g) * 16 + p % 16) * 32, words + g * 16, 16 * sizeof *words);
+    } else if constexpr (kKind == Kind::bf16_pairs) {
+      __builtin_memcpy(half + p * R * 2, words, sizeof words);
+    } else {
+      for (index_t r = 0; r < R; ++r) {
+        panel[(2 * p) * R + r] = bf16_to_float({static_cast<std::uint16_t>(words[r] >> 16)});  // odd k first
+        panel[(2 * p + 1) * R + r] = bf16_to_float({static_cast<std::uint16_t>(words[r] & 0xffffu)});
       }
     }
-    for (; p < pairs; ++p) put(p, r, bfloat16{0}, bfloat16{0});
   }
-  if (sums)
-    for (index_t r = 0; r < rows; ++r) sums[r] += bf16_row_sum(src + r * rs, cs, kc);
+  if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
 }
 
 // The AMX form of an A panel: for each K tile of 32, R rows of 32 bfloat16 values (row r of K tile
 // t at (t R + r) 32: a tile's 16 rows are 64 bytes apart, 1 KB contiguous, so that no two share an
-// L1 set), zero beyond rows and kc (kc_padded: whole K tiles); sums as pack_bf16_panel's.
+// L1 set), zero beyond rows and kc (kc_padded: whole K tiles); sums as pack_bf16_panel's. Rows next
+// to each other (dY^T for dW) go through pair_words, one K pair of all rows at a time.
 template <int R, typename S>
 void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
                     index_t kc_padded) {
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
-  for (index_t r = 0; r < R; ++r) {
-    for (index_t t = 0; t < kc_padded / 32; ++t) {
-      bfloat16* __restrict out = half + (t * R + r) * 32;
-      const index_t k0 = t * 32, n = r < rows ? imin(32, kc - k0) : 0;
-      index_t j = 0;
-      if (n > 0) {
-        const S* __restrict row = src + r * rs + k0 * cs;
-        if (cs == 1) {
-#pragma omp simd
-          for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i);
-        } else {
-          for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i * cs);
-        }
-        j = n;
-      }
-      for (; j < 32; ++j) out[j] = bfloat16{0};
+  if (rs == 1 && cs != 1) {
+    std::uint32_t* const out = reinterpret_cast<std::uint32_t*>(panel);
+    std::uint32_t words[R];
+    for (index_t p = 0; p < kc_padded / 2; ++p) {
+      pair_words<R>(words, src, rs, cs, rows, kc, p);
+      for (index_t r = 0; r < R; ++r) out[((p / 16) * R + r) * 16 + p % 16] = words[r];
     }
-    if (sums && r < rows) sums[r] += bf16_row_sum(src + r * rs, cs, kc);
+  } else {
+    for (index_t r = 0; r < R; ++r) {
+      for (index_t t = 0; t < kc_padded / 32; ++t) {
+        bfloat16* __restrict out = half + (t * R + r) * 32;
+        const index_t k0 = t * 32, n = r < rows ? imin(32, kc - k0) : 0;
+        index_t j = 0;
+        if (n > 0) {
+          const S* __restrict row = src + r * rs + k0 * cs;
+          if (cs == 1) {
+#pragma omp simd
+            for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i);
+          } else {
+            for (index_t i = 0; i < n; ++i) out[i] = bf16_operand(row + i * cs);
+          }
+          j = n;
+        }
+        for (; j < 32; ++j) out[j] = bfloat16{0};
+      }
+    }
   }
+  if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
 }
 
 // An operand panel of a product of kind kKind: plain (T's own values) or bfloat16 (from a16/b16 when
@@ -360,48 +493,47 @@ struct alignas(64) AmxConfig {
 };
 
 // C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: A an AMX rows panel of 32 rows, B an AMX pairs
-// panel of 32 columns (each tile 1 KB contiguous; a_ld unused). A full tile accumulates in C in
-// place; an edge tile through a 32 x 32 buffer.
+// panel of 32 columns (each tile 1 KB contiguous; a_ld unused). The four C tiles start at zero and
+// are stored to a contiguous 32 x 32 block, which vector code then adds or copies into C: tile loads
+// and stores straight to C's rows (4 KB apart for 1024 outputs) cost more than the products.
+// Each A or B tile is loaded just before its first product and after its last use by the previous
+// K tile's products (the tile registers are not renamed).
 void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* b, float* c, index_t ldc,
                      index_t mr, index_t nr, bool accumulate) {
-  alignas(64) float edge[32 * 32];
-  const bool full = mr == 32 && nr == 32;
-  float* out = full ? c : edge;
-  const index_t ld = full ? ldc : 32;
-  if (!full) {
-    for (index_t i = 0; i < 32; ++i)
-      for (index_t j = 0; j < 32; ++j) edge[i * 32 + j] = accumulate && i < mr && j < nr ? c[i * ldc + j] : 0.0f;
-  }
-  const int stride = static_cast<int>(ld * sizeof(float));
-  if (accumulate || !full) {
-    _tile_loadd(0, out, stride);
-    _tile_loadd(1, out + 16, stride);
-    _tile_loadd(2, out + 16 * ld, stride);
-    _tile_loadd(3, out + 16 * ld + 16, stride);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  alignas(64) float block[32 * 32];
   (void)a_ld;
+  prefetch_tile(c, ldc, mr, nr);  // (C's rows are written after the products: in cache by then)
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   for (index_t t = 0; t < ktiles; ++t) {
-    _tile_loadd(4, a + t * 32 * 32, 64);  // (see pack_bf16_rows and pack_bf16_panel: tiles 1 KB contiguous)
-    _tile_loadd(5, a + t * 32 * 32 + 16 * 32, 64);
-    _tile_loadd(6, b + t * 2 * 512, 64);
-    _tile_loadd(7, b + t * 2 * 512 + 512, 64);
+    const bfloat16 *at = a + t * 32 * 32, *bt = b + t * 2 * 512;  // (see pack_bf16_rows and pack_bf16_panel)
+    _tile_loadd(4, at, 64);
+    _tile_loadd(6, bt, 64);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bt + 512, 64);
     _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, at + 16 * 32, 64);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, out, stride);
-  _tile_stored(1, out + 16, stride);
-  _tile_stored(2, out + 16 * ld, stride);
-  _tile_stored(3, out + 16 * ld + 16, stride);
-  if (!full)
+  _tile_stored(0, block, 128);
+  _tile_stored(1, block + 16, 128);
+  _tile_stored(2, block + 16 * 32, 128);
+  _tile_stored(3, block + 16 * 32 + 16, 128);
+  if (mr == 32 && nr == 32) {
+    for (index_t i = 0; i < 32; ++i)
+      for (index_t v = 0; v < 32; v += 16) {
+        __m512 sum = _mm512_load_ps(block + i * 32 + v);
+        if (accumulate) sum = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + v), sum);
+        _mm512_storeu_ps(c + i * ldc + v, sum);
+      }
+  } else {
     for (index_t i = 0; i < mr; ++i)
-      for (index_t j = 0; j < nr; ++j) c[i * ldc + j] = edge[i * 32 + j];
+      for (index_t j = 0; j < nr; ++j)
+        c[i * ldc + j] = accumulate ? c[i * ldc + j] + block[i * 32 + j] : block[i * 32 + j];
+  }
 }
 
 // The AMX peak probe: four independent tile products on fixed tiles; 4 * 16 * 16 * 32 * 2 flops.
@@ -1324,10 +1456,12 @@ constexpr const GemmBlocking& blocking_of() {
 // Every decision for one product, from g's shape and strides (and whether row sums and the loss
 // are wanted) and the build's table; no pointer is read.
 #if defined(LINGRAD_AMX)
-// The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 512 (16 K tiles, a 32 KB
-// B micro-panel, in L1); MC 64 rows (a 64 KB A block). Measured on an Intel Xeon (2 threads): MC 64-128
-// and KC 256-1024 all within noise of each other (1.1-1.9 TFLOP/s forward at 1024-4096 rows).
-constexpr GemmBlocking kAmxBlocking = {32, 32, 64, 512, 4096, 16};
+// The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 1024 (32 K tiles: C is
+// written once for K up to 1024, where each extra K slice reads and writes all of C again, from
+// memory at large layers); MC 256 rows (a 512 KB A block, in L2 with the B micro-panel). Tiles from
+// L3 starve the tile unit. Measured on an Intel Xeon, 2 threads, forward 4096 x 1024 x 1024: MC 64,
+// KC 512 1.0-1.2 TFLOP/s; MC 256, KC 1024 1.5-1.6; MC 128 or 512 with KC 1024, and KC 256, slower.
+constexpr GemmBlocking kAmxBlocking = {32, 32, 256, 1024, 4096, 16};
 #endif
 
 template <typename T, const GemmTable& kTable>
