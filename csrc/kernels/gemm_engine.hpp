@@ -282,30 +282,6 @@ void add_bf16_row_sums(float* sums, const S* src, index_t rs, index_t cs, index_
   for (index_t r = 0; r < rows; ++r) sums[r] += acc[r];
 }
 
-// K pair p (k = 2p and 2p + 1) of rows (<= R) rows of a strided rows x kc block of a bfloat16
-// product's operand (src float or bfloat16) as 32-bit words, the even k in the low half: words[r],
-// zero beyond rows and kc. Rows next to each other (rs == 1: W for dX, X and dY^T for dW) are read
-// as vectors, two k at a time.
-template <int R, typename S>
-inline void pair_words(std::uint32_t (&words)[R], const S* src, index_t rs, index_t cs, index_t rows, index_t kc,
-                       index_t p) {
-  auto word = [](bfloat16 v0, bfloat16 v1) {
-    return static_cast<std::uint32_t>(v0.bits) | static_cast<std::uint32_t>(v1.bits) << 16;
-  };
-  const S *k0 = src + 2 * p * cs, *k1 = k0 + cs;
-  index_t r = 0;
-  if (2 * p + 1 < kc) {
-    if (rs == 1) {
-      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r), bf16_operand(k1 + r));
-    } else {
-      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bf16_operand(k1 + r * rs));
-    }
-  } else if (2 * p < kc) {  // a last half pair
-    for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bfloat16{0});
-  }
-  for (; r < R; ++r) words[r] = 0;
-}
-
 #if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
 // Vector packing for the builds with bfloat16 instructions (all with AVX-512 F and BW).
 // 32 bfloat16 lanes as bf16_operand sees them: a denormal (exponent 0) to its signed zero.
@@ -386,6 +362,54 @@ void pack_pairs_transposed(bfloat16* half, const S* src, index_t rs, index_t row
 }
 #endif
 
+// K pair p (k = 2p and 2p + 1) of rows (<= R) rows of a strided rows x kc block of a bfloat16
+// product's operand (src float or bfloat16) as 32-bit words, the even k in the low half: words[r],
+// zero beyond rows and kc. Rows next to each other (rs == 1: W for dX, X and dY^T for dW) are read
+// as vectors, 32 rows of two k at a time, in the builds with bfloat16 instructions.
+template <int R, typename S>
+inline void pair_words(std::uint32_t (&words)[R], const S* src, index_t rs, index_t cs, index_t rows, index_t kc,
+                       index_t p) {
+  auto word = [](bfloat16 v0, bfloat16 v1) {
+    return static_cast<std::uint32_t>(v0.bits) | static_cast<std::uint32_t>(v1.bits) << 16;
+  };
+  const S *k0 = src + 2 * p * cs, *k1 = k0 + cs;
+#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
+  if constexpr (R % 32 == 0) {
+    if (rs == 1) {
+      // word j of 16 from lanes j of the even and odd k's vectors (lanes 32 + j: the odd k's)
+      alignas(64) static constexpr std::uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                             37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                             11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+      for (index_t g = 0; g < R; g += 32) {
+        const index_t n = rows - g;
+        // (rows of k are far apart, beyond the hardware's stride prefetch: fetch 8 pairs ahead)
+        if (n > 0 && 2 * p + 17 < kc) {
+          _mm_prefetch(reinterpret_cast<const char*>(k0 + 16 * cs + g), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(k1 + 16 * cs + g), _MM_HINT_T0);
+        }
+        const __m512i even = n > 0 && 2 * p < kc ? operand_words(k0 + g, n) : _mm512_setzero_si512();
+        const __m512i odd = n > 0 && 2 * p + 1 < kc ? operand_words(k1 + g, n) : _mm512_setzero_si512();
+        _mm512_storeu_si512(words + g, _mm512_permutex2var_epi16(even, low, odd));
+        _mm512_storeu_si512(words + g + 16, _mm512_permutex2var_epi16(even, high, odd));
+      }
+      return;
+    }
+  }
+#endif
+  index_t r = 0;
+  if (2 * p + 1 < kc) {
+    if (rs == 1) {
+      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r), bf16_operand(k1 + r));
+    } else {
+      for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bf16_operand(k1 + r * rs));
+    }
+  } else if (2 * p < kc) {  // a last half pair
+    for (; r < rows; ++r) words[r] = word(bf16_operand(k0 + r * rs), bfloat16{0});
+  }
+  for (; r < R; ++r) words[r] = 0;
+}
+
 // Packs rows (<= R) rows of a strided rows x kc block of a bfloat16 product's operand (src float or
 // bfloat16) into one micro-panel of ceil(kc_padded / 2) K pairs, zero beyond rows and kc:
 //   pairs:    bfloat16 panel[(p*R + r)*2 + t] = v(r, 2p + t)
@@ -439,6 +463,15 @@ void pack_bf16_rows(float* panel, const S* src, index_t rs, index_t cs, index_t 
       pair_words<R>(words, src, rs, cs, rows, kc, p);
       for (index_t r = 0; r < R; ++r) out[((p / 16) * R + r) * 16 + p % 16] = words[r];
     }
+#if defined(LINGRAD_AMX)
+  } else if (cs == 1) {  // rows with unit k stride (X, dY for dX): 32 k of a row are one tile row
+    for (index_t r = 0; r < R; ++r)
+      for (index_t t = 0; t < kc_padded / 32; ++t) {
+        const index_t n = r < rows ? kc - t * 32 : 0;
+        _mm512_storeu_si512(half + (t * R + r) * 32,
+                            n > 0 ? operand_words(src + r * rs + t * 32, n) : _mm512_setzero_si512());
+      }
+#endif
   } else {
     for (index_t r = 0; r < R; ++r) {
       for (index_t t = 0; t < kc_padded / 32; ++t) {
@@ -1236,7 +1269,9 @@ void plan_packed(const GemmArgs<T>& g, const GemmBlocking& b, GemmPlan& p) {
   p.column_blocks = ceil_div(N, b.nc);
   const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;
   const index_t fit = kSlabBytes / size / slice;
-  p.slices_per_slab = imin(p.k_slices, fit > 1 ? fit : 1);
+  // bfloat16 products: one K slice at a time (still in cache when the tiles read it; all of K at
+  // once measured 1.1-1.7x slower, dW of 5000 x 784 x 50 most).
+  p.slices_per_slab = g.bf16 ? 1 : imin(p.k_slices, fit > 1 ? fit : 1);
   p.slabs = ceil_div(p.k_slices, p.slices_per_slab);
   p.items = p.row_blocks * parts;
   // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
