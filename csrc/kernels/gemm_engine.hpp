@@ -526,21 +526,29 @@ struct alignas(64) AmxConfig {
   std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// C[0:mr, 0:nr] = (or +=) A B over ktiles K tiles of 32: B an AMX pairs panel of 32 columns (each
-// tile 1 KB contiguous); A an AMX rows panel of 32 rows (a_ld 0), or 32 rows of bfloat16 read in
-// place (a_ld elements apart, K tile t at a + 32 t; a short last K tile, if any, from the rows panel
-// a_tail). The four C tiles start at zero and are stored to a contiguous 32 x 32 block, which vector
-// code then adds or copies into C: tile loads and stores straight to C's rows (4 KB apart for 1024
-// outputs) cost more than the products. Each A or B tile is loaded just before its first product
-// and after its last use by the previous K tile's products (the tile registers are not renamed).
-void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* b, float* c, index_t ldc,
-                     index_t mr, index_t nr, bool accumulate, const bfloat16* a_tail) {
-  alignas(64) float block[32 * 32];
-  prefetch_tile(c, ldc, mr, nr);  // (C's rows are written after the products: in cache by then)
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+// The AMX blocking: a 32 x 32 block of C in tiles 0-3; row blocks of kAmxRows rows (MC: a 512 KB A
+// block of K 1024, in L2); each column panel's K in chunks of kAmxChunk tiles (a 16 KB B chunk, in L1
+// while the row block's A panels stream from L2), its C blocks accumulating in a contiguous buffer.
+constexpr index_t kAmxRows = 256, kAmxChunk = 8;
+
+// block (a contiguous 32 x 32 float32 block; zero first unless load) += A B over K tiles [t0, t1):
+// B an AMX pairs panel of 32 columns (each tile 1 KB contiguous); A an AMX rows panel of 32 rows
+// (a_ld 0), or 32 rows of bfloat16 read in place (a_ld elements apart, K tile t at a + 32 t; a short
+// last K tile, t = ktiles - 1, from the rows panel a_tail if set). Each A or B tile is loaded just
+// before its first product, after its last use by the previous K tile's (tiles are not renamed).
+void amx_tiles(index_t t0, index_t t1, index_t ktiles, const bfloat16* a, index_t a_ld, const bfloat16* a_tail,
+               const bfloat16* b, float* block, bool load) {
+  if (load) {
+    _tile_loadd(0, block, 128);
+    _tile_loadd(1, block + 16, 128);
+    _tile_loadd(2, block + 16 * 32, 128);
+    _tile_loadd(3, block + 16 * 32 + 16, 128);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   auto k_tile = [&](const bfloat16* a0, const bfloat16* a1, int a_stride, const bfloat16* bt) {
     _tile_loadd(4, a0, a_stride);
     _tile_loadd(6, bt, 64);
@@ -552,17 +560,22 @@ void amx_tile_kernel(index_t ktiles, const bfloat16* a, index_t a_ld, const bflo
     _tile_dpbf16ps(3, 5, 7);
   };
   if (a_ld == 0) {  // (see pack_bf16_rows and pack_bf16_panel)
-    for (index_t t = 0; t < ktiles; ++t) k_tile(a + t * 1024, a + t * 1024 + 512, 64, b + t * 1024);
+    for (index_t t = t0; t < t1; ++t) k_tile(a + t * 1024, a + t * 1024 + 512, 64, b + t * 1024);
   } else {
     const int stride = static_cast<int>(a_ld * sizeof(bfloat16));
-    const index_t in_place = a_tail ? ktiles - 1 : ktiles;
-    for (index_t t = 0; t < in_place; ++t) k_tile(a + t * 32, a + 16 * a_ld + t * 32, stride, b + t * 1024);
-    if (a_tail) k_tile(a_tail, a_tail + 512, 64, b + in_place * 1024);
+    const index_t in_place = imin(t1, a_tail ? ktiles - 1 : ktiles);
+    for (index_t t = t0; t < in_place; ++t) k_tile(a + t * 32, a + 16 * a_ld + t * 32, stride, b + t * 1024);
+    if (a_tail && t1 == ktiles) k_tile(a_tail, a_tail + 512, 64, b + (ktiles - 1) * 1024);
   }
   _tile_stored(0, block, 128);
   _tile_stored(1, block + 16, 128);
   _tile_stored(2, block + 16 * 32, 128);
   _tile_stored(3, block + 16 * 32 + 16, 128);
+}
+
+// C[0:mr, 0:nr] = (or +=) a finished 32 x 32 block, by vectors: tile stores straight to C's rows
+// (4 KB apart for 1024 outputs) cost more than the products.
+void amx_store_block(const float* block, float* c, index_t ldc, index_t mr, index_t nr, bool accumulate) {
   if (mr == 32 && nr == 32) {
     for (index_t i = 0; i < 32; ++i)
       for (index_t v = 0; v < 32; v += 16) {
@@ -1321,21 +1334,10 @@ constexpr index_t elements_per_slot() {
 
 // One tile of a product of kind kKind (stage 3): the plain micro-kernel (with a narrower tile for a
 // narrow last panel), or, for bfloat16 products, the widened values through the same, or the pairs
-// or AMX kernel on bfloat16 panels (both operands packed: a_rs and b_rs unused).
+// kernel on bfloat16 panels (both operands packed: a_rs and b_rs unused). (AMX: see macro_kernel.)
 template <typename T, int MR, int NR, int VL, Kind kKind>
 inline void run_kind_tile(bool packed_a, index_t kc, const T* a, index_t a_rs, const T* b, index_t b_rs, T* c,
-                          index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c,
-                          const T* a_tail = nullptr) {
-#if defined(LINGRAD_AMX)
-  if constexpr (kKind == Kind::bf16_amx) {
-    static_assert(MR == 32 && NR == 32, "the AMX block is 2 x 2 tiles of 16 x 16");
-    amx_tile_kernel(kc / 32, reinterpret_cast<const bfloat16*>(a), packed_a ? 0 : a_rs,
-                    reinterpret_cast<const bfloat16*>(b), c, ldc, mr, nr, accumulate,
-                    reinterpret_cast<const bfloat16*>(a_tail));
-    return;
-  }
-#endif
-  (void)a_tail;
+                          index_t ldc, index_t mr, index_t nr, bool accumulate, bool prefetch_c) {
 #if defined(LINGRAD_BF16_DOT)
   if constexpr (kKind == Kind::bf16_pairs) {
     static_assert(NR % 32 == 0, "a pairs tile is one or more pairs of 16-float vectors");
@@ -1418,25 +1420,55 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
         }
       const T* b_slice = b_pack + (pc - pc0) * slice;
       const index_t p_end = imin(n_panels, part_end * kPanelsPerItem);
+      auto epilogue = [&](T* c, index_t m0, index_t j0, index_t mr, index_t nr) {
+        if (pc == p.k_slices - 1 && has_epilogue) {
+          const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
+          if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
+        }
+      };
       for (index_t panel = part_begin * kPanelsPerItem; panel < p_end; ++panel) {
         const index_t j0 = jc + panel * NR, nr = imin(NR, N - j0);
+        const bool packed_b = p.pack_b || nr < NR;
+        const T* b_panel = packed_b ? b_slice + panel * NR * kc / kSlot : g.b + k0 * g.b_rs + j0;
+#if defined(LINGRAD_AMX)
+        if constexpr (kKind == Kind::bf16_amx) {
+          // The panel's K in chunks, each over every row panel of the block, into C blocks kept in
+          // blocks (one block, reused in L1, when K is one chunk); after the last chunk, into C.
+          static_assert(MR == 32 && NR == 32, "the AMX block is 2 x 2 tiles of 16 x 16");
+          alignas(64) float blocks[kAmxRows / 32][32 * 32];
+          const index_t ktiles = kc / 32;
+          for (index_t t0 = 0; t0 < ktiles || t0 == 0; t0 += kAmxChunk) {  // (K = 0: zero blocks)
+            const index_t t1 = imin(ktiles, t0 + kAmxChunk);
+            for (index_t ip = 0; ip < mc; ip += MR) {
+              const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
+              const bool packed_a = p.pack_a || mr < MR;
+              const bfloat16* a =
+                  packed_a ? reinterpret_cast<const bfloat16*>(a_pack + ip * kc / kSlot) : g.a16 + m0 * g.a_rs + k0;
+              const bfloat16* a_tail =
+                  !packed_a && tail_k ? reinterpret_cast<const bfloat16*>(a_pack + ip * kc / kSlot) : nullptr;
+              float* block = blocks[ktiles > kAmxChunk ? ip / MR : 0];
+              T* c = g.c + m0 * g.ldc + j0;
+              if (t1 == ktiles) prefetch_tile(c, g.ldc, mr, nr);  // (C's rows arrive while the tiles work)
+              amx_tiles(t0, t1, ktiles, a, packed_a ? 0 : g.a_rs, a_tail, reinterpret_cast<const bfloat16*>(b_panel),
+                        block, t0 > 0);
+              if (t1 == ktiles) {
+                amx_store_block(block, c, g.ldc, mr, nr, pc > 0);
+                epilogue(c, m0, j0, mr, nr);
+              }
+            }
+          }
+          continue;
+        }
+#endif
         for (index_t ip = 0; ip < mc; ip += MR) {
           const index_t m0 = i0 + ip, mr = imin(MR, mc - ip);
           T* c = g.c + m0 * g.ldc + j0;
-          const bool packed_a = p.pack_a || mr < MR, packed_b = p.pack_b || nr < NR;
-          const T* a_panel = packed_a                  ? a_pack + ip * kc / kSlot
-                             : kKind == Kind::bf16_amx ? reinterpret_cast<const T*>(g.a16 + m0 * g.a_rs + k0)
-                                                       : g.a + m0 * g.a_rs + k0;
-          const T* a_tail = !packed_a && tail_k ? a_pack + ip * kc / kSlot : nullptr;
-          const T* b_panel = packed_b ? b_slice + panel * NR * kc / kSlot : g.b + k0 * g.b_rs + j0;
+          const bool packed_a = p.pack_a || mr < MR;
+          const T* a_panel = packed_a ? a_pack + ip * kc / kSlot : g.a + m0 * g.a_rs + k0;
           const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
-          const bool accumulate = pc > 0;
-          run_kind_tile<T, MR, NR, VL, kKind>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, accumulate,
-                                              p.prefetch_c, a_tail);
-          if (pc == p.k_slices - 1 && has_epilogue) {
-            const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
-            if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
-          }
+          run_kind_tile<T, MR, NR, VL, kKind>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, pc > 0,
+                                              p.prefetch_c);
+          epilogue(c, m0, j0, mr, nr);
         }
       }
     }
@@ -1517,10 +1549,10 @@ constexpr const GemmBlocking& blocking_of() {
 #if defined(LINGRAD_AMX)
 // The AMX bfloat16 products' blocks: a 32 x 32 block of C in four tiles; KC 1024 (32 K tiles: C is
 // written once for K up to 1024, where each extra K slice reads and writes all of C again, from
-// memory at large layers); MC 256 rows (a 512 KB A block, in L2 with the B micro-panel). Tiles from
-// L3 starve the tile unit. Measured on an Intel Xeon, 2 threads, forward 4096 x 1024 x 1024: MC 64,
-// KC 512 1.0-1.2 TFLOP/s; MC 256, KC 1024 1.5-1.6; MC 128 or 512 with KC 1024, and KC 256, slower.
-constexpr GemmBlocking kAmxBlocking = {32, 32, 256, 1024, 4096, 16};
+// memory at large layers); MC kAmxRows (see there). Tiles from L3 starve the tile unit. Measured on
+// an Intel Xeon, 2 threads, forward 4096 x 1024 x 1024: MC 64, KC 512 1.0-1.2 TFLOP/s; MC 256, KC
+// 1024 1.5-1.6 (MC 128 or 512, or KC 256, slower); with K in chunks of 8 tiles, 1.9-2.1.
+constexpr GemmBlocking kAmxBlocking = {32, 32, kAmxRows, 1024, 4096, 16};
 #endif
 
 template <typename T, const GemmTable& kTable>
