@@ -202,6 +202,32 @@ def test_float32_operands_are_rounded_as_packed(isa, rng):
     np.testing.assert_array_equal(dw, ref.bf16_values(dy).T)
 
 
+def aligned_bf16(a, offset):
+    """a as a bfloat16 array whose data starts offset bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start : start + a.nbytes].view(BF16).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_amx_reads_rows_in_place_or_packed_alike(rng):
+    # AMX tiles read rows of X in place (whole cache lines apart, 64-byte aligned) or pack them
+    # (another alignment, or another stride): the same products in the same order, the same bits.
+    if "amx_bf16" not in lingrad.available_isas():
+        pytest.skip("this CPU has no AMX")
+    x, w = make(rng, ((300, 96), BF16), ((200, 96), F32))
+    padded = np.zeros((300, 100), BF16)
+    padded[:, :96] = x
+    previous = lingrad.get_isa()
+    try:
+        lingrad.set_isa("amx_bf16")
+        ys = [kernels.linear_forward(a, w) for a in (aligned_bf16(x, 0), aligned_bf16(x, 16), padded[:, :96])]
+    finally:
+        lingrad.set_isa(previous)
+    assert ys[0].tobytes() == ys[1].tobytes() == ys[2].tobytes()
+
+
 def test_empty_and_zero_k(isa):
     x = np.zeros((0, 5), BF16)
     assert kernels.linear_forward(x, np.zeros((3, 5), BF16)).shape == (0, 3)
