@@ -1034,6 +1034,7 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
     d["row_blocks"] = p.row_blocks;
     d["nc"] = p.nc;
     d["column_blocks"] = p.column_blocks;
+    d["panels_per_item"] = p.panels_per_item;
     d["slices_per_slab"] = p.slices_per_slab;
     d["slabs"] = p.slabs;
     d["last_tile"] = p.last_tile;

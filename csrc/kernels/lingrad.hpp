@@ -249,6 +249,7 @@ struct GemmPlan {
   index_t kc = 0, k_slices = 0;         // the reduction in k_slices equal slices of kc
   index_t mc = 0, row_blocks = 0;       // rows in row_blocks equal blocks of mc
   index_t nc = 0, column_blocks = 0;
+  index_t panels_per_item = 0;             // column panels in one work item (with a row block)
   index_t slices_per_slab = 0, slabs = 0;  // K slices packed between two barriers, and how many times
   int last_tile = 0;                       // width of the tile that runs the last column panel: nr, nr/2 or nr/4
   index_t scratch_bytes = 0;               // the product's scratch memory, all threads
