@@ -19,6 +19,8 @@
 //   pc  over K in KC slices           group of column panels) items; per K slice, the block of A is
 //                                     packed (per thread, stays in L2) or read in place
 //   jr, ir over NR x MR tiles       micro_kernel, then apply_epilogue on tiles whose sum is complete
+//                                   (AMX: each column panel's slice in chunks of K tiles over the
+//                                   block's row panels, C blocks kept in a buffer: see kAmxRows)
 // The pc loop is the only loop over the reduction and is never split across threads, so each
 // element of C is summed in the same order (pc ascending, k ascending within a slice) whatever
 // thread computes it; block sizes follow from the shape and the build's table, never from the
