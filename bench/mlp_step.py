@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lingrad
+from lingrad.benchmark import time_interleaved
 
 MODELS = {  # name: (batch, widths)
     "rl-policy": (64, [8, 64, 64, 2]),
@@ -89,28 +88,12 @@ def jax_step(widths, state_dict):
     return step, jnp
 
 
-def timed(fn, seconds: float) -> float:
-    """Mean microseconds per call over a batch of calls lasting about `seconds`."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    number = max(1, int(seconds / once))
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number * 1e6
-
-
 def measure(fns: dict, repeat: int, seconds: float) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        timed(fn, seconds / 4)  # warm up (and compile)
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            timed(fn, seconds / 8)  # each side runs untimed a moment first: thread pools spin between them
-            times[name].append(timed(fn, seconds))
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median microseconds per call of each step, over `repeat` rounds of batches of about `seconds`
+    timed in alternation (lingrad.benchmark.time_interleaved); each side first runs untimed for an
+    eighth of that (thread pools spin between them)."""
+    s = time_interleaved(fns, budget=0.0, min_rounds=repeat, batch=seconds, settle=seconds / 8)
+    return {name: t * 1e6 for name, t in s.items()}
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 import lingrad
 from lingrad import benchmark
+from lingrad.benchmark import time_interleaved
 
 MODELS = {  # name: (batch, widths)
     "small": (256, [784, 256, 10]),
@@ -126,27 +126,11 @@ def make_step(variant: str, base: torch.nn.Sequential, batch: int):
     return ghost_step
 
 
-def timed(fn, seconds: float) -> float:
-    """Mean milliseconds per call over a batch of calls lasting about `seconds`."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    number = max(1, int(seconds / once))
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number * 1e3
-
-
 def measure(fns: dict, repeat: int, seconds: float) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        timed(fn, seconds / 4)  # warm up
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, seconds))
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median milliseconds per call of each step, over `repeat` rounds of batches of about `seconds`
+    timed in alternation (lingrad.benchmark.time_interleaved)."""
+    s = time_interleaved(fns, budget=0.0, min_rounds=repeat, batch=seconds, settle=0.0)
+    return {name: t * 1e3 for name, t in s.items()}
 
 
 def data(batch: int, widths):
