@@ -71,37 +71,79 @@ class Scratch {
   U* ptr_;
 };
 
+// The value a packed panel holds for the source value *p: T's own, or (kWidened, for the widened form
+// of a bfloat16 product: see Kind) the bfloat16 operand it stands for, widened back to float32:
+// rounded to nearest even (a NaN stays a quiet NaN) and a denormal flushed to its signed zero, the
+// bits of bf16_to_float(bf16_operand(p)), computed without branches so that loops of it vectorise.
+template <typename T, bool kWidened, typename S>
+inline T panel_value(const S* p) {
+  if constexpr (!kWidened) {
+    return *p;
+  } else {
+    std::uint32_t u;
+    if constexpr (sizeof(S) == 2) {
+      u = static_cast<std::uint32_t>(p->bits) << 16;
+    } else {
+      __builtin_memcpy(&u, p, sizeof u);
+      const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+      u = (nan ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    }
+    u = (u & 0x7f800000u) == 0 ? u & 0x80000000u : u;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+  }
+}
+
 // Packs rows (<= R) rows of a strided rows x kc block into one k-major micro-panel:
 //   panel[k*R + r] = src[r*rs + k*cs], and zero for r >= rows, so that edge tiles run the same
-// micro-kernel. If sums is set, sums[r] += sum over k of the row (the bias gradient).
-template <typename T, int R>
-void pack_micro_panel(T* __restrict panel, const T* src, index_t rs, index_t cs, index_t rows, index_t kc, T* sums) {
+// micro-kernel. kWidened (a bfloat16 product's widened form; src float or bfloat16): the values as
+// panel_value gives them, each at slot k ^ 1 (every K pair odd k first), a missing last odd k as
+// zero: kc + (kc & 1) slots. If sums is set, sums[r] += the row's slots summed in order (the bias
+// gradient).
+template <typename T, int R, bool kWidened = false, typename S = T>
+void pack_micro_panel(T* __restrict panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, T* sums) {
+  const index_t slots = kWidened ? kc + (kc & 1) : kc;
+  auto slot = [](index_t k) { return kWidened ? k ^ 1 : k; };
   if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
     for (index_t r = 0; r < rows; ++r) {
-      const T* s = src + r * rs;
-      for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
+      const S* s = src + r * rs;
+      if constexpr (kWidened) {  // converted as vectors a chunk at a time, then spread to the slots
+        constexpr index_t kChunk = 64;
+        for (index_t k0 = 0; k0 < kc; k0 += kChunk) {
+          T values[kChunk];
+          const index_t n = imin(kChunk, kc - k0);
+          for (index_t k = 0; k < n; ++k) values[k] = panel_value<T, true>(s + k0 + k);
+          for (index_t k = 0; k < n; ++k) panel[slot(k0 + k) * R + r] = values[k];
+        }
+      } else {
+        for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
+      }
     }
   } else if (rs == 1 && rows == R) {  // rows contiguous (dY^T for dW, W and X as B): R elements per k
     for (index_t k = 0; k < kc; ++k) {
-      const T* s = src + k * cs;
-      T* p = panel + k * R;
-      for (int r = 0; r < R; ++r) p[r] = s[r];
+      const S* s = src + k * cs;
+      T* p = panel + slot(k) * R;
+      for (int r = 0; r < R; ++r) p[r] = panel_value<T, kWidened>(s + r);
     }
   } else {  // general strides
     for (index_t k = 0; k < kc; ++k) {
-      const T* s = src + k * cs;
-      T* p = panel + k * R;
-      for (index_t r = 0; r < rows; ++r) p[r] = s[r * rs];
+      const S* s = src + k * cs;
+      T* p = panel + slot(k) * R;
+      for (index_t r = 0; r < rows; ++r) p[r] = panel_value<T, kWidened>(s + r * rs);
     }
   }
+  if (slots > kc) {
+    for (index_t r = 0; r < rows; ++r) panel[slot(kc) * R + r] = T(0);
+  }
   if (rows < R) {
-    for (index_t k = 0; k < kc; ++k)
+    for (index_t k = 0; k < slots; ++k)
       for (index_t r = rows; r < R; ++r) panel[k * R + r] = T(0);
   }
   if (sums) {
     for (index_t r = 0; r < rows; ++r) {
       T s = 0;
-      for (index_t k = 0; k < kc; ++k) s += panel[k * R + r];
+      for (index_t k = 0; k < slots; ++k) s += panel[k * R + r];
       sums[r] += s;
     }
   }
@@ -422,9 +464,14 @@ inline void pair_words(std::uint32_t (&words)[R], const S* src, index_t rs, inde
 template <int R, Kind kKind, typename S>
 void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, float* sums,
                      index_t kc_padded) {
+  if constexpr (kKind == Kind::bf16_widened) {
+    (void)kc_padded;
+    pack_micro_panel<float, R, true>(panel, src, rs, cs, rows, kc, sums);
+    return;
+  }
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
 #if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
-  if constexpr (kKind != Kind::bf16_widened && R % 16 == 0) {
+  if constexpr (R % 16 == 0) {
     if (cs == 1 && rs != 1) {
       pack_pairs_transposed<R, kKind>(half, src, rs, rows, kc, kc_padded);
       if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
@@ -439,13 +486,8 @@ void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t
       static_assert(R % 16 == 0, "AMX B panels hold whole tiles of 16 columns");
       for (index_t g = 0; g < R / 16; ++g)
         __builtin_memcpy(half + (((p / 16) * (R / 16) + g) * 16 + p % 16) * 32, words + g * 16, 16 * sizeof *words);
-    } else if constexpr (kKind == Kind::bf16_pairs) {
-      __builtin_memcpy(half + p * R * 2, words, sizeof words);
     } else {
-      for (index_t r = 0; r < R; ++r) {
-        panel[(2 * p) * R + r] = bf16_to_float({static_cast<std::uint16_t>(words[r] >> 16)});  // odd k first
-        panel[(2 * p + 1) * R + r] = bf16_to_float({static_cast<std::uint16_t>(words[r] & 0xffffu)});
-      }
+      __builtin_memcpy(half + p * R * 2, words, sizeof words);
     }
   }
   if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
