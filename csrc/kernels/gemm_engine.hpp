@@ -71,28 +71,21 @@ class Scratch {
   U* ptr_;
 };
 
-// The value a packed panel holds for the source value *p: T's own, or (kWidened, for the widened form
-// of a bfloat16 product: see Kind) the bfloat16 operand it stands for, widened back to float32:
-// rounded to nearest even (a NaN stays a quiet NaN) and a denormal flushed to its signed zero, the
-// bits of bf16_to_float(bf16_operand(p)), computed without branches so that loops of it vectorise.
+// An operand value as a bfloat16 product sees it: rounded, and a denormal flushed to (signed) zero.
+inline bfloat16 flush_denormal(bfloat16 h) {
+  return {static_cast<std::uint16_t>((h.bits & 0x7f80u) == 0 ? h.bits & 0x8000u : h.bits)};
+}
+inline bfloat16 bf16_operand(const bfloat16* p) { return flush_denormal(*p); }
+inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf16(*p)); }
+
+// The value a packed micro-panel holds for the source value *p: T's own, or (kWidened: the widened
+// form of a bfloat16 product) the bfloat16 operand it stands for, widened back to float32.
 template <typename T, bool kWidened, typename S>
 inline T panel_value(const S* p) {
-  if constexpr (!kWidened) {
+  if constexpr (kWidened)
+    return bf16_to_float(bf16_operand(p));
+  else
     return *p;
-  } else {
-    std::uint32_t u;
-    if constexpr (sizeof(S) == 2) {
-      u = static_cast<std::uint32_t>(p->bits) << 16;
-    } else {
-      __builtin_memcpy(&u, p, sizeof u);
-      const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-      u = (nan ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    }
-    u = (u & 0x7f800000u) == 0 ? u & 0x80000000u : u;
-    float f;
-    __builtin_memcpy(&f, &u, sizeof f);
-    return f;
-  }
 }
 
 // Packs rows (<= R) rows of a strided rows x kc block into one k-major micro-panel:
@@ -108,17 +101,7 @@ void pack_micro_panel(T* __restrict panel, const S* src, index_t rs, index_t cs,
   if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
     for (index_t r = 0; r < rows; ++r) {
       const S* s = src + r * rs;
-      if constexpr (kWidened) {  // converted as vectors a chunk at a time, then spread to the slots
-        constexpr index_t kChunk = 64;
-        for (index_t k0 = 0; k0 < kc; k0 += kChunk) {
-          T values[kChunk];
-          const index_t n = imin(kChunk, kc - k0);
-          for (index_t k = 0; k < n; ++k) values[k] = panel_value<T, true>(s + k0 + k);
-          for (index_t k = 0; k < n; ++k) panel[slot(k0 + k) * R + r] = values[k];
-        }
-      } else {
-        for (index_t k = 0; k < kc; ++k) panel[k * R + r] = s[k];
-      }
+      for (index_t k = 0; k < kc; ++k) panel[slot(k) * R + r] = panel_value<T, kWidened>(s + k);
     }
   } else if (rs == 1 && rows == R) {  // rows contiguous (dY^T for dW, W and X as B): R elements per k
     for (index_t k = 0; k < kc; ++k) {
@@ -285,13 +268,6 @@ constexpr Kind kBf16Kind = Kind::bf16_widened;
 #endif
 // K slices of bfloat16 products are multiples of this (AMX: whole K tiles; else whole pairs).
 constexpr index_t kBf16KStep = kBf16Kind == Kind::bf16_amx ? 32 : 2;
-
-// An operand value as a bfloat16 product sees it: rounded, and a denormal flushed to (signed) zero.
-inline bfloat16 flush_denormal(bfloat16 h) {
-  return {static_cast<std::uint16_t>((h.bits & 0x7f80u) == 0 ? h.bits & 0x8000u : h.bits)};
-}
-inline bfloat16 bf16_operand(const bfloat16* p) { return flush_denormal(*p); }
-inline bfloat16 bf16_operand(const float* p) { return flush_denormal(float_to_bf16(*p)); }
 
 // The sum of a row's kc values (k stride cs) as a bfloat16 product sees them, from the source, in the
 // widened order (each pair's odd k first): the bias gradient, the same bits on every path.
