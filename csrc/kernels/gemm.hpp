@@ -44,6 +44,8 @@ struct GemmArgs {
   index_t b_rs = 0, b_cs = 0;  // B[k, n] = b[k*b_rs + n*b_cs]
   T* c = nullptr;
   index_t ldc = 0;  // C[m, n] = c[m*ldc + n], never read before written
+  // (c may be null in a bfloat16 product whose result is epilogue.out16 alone: the engine then keeps
+  // the float32 sums where it needs them, with rows n apart; ldc unused.)
   Epilogue<T> epilogue;
   T* a_row_sums = nullptr;  // (M): if set, receives sum_k A[m, k] (computed while packing A)
   // (K): if set, A[m, k] is read as A[m, k] * a_col_scale[k], rounded once, as A is packed (and so

@@ -594,19 +594,22 @@ void amx_tiles(index_t t0, index_t t1, index_t ktiles, const bfloat16* a, index_
 }
 
 // C[0:mr, 0:nr] = (or +=) a finished 32 x 32 block, by vectors: tile stores straight to C's rows
-// (4 KB apart for 1024 outputs) cost more than the products.
-void amx_store_block(const float* block, float* c, index_t ldc, index_t mr, index_t nr, bool accumulate) {
+// (4 KB apart for 1024 outputs) cost more than the products. With into_block, the other way: the
+// block += C's partial sums of the earlier K slices (for the epilogue to run on the block, in L1).
+void amx_store_block(float* block, float* c, index_t ldc, index_t mr, index_t nr, bool accumulate,
+                     bool into_block = false) {
   if (mr == 32 && nr == 32) {
     for (index_t i = 0; i < 32; ++i)
       for (index_t v = 0; v < 32; v += 16) {
         __m512 sum = _mm512_load_ps(block + i * 32 + v);
         if (accumulate) sum = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + v), sum);
-        _mm512_storeu_ps(c + i * ldc + v, sum);
+        _mm512_storeu_ps(into_block ? block + i * 32 + v : c + i * ldc + v, sum);
       }
   } else {
     for (index_t i = 0; i < mr; ++i)
       for (index_t j = 0; j < nr; ++j)
-        c[i * ldc + j] = accumulate ? c[i * ldc + j] + block[i * 32 + j] : block[i * 32 + j];
+        (into_block ? block[i * 32 + j] : c[i * ldc + j]) = accumulate ? c[i * ldc + j] + block[i * 32 + j]
+                                                                       : block[i * 32 + j];
   }
 }
 
@@ -762,9 +765,14 @@ void with_activation(Activation a, F&& f) {
 
 // The epilogue on a finished mr x nr tile of C at (m0, n0), rows ldc apart: see Epilogue in
 // gemm.hpp. Returns the tile's sum of squared residuals (0 without a target).
+// The squared residuals are summed in kLossLanes lanes (column j of the tile into lane j % kLossLanes,
+// row after row), then the lanes in order: a fixed order for every build, and loops that vectorise
+// (a single double sum is a chain of dependent adds: 4 cycles an element).
+constexpr int kLossLanes = 16;
+
 template <typename T>
 double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr, index_t nr) {
-  double squares = 0;
+  double lanes[kLossLanes] = {};
   const T slope = e.slope;
   for (index_t i = 0; i < mr; ++i) {
     T* ci = c + i * ldc;
@@ -780,12 +788,17 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
       const T* t = e.target + (m0 + i) * e.target_rs + n0 * e.target_cs;
       with_activation(e.act, [&](auto act) {
         constexpr Activation A = decltype(act)::value;
-        for (index_t j = 0; j < nr; ++j) {
+        auto residual = [&](index_t j, int lane) {  // ci[j] becomes dY; lane += r^2
           const T z = ci[j];
           const T r = activate<A>(z, slope) - t[j * e.target_cs];
-          squares += static_cast<double>(r) * static_cast<double>(r);
+          lanes[lane] += static_cast<double>(r) * static_cast<double>(r);
           ci[j] = A == Activation::identity ? e.grad_scale * r : e.grad_scale * r * activation_grad_at_pre<A>(z, slope);
-        }
+        };
+        index_t j = 0;
+        for (; j + kLossLanes <= nr; j += kLossLanes)
+#pragma omp simd
+          for (int lane = 0; lane < kLossLanes; ++lane) residual(j + lane, lane);
+        for (int lane = 0; j < nr; ++j, ++lane) residual(j, lane);
       });
     } else if (e.act != Activation::identity) {
       with_activation(e.act, [&](auto act) {
@@ -809,9 +822,12 @@ double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index
     }
     if (e.out16) {
       bfloat16* out = e.out16 + (m0 + i) * e.out16_ld + n0;
+#pragma omp simd
       for (index_t j = 0; j < nr; ++j) out[j] = float_to_bf16(static_cast<float>(ci[j]));
     }
   }
+  double squares = 0;
+  for (const double lane : lanes) squares += lane;
   return squares;
 }
 
@@ -1453,9 +1469,10 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
         }
       const T* b_slice = b_pack + (pc - pc0) * slice;
       const index_t p_end = imin(n_panels, part_end * p.panels_per_item);
-      auto epilogue = [&](T* c, index_t m0, index_t j0, index_t mr, index_t nr) {
-        if (pc == p.k_slices - 1 && has_epilogue) {
-          const double squares = apply_epilogue(g.epilogue, c, g.ldc, m0, j0, mr, nr);
+      const bool last_slice = pc == p.k_slices - 1;
+      auto epilogue = [&](T* c, index_t ldc, index_t m0, index_t j0, index_t mr, index_t nr) {
+        if (last_slice && has_epilogue) {
+          const double squares = apply_epilogue(g.epilogue, c, ldc, m0, j0, mr, nr);
           if (g.epilogue.loss) tile_squares[(m0 / MR) * tiles_n + j0 / NR] = squares;
         }
       };
@@ -1480,13 +1497,16 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
               const bfloat16* a_tail =
                   !packed_a && tail_k ? reinterpret_cast<const bfloat16*>(a_pack + ip * kc / kSlot) : nullptr;
               float* block = blocks[ktiles > kAmxChunk ? ip / MR : 0];
-              T* c = g.c + m0 * g.ldc + j0;
-              if (t1 == ktiles) prefetch_tile(c, g.ldc, mr, nr);  // (C's rows arrive while the tiles work)
+              T* c = g.c ? g.c + m0 * g.ldc + j0 : nullptr;  // (null: a bfloat16 result alone, one K slice)
+              if (t1 == ktiles && c) prefetch_tile(c, g.ldc, mr, nr);  // (C's rows arrive while the tiles work)
               amx_tiles(t0, t1, ktiles, a, packed_a ? 0 : g.a_rs, a_tail, reinterpret_cast<const bfloat16*>(b_panel),
                         block, t0 > 0);
-              if (t1 == ktiles) {
+              if (t1 == ktiles && last_slice && has_epilogue) {  // the epilogue on the finished block, in L1
+                if (pc > 0) amx_store_block(block, c, g.ldc, mr, nr, true, /*into_block=*/true);
+                epilogue(block, 32, m0, j0, mr, nr);
+                if (c) amx_store_block(block, c, g.ldc, mr, nr, false);
+              } else if (t1 == ktiles) {
                 amx_store_block(block, c, g.ldc, mr, nr, pc > 0);
-                epilogue(c, m0, j0, mr, nr);
               }
             }
           }
@@ -1501,7 +1521,7 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
           const index_t a_rs = packed_a ? 0 : g.a_rs, b_rs = packed_b ? NR : g.b_rs;
           run_kind_tile<T, MR, NR, VL, kKind>(packed_a, kc, a_panel, a_rs, b_panel, b_rs, c, g.ldc, mr, nr, pc > 0,
                                               p.prefetch_c);
-          epilogue(c, m0, j0, mr, nr);
+          epilogue(c, g.ldc, m0, j0, mr, nr);
         }
       }
     }
@@ -1510,7 +1530,18 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
 
 // The packed path: the jc and slab loops around stages 1 and 2, on the plan's team.
 template <typename T, int MR, int NR, int VL, Kind kKind>
-void gemm_packed(const GemmArgs<T>& g, const GemmPlan& p, index_t NC) {
+void gemm_packed(const GemmArgs<T>& args, const GemmPlan& p, index_t NC) {
+  // A bfloat16 result alone (args.c null): the float32 sums are kept in an M x N scratch where the
+  // kernel needs them in memory (the partial sums of several K slices, or the tiles that a
+  // micro-kernel stores before the epilogue rounds them); the AMX kernel rounds each finished block
+  // straight from L1 when K is one slice.
+  const bool keep_sums = !args.c && !(kKind == Kind::bf16_amx && p.k_slices == 1);
+  Scratch<T> sums(keep_sums ? args.m * args.n : 1);
+  GemmArgs<T> g = args;
+  if (keep_sums) {
+    g.c = sums.get();
+    g.ldc = g.n;
+  }
   const index_t N = g.n;
   const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;  // elements of one packed K slice
   const index_t b_slab = p.slices_per_slab * slice;

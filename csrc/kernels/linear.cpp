@@ -68,18 +68,17 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
 
 // ---------------------------------------------------------------------------------------------
 // bfloat16 products: the float32 engine with GemmArgs::bf16 set, each operand read as float32 or
-// bfloat16 (see gemm.hpp); a bfloat16 result is rounded in the epilogue, from float32 sums kept in
-// a scratch buffer of the call's own.
+// bfloat16 (see gemm.hpp); a bfloat16 result is rounded in the epilogue, from float32 sums that the
+// engine keeps where it needs them (GemmArgs::c null).
 
 namespace {
 
 MatrixView<float> float_view(const Bf16Matrix& m) { return {m.f32, m.rows, m.cols, m.rs, m.cs}; }
 
-// The product A B of two bfloat16-product operands into C (a.rows x b.cols): out.f32, or a scratch
-// whose tiles the epilogue rounds into out.bf16.
+// The product A B of two bfloat16-product operands into C (a.rows x b.cols): out.f32, or out.bf16
+// rounded by the epilogue.
 struct Bf16Product {
   GemmArgs<float> g;
-  std::unique_ptr<float[]> scratch;
 
   Bf16Product(const Bf16Matrix& a, const Bf16Matrix& b, Bf16Output out) {
     g = product_args(float_view(a), float_view(b), out.f32);
@@ -87,9 +86,6 @@ struct Bf16Product {
     g.a16 = a.bf16;
     g.b16 = b.bf16;
     if (!out.f32) {
-      const index_t size = a.rows * b.cols;
-      scratch.reset(new float[size > 0 ? size : 1]);
-      g.c = scratch.get();
       g.epilogue.out16 = out.bf16;
       g.epilogue.out16_ld = b.cols;
     }

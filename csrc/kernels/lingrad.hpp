@@ -84,11 +84,12 @@ static inline float bf16_to_float(bfloat16 h) {
   __builtin_memcpy(&f, &u, sizeof f);
   return f;
 }
-static inline bfloat16 float_to_bf16(float f) {  // round to nearest even; NaN stays a (quiet) NaN
+// Round to nearest even; a NaN stays a (quiet) NaN. Branch-free, so that loops of it vectorise.
+static inline bfloat16 float_to_bf16(float f) {
   std::uint32_t u;
   __builtin_memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<std::uint16_t>((u >> 16) | 0x40u)};
-  return {static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return {static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 // An operand of a bfloat16 product: bfloat16 values, or float32 values rounded to bfloat16 as the
