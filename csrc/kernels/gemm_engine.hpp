@@ -608,8 +608,8 @@ void amx_store_block(float* block, float* c, index_t ldc, index_t mr, index_t nr
   } else {
     for (index_t i = 0; i < mr; ++i)
       for (index_t j = 0; j < nr; ++j)
-        (into_block ? block[i * 32 + j] : c[i * ldc + j]) = accumulate ? c[i * ldc + j] + block[i * 32 + j]
-                                                                       : block[i * 32 + j];
+        (into_block ? block[i * 32 + j] : c[i * ldc + j]) =
+            accumulate ? c[i * ldc + j] + block[i * 32 + j] : block[i * 32 + j];
   }
 }
 
@@ -1497,7 +1497,7 @@ void macro_kernel(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t n
               const bfloat16* a_tail =
                   !packed_a && tail_k ? reinterpret_cast<const bfloat16*>(a_pack + ip * kc / kSlot) : nullptr;
               float* block = blocks[ktiles > kAmxChunk ? ip / MR : 0];
-              T* c = g.c ? g.c + m0 * g.ldc + j0 : nullptr;  // (null: a bfloat16 result alone, one K slice)
+              T* c = g.c ? g.c + m0 * g.ldc + j0 : nullptr;            // (null: a bfloat16 result alone, one K slice)
               if (t1 == ktiles && c) prefetch_tile(c, g.ldc, mr, nr);  // (C's rows arrive while the tiles work)
               amx_tiles(t0, t1, ktiles, a, packed_a ? 0 : g.a_rs, a_tail, reinterpret_cast<const bfloat16*>(b_panel),
                         block, t0 > 0);
