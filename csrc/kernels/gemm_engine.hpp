@@ -1413,6 +1413,33 @@ template <typename T, int NR, Kind kKind>
 void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc, index_t pc0, index_t pc1, T* b_pack,
                  index_t slice) {
   const index_t n_panels = ceil_div(nc, NR);
+  if constexpr (kKind == Kind::bf16_pairs || kKind == Kind::bf16_amx) {
+    if (g.b_cs == 1) {
+      // K pairs of rows of B (X for dW, W for dX): each thread takes a contiguous range of panels and
+      // packs them 32 k at a time, all of its panels for each 32 k, so that it reads B's rows in
+      // order, as the hardware prefetchers follow, rather than a 64-byte strip of KC rows per panel
+      // (rows 1568 bytes apart for 784 inputs). 32 k of a panel are 16 NR floats of it (16 pairs).
+#if defined(_OPENMP)
+      const index_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+      const index_t thread = 0, team = 1;
+#endif
+      const index_t first = n_panels * thread / team, last = n_panels * (thread + 1) / team;
+      for (index_t pc = pc0; pc < pc1; ++pc) {
+        const index_t k0 = pc * p.kc, kc = imin(p.kc, g.k - k0);
+        for (index_t k = 0; k < kc; k += 32)
+          for (index_t panel = first; panel < last; ++panel)
+            if (p.pack_b || nc - panel * NR < NR)
+              pack_operand_panel<T, NR, kKind>(b_pack + (pc - pc0) * slice + panel * NR * padded_k<kKind>(kc) / 2 +
+                                                   k / 32 * 16 * NR,
+                                               g.b, g.b16, (k0 + k) * g.b_rs + (jc + panel * NR), 1, g.b_rs,
+                                               imin(NR, nc - panel * NR), imin(32, kc - k), nullptr,
+                                               padded_k<kKind>(imin(32, kc - k)));
+      }
+#pragma omp barrier
+      return;
+    }
+  }
 #pragma omp for schedule(static)
   for (index_t job = 0; job < (pc1 - pc0) * n_panels; ++job) {
     const index_t pc = pc0 + job / n_panels, panel = job % n_panels;
