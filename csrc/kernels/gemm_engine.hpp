@@ -1430,11 +1430,10 @@ void pack_b_slab(const GemmArgs<T>& g, const GemmPlan& p, index_t jc, index_t nc
         for (index_t k = 0; k < kc; k += 32)
           for (index_t panel = first; panel < last; ++panel)
             if (p.pack_b || nc - panel * NR < NR)
-              pack_operand_panel<T, NR, kKind>(b_pack + (pc - pc0) * slice + panel * NR * padded_k<kKind>(kc) / 2 +
-                                                   k / 32 * 16 * NR,
-                                               g.b, g.b16, (k0 + k) * g.b_rs + (jc + panel * NR), 1, g.b_rs,
-                                               imin(NR, nc - panel * NR), imin(32, kc - k), nullptr,
-                                               padded_k<kKind>(imin(32, kc - k)));
+              pack_operand_panel<T, NR, kKind>(
+                  b_pack + (pc - pc0) * slice + panel * NR * padded_k<kKind>(kc) / 2 + k / 32 * 16 * NR, g.b, g.b16,
+                  (k0 + k) * g.b_rs + (jc + panel * NR), 1, g.b_rs, imin(NR, nc - panel * NR), imin(32, kc - k),
+                  nullptr, padded_k<kKind>(imin(32, kc - k)));
       }
 #pragma omp barrier
       return;
