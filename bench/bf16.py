@@ -3,11 +3,14 @@ against PyTorch's autocast (oneDNN), timed interleaved in one process (medians).
 
     python bench/bf16.py                 # both tables
     python bench/bf16.py --lock FILE     # hold an exclusive flock on FILE while timing (shared machines)
+    python bench/bf16.py --only products --widened avx2   # the widened path as an AVX2-only CPU runs it
 
 Products (NumPy level, bfloat16 x and weight, float32 results): on every bfloat16 path this CPU has
 (amx_bf16: AMX tiles; avx512_bf16: vdpbf16ps; the widened float32 micro-kernel), each as a ratio to
 lingrad's float32 product and as a fraction of the peaks measured here (float32 FMA, and the
-path's own bfloat16 instructions).
+path's own bfloat16 instructions). The widened path, which a CPU without bfloat16 instructions
+runs, is also set against what a user would do there instead: widen the bfloat16 operands to
+float32 (exactly, by a shift of their bits) and run lingrad's float32 product.
 
 Steps: nn.Linear + F.mse_loss + backward under torch.autocast("cpu", dtype=torch.bfloat16), against
 the same with lingrad.Linear (drop-in) and with lingrad.LinearMSELoss (fused), float32 parameters.
@@ -54,19 +57,30 @@ def locked(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def widen(a: np.ndarray) -> np.ndarray:
+    """A bfloat16 array as float32, exactly: its bits shifted into the high half (NumPy, no ml_dtypes loop)."""
+    return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def product_cases(x, w, dy, xb, wb, dyb) -> dict:
-    """Each product as (float32 call, bfloat16 call with a float32 result)."""
+    """Each product as (float32 call, bfloat16 call with a float32 result, widen to float32 then the float32 call)."""
     y32 = np.empty((x.shape[0], w.shape[0]), np.float32)
     dx32, dw32 = np.empty(x.shape, np.float32), np.empty(w.shape, np.float32)
     return {
-        "forward": (lambda: kernels.linear_forward(x, w), lambda: kernels.linear_forward(xb, wb, out=y32)),
+        "forward": (
+            lambda: kernels.linear_forward(x, w),
+            lambda: kernels.linear_forward(xb, wb, out=y32),
+            lambda: kernels.linear_forward(widen(xb), widen(wb), out=y32),
+        ),
         "grad input": (
             lambda: kernels.linear_backward_input(dy, w),
             lambda: kernels.linear_backward_input(dyb, wb, out=dx32),
+            lambda: kernels.linear_backward_input(widen(dyb), widen(wb), out=dx32),
         ),
         "grad weight": (
             lambda: kernels.linear_backward_weight(dy, x),
             lambda: kernels.linear_backward_weight(dyb, xb, out=dw32),
+            lambda: kernels.linear_backward_weight(widen(dyb), widen(xb), out=dw32),
         ),
     }
 
@@ -83,13 +97,13 @@ def autocast_step(model, x, t, fused: bool):
     return run
 
 
-def products(budget: float, lock: str | None) -> None:
+def products(budget: float, lock: str | None, widened: str | None) -> None:
     import ml_dtypes
 
     bf16 = ml_dtypes.bfloat16
     default = lingrad.get_isa()
     isas = [i for i in lingrad.available_isas() if i in ("amx_bf16", "avx512_bf16")]
-    widened = next(i for i in lingrad.available_isas() if PATHS[i] == "widened")
+    widened = widened or next(i for i in lingrad.available_isas() if PATHS[i] == "widened")
     with locked(lock):
         fma = _C.measure_fma_peak(lingrad.get_num_threads(), 0.5)
         peaks = {}
@@ -100,8 +114,12 @@ def products(budget: float, lock: str | None) -> None:
     print(f"\nCPU: {cpu_name()}; lingrad {lingrad.__version__}, {lingrad.get_num_threads()} threads")
     print(f"peaks: float32 FMA {fma:.0f} GFLOP/s; " + "; ".join(f"{PATHS[i]} {p:.0f}" for i, p in peaks.items()))
     columns = [*isas, widened]
-    print("\n| product | B, in, out | float32 GF/s | " + " | ".join(f"{PATHS[i]} ({i})" for i in columns) + " |")
-    print("| --- | --- | ---: | " + " | ".join("---:" for _ in [*isas, widened]) + " |")
+    print(
+        "\n| product | B, in, out | float32 GF/s | "
+        + " | ".join(f"{PATHS[i]} ({i})" for i in columns)
+        + f" | widen, then float32 ({widened}) |"
+    )
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: |")
     for shape in PRODUCT_SHAPES:
         batch, n_in, n_out = shape
         rng = np.random.default_rng(0)
@@ -109,23 +127,32 @@ def products(budget: float, lock: str | None) -> None:
         xb, wb, dyb = x.astype(bf16), w.astype(bf16), dy.astype(bf16)
         flops = 2.0 * batch * n_in * n_out
         cases = product_cases(x, w, dy, xb, wb, dyb)
-        for name, (f32, b16) in cases.items():
+        for name, (f32, b16, widen_then_f32) in cases.items():
             seconds = {}
             with locked(lock):
                 lingrad.set_isa(widened)
                 seconds["float32"] = time_interleaved({"f": f32}, budget / 4)["f"]
-                for isa in [*isas, widened]:
+                for isa in isas:
                     lingrad.set_isa(isa)
                     seconds[isa] = time_interleaved({"b": b16}, budget / 4)["b"]
+                lingrad.set_isa(widened)  # (the two a CPU without bfloat16 instructions chooses between)
+                both = time_interleaved({"b": b16, "w": widen_then_f32}, budget / 2)
+                seconds[widened], seconds["widen"] = both["b"], both["w"]
                 lingrad.set_isa(default)
             cells = []
-            for isa in [*isas, widened]:
+            for isa in columns:
                 gf = flops / seconds[isa] * 1e-9
                 own = f", {gf / peaks[isa]:.0%} of its peak" if isa in peaks else ""
                 ratio = seconds["float32"] / seconds[isa]
-                cells.append(f"{gf:.0f} GF/s: {ratio:.2f}x float32, {gf / fma:.0%} FMA{own}")
+                vs_widen = f", {seconds['widen'] / seconds[isa]:.2f}x widen+float32" if isa == widened else ""
+                cells.append(f"{gf:.0f} GF/s: {ratio:.2f}x float32{vs_widen}, {gf / fma:.0%} FMA{own}")
             f32_gf = flops / seconds["float32"] * 1e-9
-            print(f"| {name} | {batch}, {n_in}, {n_out} | {f32_gf:.0f} | " + " | ".join(cells) + " |")
+            widen_gf = flops / seconds["widen"] * 1e-9
+            print(
+                f"| {name} | {batch}, {n_in}, {n_out} | {f32_gf:.0f} | "
+                + " | ".join(cells)
+                + f" | {widen_gf:.0f} GF/s |"
+            )
 
 
 def steps(budget: float, lock: str | None) -> None:
@@ -165,9 +192,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per comparison")
     parser.add_argument("--lock", help="hold an exclusive flock on this file while timing")
     parser.add_argument("--only", choices=["products", "steps"])
+    parser.add_argument(
+        "--widened", choices=["avx512", "avx2", "generic"], help="the widened path's ISA (default: the best)"
+    )
     args = parser.parse_args()
     if args.only != "steps":
-        products(args.budget, args.lock)
+        products(args.budget, args.lock, args.widened)
     if args.only != "products":
         steps(args.budget, args.lock)
 
