@@ -355,27 +355,33 @@ inline void transpose_words(__m512i (&v)[16]) {
     v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
   }
 }
-// pack_bf16_panel's pairs and AMX forms from rows with unit k stride (W^T in the forward pass): 16
-// rows x 16 K pairs at a time, read as vectors and transposed in registers (the words pair_words
-// would give, 4 to 8 times faster than gathering them).
+// pack_bf16_panel's pairs and AMX forms from rows with unit k stride (W^T in the forward pass, and
+// X there as the pairs kernel's A): 16 rows x 16 K pairs at a time, read as vectors and transposed in
+// registers (the words pair_words would give, 4 to 8 times faster than gathering them). A panel of 8
+// rows (the pairs kernel's A) transposes 8 rows and 8 zero rows, and keeps the low half.
 template <int R, Kind kKind, typename S>
 void pack_pairs_transposed(bfloat16* half, const S* src, index_t rs, index_t rows, index_t kc, index_t kc_padded) {
-  static_assert(R % 16 == 0, "whole groups of 16 rows");
+  static_assert(R % 16 == 0 || (R == 8 && kKind == Kind::bf16_pairs), "whole groups of 16 rows, or 8 for pairs");
+  constexpr index_t kGroups = R < 16 ? 1 : R / 16;
   std::uint32_t* const out = reinterpret_cast<std::uint32_t*>(half);
   const index_t pairs = ceil_div(kc_padded, 2);
   for (index_t p0 = 0; p0 < pairs; p0 += 16) {
-    for (index_t g = 0; g < R / 16; ++g) {
+    for (index_t g = 0; g < kGroups; ++g) {
       __m512i v[16];
       for (index_t i = 0; i < 16; ++i) {
         const index_t r = g * 16 + i;
-        v[i] = r < rows && 2 * p0 < kc ? operand_words(src + r * rs + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
+        v[i] = r < rows && i < R && 2 * p0 < kc ? operand_words(src + r * rs + 2 * p0, kc - 2 * p0)
+                                                : _mm512_setzero_si512();
       }
       transpose_words(v);  // v[j]: pair p0 + j of the 16 rows
       for (index_t j = 0; j < 16 && p0 + j < pairs; ++j) {
         const index_t p = p0 + j;
         std::uint32_t* to =
             kKind == Kind::bf16_amx ? out + (((p / 16) * (R / 16) + g) * 16 + p % 16) * 16 : out + p * R + g * 16;
-        _mm512_storeu_si512(to, v[j]);
+        if constexpr (R < 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_castsi512_si256(v[j]));
+        else
+          _mm512_storeu_si512(to, v[j]);
       }
     }
   }
@@ -447,7 +453,7 @@ void pack_bf16_panel(float* panel, const S* src, index_t rs, index_t cs, index_t
   }
   bfloat16* const half = reinterpret_cast<bfloat16*>(panel);
 #if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
-  if constexpr (R % 16 == 0) {
+  if constexpr (R % 16 == 0 || (R == 8 && kKind == Kind::bf16_pairs)) {
     if (cs == 1 && rs != 1) {
       pack_pairs_transposed<R, kKind>(half, src, rs, rows, kc, kc_padded);
       if (sums) add_bf16_row_sums<R>(sums, src, rs, cs, rows, kc);
