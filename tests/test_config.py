@@ -2,6 +2,8 @@ import io
 
 import lingrad
 
+from helpers import run_python
+
 
 def test_config_describes_build_and_choices():
     info = lingrad.config()
@@ -19,3 +21,27 @@ def test_config_describes_build_and_choices():
 def test_isa_can_be_forced(isa):
     assert lingrad.get_isa() == isa
     assert lingrad.config()["isa"] == isa
+
+
+def test_import_leaves_ml_dtypes_until_bfloat16_is_used():
+    """`import lingrad`, config() and float32 calls do not import ml_dtypes (half a second); the first
+    bfloat16 array does, and config() says whether it can."""
+    code = """
+        import sys
+        import numpy as np
+        import lingrad
+        from lingrad import kernels
+        info = lingrad.config()
+        kernels.linear_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32))
+        assert "ml_dtypes" not in sys.modules, "imported too early"
+        try:
+            import ml_dtypes
+        except ImportError:
+            assert not info["bf16_numpy"]
+        else:
+            assert info["bf16_numpy"]
+            y = kernels.linear_forward(np.ones((2, 3), ml_dtypes.bfloat16), np.ones((4, 3), ml_dtypes.bfloat16))
+            assert y.dtype == ml_dtypes.bfloat16 and (y.astype(np.float32) == 3).all()
+        print("ok")
+    """
+    assert run_python(code, timeout=120).stdout.strip() == "ok"

@@ -71,6 +71,19 @@ py::object bf16_dtype() {
   return dtype;
 }
 
+// Whether ml_dtypes is there, without importing it (its import takes about half a second, which
+// `import lingrad` and build_info() should not cost a user who never asks for bfloat16).
+bool bf16_offered() {
+  static const bool found = [] {
+    try {
+      return !py::module_::import("importlib.util").attr("find_spec")("ml_dtypes").is_none();
+    } catch (py::error_already_set&) {  // (ml_dtypes in sys.modules without a spec: ask it)
+      return !bf16_dtype().is_none();
+    }
+  }();
+  return found;
+}
+
 bool is_bf16(const py::dtype& dt) { return dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bf16_dtype()); }
 
 // DLPack (the unversioned ABI that torch.utils.dlpack.to_dlpack exports, as a capsule named
@@ -993,7 +1006,7 @@ py::dict build_info() {
   info["gemm_small_m"] = lingrad::gemm_small_m();
   info["gemm_small_min_k"] = lingrad::gemm_small_min_k();
   info["bf16_kernel"] = lingrad::bf16_kernel();
-  info["bf16_numpy"] = !bf16_dtype().is_none();  // ml_dtypes importable: bfloat16 arrays are accepted
+  info["bf16_numpy"] = bf16_offered();  // ml_dtypes installed: bfloat16 arrays are accepted
   info["num_threads"] = lingrad::get_num_threads();
   return info;
 }
