@@ -202,6 +202,30 @@ def test_float32_operands_are_rounded_as_packed(isa, rng):
     np.testing.assert_array_equal(dw, ref.bf16_values(dy).T)
 
 
+def float_to_bf16_bits(a):
+    """float32 values rounded to bfloat16 bits as lingrad rounds a result: to nearest even (denormals
+    too), a NaN made quiet."""
+    u = a.view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def test_bfloat16_results_are_the_float32_results_rounded(isa, rng):
+    # The same product with a float32 and a bfloat16 result: the second is the first rounded, bit for
+    # bit, whatever the values. Rows with x = 0 give y = bias: denormals, ties, carries, infinities
+    # and NaNs reach the rounding (among groups of 32 columns with and without them, and a tail).
+    batch, n_in, n_out = 40, 37, 77
+    x, w = make(rng, ((batch, n_in), BF16), ((n_out, n_in), BF16))
+    x[::3] = 0
+    bias = special_floats(rng, (n_out,))
+    bias[[5, 40]] = np.inf, np.nan
+    bias[64:77] = np.array([0x00400001, 0x00000003] * 6 + [0x80012345], np.uint32).view(np.float32)  # denormals
+    y32 = kernels.linear_forward(x, w, bias, out=np.empty((batch, n_out), np.float32))
+    y16 = kernels.linear_forward(x, w, bias, out=np.empty((batch, n_out), BF16))
+    np.testing.assert_array_equal(y16.view(np.uint16), float_to_bf16_bits(y32))
+    assert (y32[::3] == bias)[:, np.isfinite(bias)].all()  # (x = 0: the bias itself was rounded)
+
+
 def aligned_bf16(a, offset):
     """a as a bfloat16 array whose data starts offset bytes past a 64-byte boundary."""
     raw = np.empty(a.nbytes + 128, np.uint8)
