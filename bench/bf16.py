@@ -1,7 +1,7 @@
 """bfloat16: lingrad's bfloat16 products against its own float32 ones, and autocast training steps
 against PyTorch's autocast (oneDNN), timed interleaved in one process (medians).
 
-    python bench/bf16.py                 # both tables
+    python bench/bf16.py                 # all three tables (--only products, pytorch or steps: one)
     python bench/bf16.py --lock FILE     # hold an exclusive flock on FILE while timing (shared machines)
     python bench/bf16.py --only products --widened avx2   # the widened path as an AVX2-only CPU runs it
 
@@ -155,6 +155,51 @@ def products(budget: float, lock: str | None, widened: str | None) -> None:
             )
 
 
+def pytorch_cases(x, w, dy, y, dx, dw) -> dict:
+    """Each product of bfloat16 tensors as (PyTorch's matmul, lingrad's kernel through DLPack, as
+    lingrad's PyTorch layer calls it), both into the same bfloat16 result tensors."""
+    from lingrad._ops import _array  # (a DLPack capsule of the tensor, used once)
+
+    return {
+        "forward": (
+            lambda: torch.mm(x, w.t(), out=y),
+            lambda: kernels.linear_forward(_array(x), _array(w), out=_array(y)),
+        ),
+        "grad input": (
+            lambda: torch.mm(dy, w, out=dx),
+            lambda: kernels.linear_backward_input(_array(dy), _array(w), out=_array(dx)),
+        ),
+        "grad weight": (
+            lambda: torch.mm(dy.t(), x, out=dw),
+            lambda: kernels.linear_backward_weight(_array(dy), _array(x), out=_array(dw)),
+        ),
+    }
+
+
+def against_pytorch(budget: float, lock: str | None) -> None:
+    """Each product on bfloat16 operands with a bfloat16 result, lingrad's against PyTorch's matmul
+    (oneDNN: its AMX or AVX512-BF16 kernels where the CPU has them), interleaved."""
+    peak = _C.measure_bf16_peak(lingrad.get_num_threads(), 0.5)
+    print(f"\nbfloat16 products against PyTorch's matmul (bfloat16 results), lingrad on {lingrad.get_isa()}")
+    print(f"(GFLOP/s, and the share of the {lingrad.config()['bf16_kernel']} probe's {peak:.0f} GFLOP/s)")
+    print("\n| product | B, in, out | PyTorch | lingrad | lingrad vs PyTorch |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for batch, n_in, n_out in PRODUCT_SHAPES + [(5000, 784, 50)]:
+        torch.manual_seed(0)
+        x, w, dy = (torch.randn(s).bfloat16() for s in [(batch, n_in), (n_out, n_in), (batch, n_out)])
+        y, dx, dw = (torch.empty(s, dtype=torch.bfloat16) for s in [(batch, n_out), (batch, n_in), (n_out, n_in)])
+        cases = pytorch_cases(x, w, dy, y, dx, dw)
+        flops = 2.0 * batch * n_in * n_out
+        for name, (theirs, ours) in cases.items():
+            with locked(lock):
+                s = time_interleaved({"torch": theirs, "lingrad": ours}, budget / 2)
+            gf = {k: flops / v * 1e-9 for k, v in s.items()}
+            print(
+                f"| {name} | {batch}, {n_in}, {n_out} | {gf['torch']:.0f} ({gf['torch'] / peak:.0%}) | "
+                f"{gf['lingrad']:.0f} ({gf['lingrad'] / peak:.0%}) | {s['torch'] / s['lingrad']:.2f}x |"
+            )
+
+
 def steps(budget: float, lock: str | None) -> None:
     print(
         f"\nautocast bfloat16 training step (float32 parameters), torch {torch.__version__} "
@@ -191,14 +236,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per comparison")
     parser.add_argument("--lock", help="hold an exclusive flock on this file while timing")
-    parser.add_argument("--only", choices=["products", "steps"])
+    parser.add_argument("--only", choices=["products", "pytorch", "steps"])
     parser.add_argument(
         "--widened", choices=["avx512", "avx2", "generic"], help="the widened path's ISA (default: the best)"
     )
     args = parser.parse_args()
-    if args.only != "steps":
+    if args.only in (None, "products"):
         products(args.budget, args.lock, args.widened)
-    if args.only != "products":
+    if args.only in (None, "pytorch"):
+        against_pytorch(args.budget, args.lock)
+    if args.only in (None, "steps"):
         steps(args.budget, args.lock)
 
 
