@@ -769,13 +769,13 @@ void with_activation(Activation a, F&& f) {
   }
 }
 
-// The epilogue on a finished mr x nr tile of C at (m0, n0), rows ldc apart: see Epilogue in
-// gemm.hpp. Returns the tile's sum of squared residuals (0 without a target).
 // The squared residuals are summed in kLossLanes lanes (column j of the tile into lane j % kLossLanes,
 // row after row), then the lanes in order: a fixed order for every build, and loops that vectorise
 // (a single double sum is a chain of dependent adds: 4 cycles an element).
 constexpr int kLossLanes = 16;
 
+// The epilogue on a finished mr x nr tile of C at (m0, n0), rows ldc apart: see Epilogue in
+// gemm.hpp. Returns the tile's sum of squared residuals (0 without a target).
 template <typename T>
 double apply_epilogue(const Epilogue<T>& e, T* c, index_t ldc, index_t m0, index_t n0, index_t mr, index_t nr) {
   double lanes[kLossLanes] = {};
