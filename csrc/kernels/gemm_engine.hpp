@@ -36,7 +36,7 @@
 #include <type_traits>
 
 #include "gemm.hpp"
-#if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
+#if defined(__AVX512F__)  // (every build with bfloat16 instructions too)
 #include <immintrin.h>
 #endif
 #if defined(_OPENMP)
@@ -88,6 +88,104 @@ inline T panel_value(const S* p) {
     return *p;
 }
 
+#if defined(__AVX512F__)
+// Vector packing for the AVX-512 builds (all with AVX-512 F and BW).
+// 32 bfloat16 lanes as bf16_operand sees them: a denormal (exponent 0) to its signed zero.
+inline __m512i flush_denormals(__m512i v) {
+  const __mmask32 denormal = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x7f80));
+  return _mm512_mask_mov_epi16(v, denormal, _mm512_and_si512(v, _mm512_set1_epi16(static_cast<short>(0x8000))));
+}
+// 16 floats rounded as float_to_bf16 rounds them (to nearest even; a NaN stays a quiet NaN).
+inline __m256i round_to_bf16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f), high = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+}
+// k .. k + 31 of a row with unit k stride (n of them, zero beyond) as 16 K-pair words.
+inline __m512i operand_words(const bfloat16* row, index_t n) {
+  const __mmask32 in = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+  return flush_denormals(_mm512_maskz_loadu_epi16(in, row));
+}
+inline __m512i operand_words(const float* row, index_t n) {
+  auto part = [&](index_t from) {
+    const index_t m = n - from;
+    const __mmask16 in = m >= 16 ? __mmask16{0xffff} : m <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << m) - 1);
+    return round_to_bf16(_mm512_maskz_loadu_ps(in, row + from));
+  };
+  return flush_denormals(_mm512_inserti64x4(_mm512_castsi256_si512(part(0)), part(16), 1));
+}
+// v[i] lane j = v[j] lane i: the 16 x 16 transpose of 32-bit words.
+inline void transpose_words(__m512i (&v)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// pack_micro_panel's k-major panel from rows with unit k stride (W^T as B in the forward pass; X and
+// dY as A where packed): 16 rows x 16 k at a time, read as vectors and transposed in registers,
+// instead of one scattered store per value. kWidened: the values as panel_value gives them (rounded,
+// flushed, widened), at slots k ^ 1. A panel of 8 rows transposes 8 rows and 8 zeros, and keeps the
+// low half. Writes slots [0, kc + (kc & 1)) of all R rows (zero beyond rows and kc).
+template <int R, bool kWidened, typename S>
+void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, index_t rows, index_t kc) {
+  static_assert(R % 16 == 0 || R == 8, "whole groups of 16 rows, or 8");
+  constexpr index_t kGroups = R < 16 ? 1 : R / 16;
+  const index_t slots = kWidened ? kc + (kc & 1) : kc;
+  auto words = [&](const S* row, index_t n) -> __m512i {  // 16 k of a row as 32-bit words (n of them)
+    const __mmask16 in = n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (!kWidened) {
+      return _mm512_castps_si512(_mm512_maskz_loadu_ps(in, row));
+    } else {
+      __m256i h;
+      if constexpr (std::is_same_v<S, float>)
+        h = round_to_bf16(_mm512_maskz_loadu_ps(in, row));
+      else
+        h = _mm256_maskz_loadu_epi16(in, row);
+      h = _mm512_castsi512_si256(flush_denormals(_mm512_castsi256_si512(h)));
+      return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+    }
+  };
+  for (index_t k0 = 0; k0 < slots; k0 += 16) {
+    for (index_t g = 0; g < kGroups; ++g) {
+      __m512i v[16];
+      for (index_t i = 0; i < 16; ++i) {
+        const index_t r = g * 16 + i;
+        v[i] = r < rows && i < R && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm512_setzero_si512();
+      }
+      transpose_words(v);  // v[j]: k0 + j of the 16 rows
+      for (index_t j = 0; j < 16 && k0 + j < slots; ++j) {
+        float* to = panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 16;
+        if constexpr (R < 16)
+          _mm256_storeu_ps(to, _mm512_castps512_ps256(_mm512_castsi512_ps(v[j])));
+        else
+          _mm512_storeu_ps(to, _mm512_castsi512_ps(v[j]));
+      }
+    }
+  }
+}
+#endif
+
 // Packs rows (<= R) rows of a strided rows x kc block into one k-major micro-panel:
 //   panel[k*R + r] = src[r*rs + k*cs], and zero for r >= rows, so that edge tiles run the same
 // micro-kernel. kWidened (a bfloat16 product's widened form; src float or bfloat16): the values as
@@ -98,7 +196,16 @@ template <typename T, int R, bool kWidened = false, typename S = T>
 void pack_micro_panel(T* __restrict panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, T* sums) {
   const index_t slots = kWidened ? kc + (kc & 1) : kc;
   auto slot = [](index_t k) { return kWidened ? k ^ 1 : k; };
-  if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
+#if defined(__AVX512F__)
+  constexpr bool kTransposed = std::is_same_v<T, float> && (R % 16 == 0 || R == 8);
+#else
+  constexpr bool kTransposed = false;
+#endif
+  if (kTransposed && cs == 1 && rs != 1) {  // k contiguous, rows apart (W^T as B): in registers
+#if defined(__AVX512F__)
+    if constexpr (kTransposed) pack_rows_transposed<R, kWidened>(panel, src, rs, rows, kc);
+#endif
+  } else if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
     for (index_t r = 0; r < rows; ++r) {
       const S* s = src + r * rs;
       for (index_t k = 0; k < kc; ++k) panel[slot(k) * R + r] = panel_value<T, kWidened>(s + k);
@@ -303,58 +410,6 @@ void add_bf16_row_sums(float* sums, const S* src, index_t rs, index_t cs, index_
 }
 
 #if defined(LINGRAD_BF16_DOT) || defined(LINGRAD_AMX)
-// Vector packing for the builds with bfloat16 instructions (all with AVX-512 F and BW).
-// 32 bfloat16 lanes as bf16_operand sees them: a denormal (exponent 0) to its signed zero.
-inline __m512i flush_denormals(__m512i v) {
-  const __mmask32 denormal = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x7f80));
-  return _mm512_mask_mov_epi16(v, denormal, _mm512_and_si512(v, _mm512_set1_epi16(static_cast<short>(0x8000))));
-}
-// 16 floats rounded as float_to_bf16 rounds them (to nearest even; a NaN stays a quiet NaN).
-inline __m256i round_to_bf16(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f), high = _mm512_srli_epi32(u, 16);
-  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
-}
-// k .. k + 31 of a row with unit k stride (n of them, zero beyond) as 16 K-pair words.
-inline __m512i operand_words(const bfloat16* row, index_t n) {
-  const __mmask32 in = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
-  return flush_denormals(_mm512_maskz_loadu_epi16(in, row));
-}
-inline __m512i operand_words(const float* row, index_t n) {
-  auto part = [&](index_t from) {
-    const index_t m = n - from;
-    const __mmask16 in = m >= 16 ? __mmask16{0xffff} : m <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << m) - 1);
-    return round_to_bf16(_mm512_maskz_loadu_ps(in, row + from));
-  };
-  return flush_denormals(_mm512_inserti64x4(_mm512_castsi256_si512(part(0)), part(16), 1));
-}
-// v[i] lane j = v[j] lane i: the 16 x 16 transpose of 32-bit words.
-inline void transpose_words(__m512i (&v)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 8; ++i) {
-    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
 // pack_bf16_panel's pairs and AMX forms from rows with unit k stride (W^T in the forward pass, and
 // X there as the pairs kernel's A): 16 rows x 16 K pairs at a time, read as vectors and transposed in
 // registers (the words pair_words would give, 4 to 8 times faster than gathering them). A panel of 8
