@@ -36,7 +36,7 @@
 #include <type_traits>
 
 #include "gemm.hpp"
-#if defined(__AVX512F__)  // (every build with bfloat16 instructions too)
+#if defined(__AVX512F__) || defined(__AVX2__)  // (every build with bfloat16 instructions too)
 #include <immintrin.h>
 #endif
 #if defined(_OPENMP)
@@ -184,25 +184,95 @@ void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, ind
     }
   }
 }
+#elif defined(__AVX2__)
+// The AVX2 build's pack_rows_transposed (see above): 8 rows x 8 k at a time, the 8 x 8 transpose of
+// 32-bit words in ymm registers. kWidened values are rounded, flushed and widened in 32-bit lanes.
+inline void transpose_words(__m256i (&v)[8]) {  // v[i] lane j = v[j] lane i
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(_mm256_castsi256_ps(v[i]), _mm256_castsi256_ps(v[i + 1]));
+    t[i + 1] = _mm256_unpackhi_ps(_mm256_castsi256_ps(v[i]), _mm256_castsi256_ps(v[i + 1]));
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i / 4 * 4 + 0] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i / 4 * 4 + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i / 4 * 4 + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i / 4 * 4 + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+template <int R, bool kWidened, typename S>
+void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, index_t rows, index_t kc) {
+  static_assert(R % 8 == 0, "whole groups of 8 rows");
+  const index_t slots = kWidened ? kc + (kc & 1) : kc;
+  auto words_of = [](const S* row) -> __m256i {  // 8 values as panel_value gives them, as 32-bit words
+    if constexpr (!kWidened) {
+      return _mm256_castps_si256(_mm256_loadu_ps(row));
+    } else {
+      __m256i h;  // each lane: the bfloat16 bits (float_to_bf16's rounding of a float)
+      if constexpr (std::is_same_v<S, float>) {
+        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(row)), high = _mm256_srli_epi32(u, 16);
+        const __m256i odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
+        const __m256i rounded =
+            _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+        const __m256i nan =
+            _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+        h = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+      } else {
+        h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      }
+      const __m256i denormal =
+          _mm256_cmpeq_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x7f80)), _mm256_setzero_si256());
+      h = _mm256_blendv_epi8(h, _mm256_and_si256(h, _mm256_set1_epi32(0x8000)), denormal);
+      return _mm256_slli_epi32(h, 16);
+    }
+  };
+  auto words = [&](const S* row, index_t n) -> __m256i {  // 8 k of a row as 32-bit words (n of them)
+    if (n < 8) {                                          // (a short last group: through a zeroed copy)
+      alignas(32) S part[8] = {};
+      for (index_t i = 0; i < n; ++i) part[i] = row[i];
+      return words_of(part);
+    }
+    return words_of(row);
+  };
+  for (index_t k0 = 0; k0 < slots; k0 += 8) {
+    for (index_t g = 0; g < R / 8; ++g) {
+      __m256i v[8];
+      for (index_t i = 0; i < 8; ++i) {
+        const index_t r = g * 8 + i;
+        v[i] = r < rows && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm256_setzero_si256();
+      }
+      transpose_words(v);  // v[j]: k0 + j of the 8 rows
+      for (index_t j = 0; j < 8 && k0 + j < slots; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 8), v[j]);
+    }
+  }
+}
 #endif
 
 // Packs rows (<= R) rows of a strided rows x kc block into one k-major micro-panel:
 //   panel[k*R + r] = src[r*rs + k*cs], and zero for r >= rows, so that edge tiles run the same
-// micro-kernel. kWidened (a bfloat16 product's widened form; src float or bfloat16): the values as
-// panel_value gives them, each at slot k ^ 1 (every K pair odd k first), a missing last odd k as
-// zero: kc + (kc & 1) slots. If sums is set, sums[r] += the row's slots summed in order (the bias
-// gradient).
+// micro-kernel (float rows with unit k stride: by pack_rows_transposed, in the AVX2 and AVX-512 builds). kWidened (a
+// bfloat16 product's widened form; src float or bfloat16): the values as panel_value gives them, each at slot k ^ 1
+// (every K pair odd k first), a missing last odd k as zero: kc + (kc & 1) slots. If sums is set, sums[r] += the row's
+// slots summed in order (the bias gradient).
 template <typename T, int R, bool kWidened = false, typename S = T>
 void pack_micro_panel(T* __restrict panel, const S* src, index_t rs, index_t cs, index_t rows, index_t kc, T* sums) {
   const index_t slots = kWidened ? kc + (kc & 1) : kc;
   auto slot = [](index_t k) { return kWidened ? k ^ 1 : k; };
 #if defined(__AVX512F__)
   constexpr bool kTransposed = std::is_same_v<T, float> && (R % 16 == 0 || R == 8);
+#elif defined(__AVX2__)
+  constexpr bool kTransposed = std::is_same_v<T, float> && R % 8 == 0;
 #else
   constexpr bool kTransposed = false;
 #endif
   if (kTransposed && cs == 1 && rs != 1) {  // k contiguous, rows apart (W^T as B): in registers
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     if constexpr (kTransposed) pack_rows_transposed<R, kWidened>(panel, src, rs, rows, kc);
 #endif
   } else if (cs == 1) {  // k contiguous (X in the forward pass, dY for dX): stream along each row
