@@ -154,6 +154,8 @@ def test_check_passes_and_restores_the_isa(capsys):
     assert lines[-1].startswith("PASS")
     for name in lingrad.available_isas():
         assert any(line.startswith("pass") and f" {name} " in line and "linear_mse float32" in line for line in lines)
+        if lingrad.config()["bf16_numpy"]:  # the bfloat16 products too, with ml_dtypes installed
+            assert any(line.startswith("pass") and f" {name} " in line and "forward bfloat16" in line for line in lines)
     assert not any(line.startswith("FAIL") for line in lines)
     if "torch" in sys.modules or importlib.util.find_spec("torch"):
         assert any("gradcheck LinearMSEFunction" in line for line in lines)
@@ -179,7 +181,11 @@ def test_check_fails_when_a_kernel_is_wrong_or_crashes(capsys, monkeypatch):
     assert any("linear_backward_weight" in line and "times the bound" in line for line in failed)
     assert any("mse_backward" in line and "RuntimeError: boom" in line for line in failed)
     assert all("linear_backward_weight" in line or "mse_backward" in line for line in failed)
-    assert len(failed) == 2 * 2 * len(lingrad.available_isas())  # both kernels, both dtypes, every path
+    # both kernels in both dtypes, and the bfloat16 weight gradient (float32, so 0.1% is beyond its
+    # bound), on every path
+    bf16 = lingrad.config()["bf16_numpy"]
+    assert len(failed) == (2 * 2 + bf16) * len(lingrad.available_isas())
+    assert sum("linear_backward_weight bfloat16" in line for line in failed) == bf16 * len(lingrad.available_isas())
     assert out.splitlines()[-1].startswith("FAIL")
 
 

@@ -3,7 +3,8 @@
 On every SIMD code path this CPU can run (``lingrad.available_isas()``), in float32 and float64,
 each kernel of :mod:`lingrad.kernels` is compared with the float64 reference of
 :mod:`lingrad.reference` (errors must stay within its rigorous bounds), on shapes that cover a
-single neuron, tile edges and a product large enough to run on several threads; the fused step
+single neuron, tile edges and a product large enough to run on several threads, and so are the
+bfloat16 products (bfloat16 activations with a float32 weight) where ml_dtypes is installed; the fused step
 must give bitwise identical results with one thread and with all of them. With PyTorch installed,
 ``torch.autograd.gradcheck`` checks the autograd Functions (in float64) and ``lingrad.Linear`` is
 compared with ``torch.nn.Linear``. One line per check; the SIMD path and the thread count are
@@ -102,6 +103,46 @@ KERNEL_CHECKS: dict[str, Callable] = {
     "mse_loss": _mse_loss,
     "mse_backward": _mse_backward,
     "linear_mse": _linear_mse,
+}
+
+
+# bfloat16 products (with ml_dtypes installed): bfloat16 x and dY with a float32 weight, the mix that
+# torch.autocast makes, against the float64 product of the rounded operands (reference.bf16_values);
+# a bfloat16 result's bound adds its rounding.
+
+
+def _bf16_arrays(shape):
+    import ml_dtypes
+
+    x, w, b, t, dy = _arrays(shape, np.float32)
+    return x.astype(ml_dtypes.bfloat16), w, b, t, dy.astype(ml_dtypes.bfloat16)
+
+
+def _bf16_forward(shape, dtype=None):
+    x, w, b, _, _ = _bf16_arrays(shape)
+    want, bound = ref.linear_forward(ref.bf16_values(x), ref.bf16_values(w), b)
+    y = kernels.linear_forward(x, w, b, out=np.empty((x.shape[0], w.shape[0]), x.dtype))  # a bfloat16 result
+    return ref.error_ratio(y.astype(np.float32), want, ref.bf16_output_bound(want, bound))
+
+
+def _bf16_backward_input(shape, dtype=None):
+    _, w, _, _, dy = _bf16_arrays(shape)
+    want, bound = ref.linear_backward_input(ref.bf16_values(dy), ref.bf16_values(w))
+    return ref.error_ratio(kernels.linear_backward_input(dy, w), want, bound)  # a float32 result
+
+
+def _bf16_backward_weight(shape, dtype=None):
+    x, w, _, _, dy = _bf16_arrays(shape)
+    dw, dw_bound, db, db_bound = ref.linear_backward_weight(ref.bf16_values(dy), ref.bf16_values(x))
+    got_dw, got_db = kernels.linear_backward_weight(dy, x, out=np.empty(w.shape, np.float32))  # a float32 weight's
+    db_bound = ref.bf16_output_bound(db, db_bound) if got_db.dtype != np.float32 else db_bound
+    return max(ref.error_ratio(got_dw, dw, dw_bound), ref.error_ratio(got_db.astype(np.float32), db, db_bound))
+
+
+BF16_CHECKS: dict[str, Callable] = {
+    "linear_forward": _bf16_forward,
+    "linear_backward_input": _bf16_backward_input,
+    "linear_backward_weight": _bf16_backward_weight,
 }
 
 
@@ -211,27 +252,36 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
             torch_checks = _torch_checks()
         except ImportError as e:
             torch_missing = f'PyTorch is not installed ({e.name or e}): pip install "lingrad[torch]"'
+
+    def bounded(isa: str, what: str, check: Callable, dtype) -> None:
+        """One kernel check over SHAPES: its worst error as a fraction of the bound."""
+        try:
+            worst = max(check(shape, dtype) for shape in SHAPES)
+        except Exception as e:  # a crash is a failure of this check, not of the run
+            line(False, isa, what, f"{type(e).__name__}: {e}")
+            return
+        if worst <= 1.0:
+            line(True, isa, what, f"worst error {worst:.2g} of the bound ({len(SHAPES)} shapes)")
+        else:
+            line(False, isa, what, f"an error {worst:.3g} times the bound")
+
+    bf16 = lingrad.config()["bf16_numpy"]
     try:
         for isa in isas:
             lingrad.set_isa(isa)
             for dtype in DTYPES:
                 name = np.dtype(dtype).name
                 for kernel, check in KERNEL_CHECKS.items():
-                    try:
-                        worst = max(check(shape, dtype) for shape in SHAPES)
-                    except Exception as e:  # a crash is a failure of this check, not of the run
-                        line(False, isa, f"{kernel} {name}", f"{type(e).__name__}: {e}")
-                        continue
-                    if worst <= 1.0:
-                        detail = f"worst error {worst:.2g} of the bound ({len(SHAPES)} shapes)"
-                        line(True, isa, f"{kernel} {name}", detail)
-                    else:
-                        line(False, isa, f"{kernel} {name}", f"an error {worst:.3g} times the bound")
+                    bounded(isa, f"{kernel} {name}", check, dtype)
                 attempt(
                     isa,
                     f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",
                     lambda dtype=dtype: _threads_bitwise(dtype),
                 )
+            for kernel, check in BF16_CHECKS.items() if bf16 else ():
+                bounded(isa, f"{kernel} bfloat16 (float32 weight)", check, None)
+            if not bf16:
+                line(None, isa, "bfloat16 products", "ml_dtypes is not installed: pip install ml_dtypes")
             for what, check in torch_checks:
                 attempt(isa, what, check)
             if torch_missing:
