@@ -207,7 +207,9 @@ inline void transpose_words(__m256i (&v)[8]) {  // v[i] lane j = v[j] lane i
 
 template <int R, bool kWidened, typename S>
 void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, index_t rows, index_t kc) {
-  static_assert(R % 8 == 0, "whole groups of 8 rows");
+  static_assert(R % 8 == 0 || R < 8, "whole groups of 8 rows, or fewer (the 6-row A panels: lanes masked)");
+  constexpr index_t kGroups = R < 8 ? 1 : R / 8;
+  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(R), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const index_t slots = kWidened ? kc + (kc & 1) : kc;
   auto words_of = [](const S* row) -> __m256i {  // 8 values as panel_value gives them, as 32-bit words
     if constexpr (!kWidened) {
@@ -240,15 +242,20 @@ void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, ind
     return words_of(row);
   };
   for (index_t k0 = 0; k0 < slots; k0 += 8) {
-    for (index_t g = 0; g < R / 8; ++g) {
+    for (index_t g = 0; g < kGroups; ++g) {
       __m256i v[8];
       for (index_t i = 0; i < 8; ++i) {
         const index_t r = g * 8 + i;
-        v[i] = r < rows && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm256_setzero_si256();
+        v[i] = r < rows && i < R && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm256_setzero_si256();
       }
       transpose_words(v);  // v[j]: k0 + j of the 8 rows
-      for (index_t j = 0; j < 8 && k0 + j < slots; ++j)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 8), v[j]);
+      for (index_t j = 0; j < 8 && k0 + j < slots; ++j) {
+        float* to = panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 8;
+        if constexpr (R < 8)
+          _mm256_maskstore_ps(to, lanes, _mm256_castsi256_ps(v[j]));
+        else
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v[j]);
+      }
     }
   }
 }
@@ -267,7 +274,7 @@ void pack_micro_panel(T* __restrict panel, const S* src, index_t rs, index_t cs,
 #if defined(__AVX512F__)
   constexpr bool kTransposed = std::is_same_v<T, float> && (R % 16 == 0 || R == 8);
 #elif defined(__AVX2__)
-  constexpr bool kTransposed = std::is_same_v<T, float> && R % 8 == 0;
+  constexpr bool kTransposed = std::is_same_v<T, float> && (R % 8 == 0 || R < 8);
 #else
   constexpr bool kTransposed = false;
 #endif
