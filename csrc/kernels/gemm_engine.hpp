@@ -142,51 +142,43 @@ inline void transpose_words(__m512i (&v)[16]) {
   }
 }
 
-// pack_micro_panel's k-major panel from rows with unit k stride (W^T as B in the forward pass; X and
-// dY as A where packed): 16 rows x 16 k at a time, read as vectors and transposed in registers,
-// instead of one scattered store per value. kWidened: the values as panel_value gives them (rounded,
-// flushed, widened), at slots k ^ 1. A panel of 8 rows transposes 8 rows and 8 zeros, and keeps the
-// low half. Writes slots [0, kc + (kc & 1)) of all R rows (zero beyond rows and kc).
-template <int R, bool kWidened, typename S>
-void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, index_t rows, index_t kc) {
-  static_assert(R % 16 == 0 || R == 8, "whole groups of 16 rows, or 8");
-  constexpr index_t kGroups = R < 16 ? 1 : R / 16;
-  const index_t slots = kWidened ? kc + (kc & 1) : kc;
-  auto words = [&](const S* row, index_t n) -> __m512i {  // 16 k of a row as 32-bit words (n of them)
-    const __mmask16 in = n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << n) - 1);
-    if constexpr (!kWidened) {
-      return _mm512_castps_si512(_mm512_maskz_loadu_ps(in, row));
-    } else {
-      __m256i h;
-      if constexpr (std::is_same_v<S, float>)
-        h = round_to_bf16(_mm512_maskz_loadu_ps(in, row));
-      else
-        h = _mm256_maskz_loadu_epi16(in, row);
-      h = _mm512_castsi512_si256(flush_denormals(_mm512_castsi256_si512(h)));
-      return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-    }
-  };
-  for (index_t k0 = 0; k0 < slots; k0 += 16) {
-    for (index_t g = 0; g < kGroups; ++g) {
-      __m512i v[16];
-      for (index_t i = 0; i < 16; ++i) {
-        const index_t r = g * 16 + i;
-        v[i] = r < rows && i < R && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm512_setzero_si512();
-      }
-      transpose_words(v);  // v[j]: k0 + j of the 16 rows
-      for (index_t j = 0; j < 16 && k0 + j < slots; ++j) {
-        float* to = panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 16;
-        if constexpr (R < 16)
-          _mm256_storeu_ps(to, _mm512_castps512_ps256(_mm512_castsi512_ps(v[j])));
-        else
-          _mm512_storeu_ps(to, _mm512_castsi512_ps(v[j]));
-      }
-    }
+// The pieces of pack_rows_transposed (below) in zmm registers: 16 lanes of 32-bit words.
+using WordVector = __m512i;
+constexpr index_t kWordLanes = 16;
+
+// k .. k + 15 of a row with unit k stride (n of them, zero beyond) as pack_micro_panel holds them:
+// T's own float32 bits, or (kWidened) the bfloat16 operand widened back to float32.
+template <bool kWidened, typename S>
+inline WordVector row_words(const S* row, index_t n) {
+  const __mmask16 in = n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (!kWidened) {
+    return _mm512_castps_si512(_mm512_maskz_loadu_ps(in, row));
+  } else {
+    __m256i h;
+    if constexpr (std::is_same_v<S, float>)
+      h = round_to_bf16(_mm512_maskz_loadu_ps(in, row));
+    else
+      h = _mm256_maskz_loadu_epi16(in, row);
+    h = _mm512_castsi512_si256(flush_denormals(_mm512_castsi256_si512(h)));
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
   }
 }
+
+// The first min(R, 16) words of v to `to` (a panel of 8 rows keeps the low half).
+template <int R>
+inline void store_words(float* to, WordVector v) {
+  static_assert(R % 16 == 0 || R == 8, "whole groups of 16 rows, or 8");
+  if constexpr (R < 16)
+    _mm256_storeu_ps(to, _mm512_castps512_ps256(_mm512_castsi512_ps(v)));
+  else
+    _mm512_storeu_ps(to, _mm512_castsi512_ps(v));
+}
 #elif defined(__AVX2__)
-// The AVX2 build's pack_rows_transposed (see above): 8 rows x 8 k at a time, the 8 x 8 transpose of
-// 32-bit words in ymm registers. kWidened values are rounded, flushed and widened in 32-bit lanes.
+// The same pieces in ymm registers: 8 lanes, the 8 x 8 transpose; kWidened values are rounded,
+// flushed and widened in 32-bit lanes.
+using WordVector = __m256i;
+constexpr index_t kWordLanes = 8;
+
 inline void transpose_words(__m256i (&v)[8]) {  // v[i] lane j = v[j] lane i
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
@@ -205,57 +197,72 @@ inline void transpose_words(__m256i (&v)[8]) {  // v[i] lane j = v[j] lane i
   }
 }
 
+// 8 values of a row (all there) as 32-bit words, as row_words below gives them.
+template <bool kWidened, typename S>
+inline WordVector full_row_words(const S* row) {
+  if constexpr (!kWidened) {
+    return _mm256_castps_si256(_mm256_loadu_ps(row));
+  } else {
+    __m256i h;  // each lane: the bfloat16 bits (float_to_bf16's rounding of a float)
+    if constexpr (std::is_same_v<S, float>) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(row)), high = _mm256_srli_epi32(u, 16);
+      const __m256i odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
+      const __m256i rounded =
+          _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+      const __m256i nan =
+          _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+      h = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+    } else {
+      h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+    }
+    const __m256i denormal = _mm256_cmpeq_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x7f80)), _mm256_setzero_si256());
+    h = _mm256_blendv_epi8(h, _mm256_and_si256(h, _mm256_set1_epi32(0x8000)), denormal);
+    return _mm256_slli_epi32(h, 16);
+  }
+}
+
+// k .. k + 7 of a row with unit k stride (n of them, zero beyond): a short last group through a zeroed copy.
+template <bool kWidened, typename S>
+inline WordVector row_words(const S* row, index_t n) {
+  if (n >= 8) return full_row_words<kWidened>(row);
+  alignas(32) S part[8] = {};
+  for (index_t i = 0; i < n; ++i) part[i] = row[i];
+  return full_row_words<kWidened>(part);
+}
+
+// The first min(R, 8) words of v to `to` (the 6-row A panels: lanes masked).
+template <int R>
+inline void store_words(float* to, WordVector v) {
+  static_assert(R % 8 == 0 || R < 8, "whole groups of 8 rows, or fewer");
+  if constexpr (R < 8)
+    _mm256_maskstore_ps(to, _mm256_cmpgt_epi32(_mm256_set1_epi32(R), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                        _mm256_castsi256_ps(v));
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v);
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// pack_micro_panel's k-major panel from rows with unit k stride (W^T as B in the forward pass; X and
+// dY as A where packed): kWordLanes rows x kWordLanes k at a time, read as vectors and transposed in
+// registers, instead of one scattered store per value. kWidened: the values as panel_value gives
+// them (rounded, flushed, widened), at slots k ^ 1. A panel of fewer rows than a vector's lanes
+// transposes zeros for the rest and stores its own. Writes slots [0, kc + (kc & 1)) of all R rows
+// (zero beyond rows and kc).
 template <int R, bool kWidened, typename S>
 void pack_rows_transposed(float* __restrict panel, const S* src, index_t rs, index_t rows, index_t kc) {
-  static_assert(R % 8 == 0 || R < 8, "whole groups of 8 rows, or fewer (the 6-row A panels: lanes masked)");
-  constexpr index_t kGroups = R < 8 ? 1 : R / 8;
-  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(R), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  constexpr index_t L = kWordLanes, kGroups = R < L ? 1 : R / L;
   const index_t slots = kWidened ? kc + (kc & 1) : kc;
-  auto words_of = [](const S* row) -> __m256i {  // 8 values as panel_value gives them, as 32-bit words
-    if constexpr (!kWidened) {
-      return _mm256_castps_si256(_mm256_loadu_ps(row));
-    } else {
-      __m256i h;  // each lane: the bfloat16 bits (float_to_bf16's rounding of a float)
-      if constexpr (std::is_same_v<S, float>) {
-        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(row)), high = _mm256_srli_epi32(u, 16);
-        const __m256i odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
-        const __m256i rounded =
-            _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-        const __m256i nan =
-            _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-        h = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
-      } else {
-        h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-      }
-      const __m256i denormal =
-          _mm256_cmpeq_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x7f80)), _mm256_setzero_si256());
-      h = _mm256_blendv_epi8(h, _mm256_and_si256(h, _mm256_set1_epi32(0x8000)), denormal);
-      return _mm256_slli_epi32(h, 16);
-    }
-  };
-  auto words = [&](const S* row, index_t n) -> __m256i {  // 8 k of a row as 32-bit words (n of them)
-    if (n < 8) {                                          // (a short last group: through a zeroed copy)
-      alignas(32) S part[8] = {};
-      for (index_t i = 0; i < n; ++i) part[i] = row[i];
-      return words_of(part);
-    }
-    return words_of(row);
-  };
-  for (index_t k0 = 0; k0 < slots; k0 += 8) {
+  for (index_t k0 = 0; k0 < slots; k0 += L) {
     for (index_t g = 0; g < kGroups; ++g) {
-      __m256i v[8];
-      for (index_t i = 0; i < 8; ++i) {
-        const index_t r = g * 8 + i;
-        v[i] = r < rows && i < R && k0 < kc ? words(src + r * rs + k0, kc - k0) : _mm256_setzero_si256();
+      WordVector v[L];
+      for (index_t i = 0; i < L; ++i) {
+        const index_t r = g * L + i;
+        v[i] = r < rows && i < R && k0 < kc ? row_words<kWidened>(src + r * rs + k0, kc - k0) : WordVector{};
       }
-      transpose_words(v);  // v[j]: k0 + j of the 8 rows
-      for (index_t j = 0; j < 8 && k0 + j < slots; ++j) {
-        float* to = panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * 8;
-        if constexpr (R < 8)
-          _mm256_maskstore_ps(to, lanes, _mm256_castsi256_ps(v[j]));
-        else
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v[j]);
-      }
+      transpose_words(v);  // v[j]: k0 + j of the L rows
+      for (index_t j = 0; j < L && k0 + j < slots; ++j)
+        store_words<R>(panel + (kWidened ? (k0 + j) ^ 1 : k0 + j) * R + g * L, v[j]);
     }
   }
 }
