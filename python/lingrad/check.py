@@ -134,7 +134,7 @@ def _bf16_backward_input(shape, dtype=None):
 def _bf16_backward_weight(shape, dtype=None):
     x, w, _, _, dy = _bf16_arrays(shape)
     dw, dw_bound, db, db_bound = ref.linear_backward_weight(ref.bf16_values(dy), ref.bf16_values(x))
-    got_dw, got_db = kernels.linear_backward_weight(dy, x, out=np.empty(w.shape, np.float32))  # a float32 weight's
+    got_dw, got_db = kernels.linear_backward_weight(dy, x, out=np.empty(w.shape, np.float32))  # master weight's grad
     db_bound = ref.bf16_output_bound(db, db_bound) if got_db.dtype != np.float32 else db_bound
     return max(ref.error_ratio(got_dw, dw, dw_bound), ref.error_ratio(got_db.astype(np.float32), db, db_bound))
 
