@@ -42,6 +42,7 @@ import torch.utils.dlpack
 from torch import Tensor
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
+from torch.autograd.function import _SingleLevelFunction
 
 from . import kernels
 
@@ -101,7 +102,9 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-_any_requires_grad = torch._C._any_requires_grad
+any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (  # (C-level from torch 2.7 on)
+    lambda *args: any(a.requires_grad for a in args if isinstance(a, Tensor))
+)
 
 
 def _transforming() -> bool:
@@ -132,7 +135,7 @@ class Operator:
     def __call__(self, *args):
         # The common cases first, with as few checks as possible (each costs 50-150 ns).
         if not (_functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
-            if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and _any_requires_grad(*args)):
+            if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any_requires_grad(*args)):
                 return self._run(args)  # no graph, no tangents: the kernel
             # eager autograd or forward AD: the Function, without Function.apply's Python layer
             return self._apply(*args)
@@ -197,7 +200,7 @@ class Operator:
             lambda ctx, *tangents: jvp(ctx, *tangents[:-1]),
             None,
         )
-        dispatch_apply = super(torch.autograd.Function, dispatch_function).apply
+        dispatch_apply = dispatch_function.apply  # (a single-level Function's apply is the C-level one)
 
         def autograd_kernel(keyset, *args):
             with enable_single_level_autograd_function():
@@ -214,10 +217,16 @@ def operator(schema: str) -> Callable[[Callable], Operator]:
     return lambda impl: Operator(schema, impl)
 
 
-def _function(name: str, forward, setup_context, backward, jvp, vmap) -> type[torch.autograd.Function]:
+def _function(name: str, forward, setup_context, backward, jvp, vmap) -> type[_SingleLevelFunction]:
+    """An autograd.Function from the rules. Without a vmap rule it is a single-level one (the base of
+    torch.autograd.Function, as functorch's own generated Functions are): it records one level of
+    autograd and never re-enters torch.func's machinery, which the dispatcher's Autograd kernel needs
+    (torch >= 2.14 routes a full Function's C-level apply under an active transform to functorch's
+    custom_function_call, which has no kernel at the Autograd key)."""
     rules = {"forward": forward, "setup_context": setup_context, "backward": backward, "jvp": jvp}
-    if vmap is not None:
-        rules["vmap"] = vmap
+    if vmap is None:
+        return type(name, (_SingleLevelFunction,), {k: staticmethod(f) for k, f in rules.items()})
+    rules["vmap"] = vmap
     return type(name, (torch.autograd.Function,), {k: staticmethod(f) for k, f in rules.items()})
 
 

@@ -255,7 +255,7 @@ def _linear_mse_loss(input: Tensor, weight: Tensor, bias: Tensor | None, target:
     if torch.compiler.is_compiling() or forward_ad._current_level >= 0:  # the operator and its rules
         if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, weight, bias, t)):
             return _ops.linear_mse(x, weight, bias, t, reduction, x.requires_grad)[0]
-    elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias, t):
+    elif torch.is_grad_enabled() and _ops.any_requires_grad(x, weight, bias, t):
         return _ops.linear_mse_loss(x, weight, bias, t, reduction, x.requires_grad)  # the gradients wait inside
     # No graph: the forward GEMM and the loss only (the fused kernel would also make dW).
     return _ops.mse_loss(_ops.linear(x, weight, bias), t, reduction)

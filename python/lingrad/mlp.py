@@ -198,7 +198,7 @@ class FusedMLP(torch.nn.Sequential):
         x = input if input.dim() == 2 else functional._rows(input)
         spec = (self._activations, self._slopes, [b is not None for b in biases])
         params = [*weights, *(b for b in biases if b is not None)]
-        needs_graph = torch.is_grad_enabled() and torch._C._any_requires_grad(x, *params)
+        needs_graph = torch.is_grad_enabled() and _ops.any_requires_grad(x, *params)
         if target is not None:
             t = target if target.dim() == 2 else functional._rows(target)
             if needs_graph:
