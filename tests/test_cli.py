@@ -111,9 +111,11 @@ def test_demo_training_agrees_and_zero_gradient_is_computed(demo_deps):
     assert pixels.shape == (200, 784) and pixels.dtype == np.float32
     assert 0.0 <= pixels.min() and pixels.max() <= 1.0
     assert len(set(labels.tolist())) == 10  # a random sample, not the file's first (sorted) lines
-    bar = io.StringIO()
-    run = demo.train(pixels, labels, steps=4, lr=0.008, seed=1, progress=True, progress_file=bar)
-    assert "4/4" in bar.getvalue() and "lingrad=" in bar.getvalue()
+    log = io.StringIO()  # not a terminal: a plain line at the last step (and every PROGRESS_LINE_EVERY)
+    run = demo.train(pixels, labels, steps=4, lr=0.008, seed=1, progress=True, progress_file=log)
+    assert log.getvalue().splitlines() == [
+        f"training: step 4/4, lingrad={run.loss['lingrad'][-1]:.4f}, torch={run.loss['torch'][-1]:.4f}"
+    ]
     assert run.loss["lingrad"][-1] < run.loss["lingrad"][0]
     for ours, ref, fused in zip(run.loss["lingrad"], run.loss["torch"], run.loss["fused"]):
         assert demo.relative_difference(ours, ref) <= demo.RTOL
@@ -123,6 +125,31 @@ def test_demo_training_agrees_and_zero_gradient_is_computed(demo_deps):
     assert facts["black"] == int(black.sum()) > 0
     assert np.all(run.grad_w1[:, black] == 0.0) and facts["black_max_abs"] == 0.0
     assert facts["nonzero_entries"] > run.grad_w1.size // 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_demo_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(demo_deps):
+    from lingrad import demo
+
+    pixels, labels = demo.load_mnist(100, seed=2)
+    terminal = _Terminal()
+    demo.train(pixels, labels, steps=3, seed=2, progress=True, progress_file=terminal)
+    assert "3/3" in terminal.getvalue() and "lingrad=" in terminal.getvalue() and "\r" in terminal.getvalue()
+    steps = 2 * demo.PROGRESS_LINE_EVERY + 1
+    log = io.StringIO()
+    demo.train(pixels, labels, steps=steps, seed=2, progress=True, progress_file=log)
+    lines = log.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        f"training: step {n}/{steps}" for n in (demo.PROGRESS_LINE_EVERY, 2 * demo.PROGRESS_LINE_EVERY, steps)
+    ]
+    assert "\r" not in log.getvalue()
+    quiet = _Terminal()
+    demo.train(pixels, labels, steps=2, seed=2, progress=False, progress_file=quiet)
+    assert quiet.getvalue() == ""
 
 
 def test_demo_names_the_extra_when_a_dependency_is_missing(capsys, monkeypatch, tmp_path):

@@ -256,6 +256,9 @@ def test_linear_mse_function_gradcheck(reduction):
     assert torch.autograd.gradgradcheck(fused, (x, w, b, t.detach()))
 
 
+# torch 2.14's opcheck reads .grad of the non-leaf tensors it makes for its AOT dispatch test, and
+# PyTorch warns about that (it does so for torch.ops.aten.mm too); the warning is not lingrad's.
+@pytest.mark.filterwarnings(r"ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
 def test_opcheck_every_operator():
     x, w, b = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True), torch.randn(4)
     grad_y = torch.randn(5, 4, requires_grad=True)
@@ -688,3 +691,28 @@ def test_import_lingrad_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "lingrad.Linear needs PyTorch: pip install 'lingrad[torch]'" in out.stdout
+
+
+def test_a_torch_below_the_supported_range_is_named_and_the_kernels_still_work():
+    # torch 2.5.1 as it would be installed: `import torch, lingrad` imports, the NumPy kernels run,
+    # and the PyTorch layer (by attribute or by its module) says which torch it needs.
+    code = (
+        "import torch; torch.__version__ = '2.5.1+cu124'\n"
+        "import lingrad, numpy as np\n"
+        "assert 'lingrad' not in dir(torch.ops) or not hasattr(torch.ops.lingrad, 'linear')\n"
+        "lingrad.kernels.linear_forward(np.ones((2, 3)), np.ones((4, 3)))\n"
+        "for attempt in (lambda: lingrad.Linear, lambda: __import__('lingrad.nn')):\n"
+        "    try:\n        attempt()\n    except ImportError as e:\n        print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    need = ".".join(map(str, lingrad.TORCH_MIN))
+    message = f"lingrad's PyTorch layer needs torch >= {need}, and torch 2.5.1+cu124 is installed"
+    assert out.stdout.count(message) == 2, out.stdout
+
+
+def test_the_declared_torch_range_starts_at_the_supported_floor():
+    # pyproject.toml's torch extra, scripts/torch_matrix.sh's oldest torch and the layer's own check
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = {line.split('"torch>=')[1].split(",")[0] for line in pyproject.splitlines() if '"torch>=' in line}
+    assert floors == {".".join(map(str, lingrad.TORCH_MIN))}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import warnings
 from typing import IO, Any
@@ -67,13 +68,36 @@ _TORCH_NAMES = {
 }
 
 
+# The oldest torch the PyTorch layer supports: pyproject.toml's range starts here, and CI runs the
+# suite on it and on the newest torch pip finds (scripts/torch_matrix.sh). Below it the layer does not
+# import (it needs torch.library.register_vmap, and torch.func's hessians through the dispatcher);
+# the NumPy kernels work with any torch or none.
+TORCH_MIN = (2, 6)
+
+
+def _torch_supported(version: str) -> bool:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return (int(major), int(minor)) >= TORCH_MIN
+
+
+def _require_supported_torch(version: str) -> None:
+    """Raises ImportError, naming both versions, below TORCH_MIN (the PyTorch layer's modules call it)."""
+    if not _torch_supported(version):
+        need = ".".join(map(str, TORCH_MIN))
+        raise ImportError(
+            f"lingrad's PyTorch layer needs torch >= {need}, and torch {version} is installed: "
+            f"pip install 'torch>={need}' (lingrad.kernels, the NumPy API, works without it)"
+        )
+
+
 def __getattr__(name: str) -> Any:
     if name not in _TORCH_NAMES:
         raise AttributeError(f"module 'lingrad' has no attribute {name!r}")
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as e:
         raise ImportError(f"lingrad.{name} needs PyTorch: pip install 'lingrad[torch]'") from e
+    _require_supported_torch(torch.__version__)
     module = importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}")
     value = module if name == _TORCH_NAMES[name] else getattr(module, name)
     globals()[name] = value  # later accesses skip this function
@@ -82,7 +106,7 @@ def __getattr__(name: str) -> Any:
 
 # With torch already imported, register the operators (torch.ops.lingrad.*) now, so that a program
 # saved with torch.export loads after `import torch, lingrad` alone. Without torch, nothing is imported.
-if sys.modules.get("torch") is not None:
+if sys.modules.get("torch") is not None and _torch_supported(sys.modules["torch"].__version__):
     from . import _ops  # noqa: F401
 
 

