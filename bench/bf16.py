@@ -158,7 +158,7 @@ def products(budget: float, lock: str | None, widened: str | None) -> None:
 def pytorch_cases(x, w, dy, y, dx, dw) -> dict:
     """Each product of bfloat16 tensors as (PyTorch's matmul, lingrad's kernel through DLPack, as
     lingrad's PyTorch layer calls it), both into the same bfloat16 result tensors."""
-    from lingrad._ops import _array  # (a DLPack capsule of the tensor, used once)
+    from lingrad.torch._bridge import to_array as _array  # (a DLPack capsule of the tensor, used once)
 
     return {
         "forward": (

@@ -144,6 +144,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lingrad  # noqa: E402
 from lingrad import functional as LF  # noqa: E402
+from lingrad.torch import _bridge  # noqa: E402
 
 D = torch.float64
 MODULES = {
@@ -306,7 +307,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_other_dtypes_fall_back(monkeypatch):
-    monkeypatch.setattr(LF, "_fallback_warned", False)
+    monkeypatch.setattr(_bridge, "fallback_warned", False)
     reference = sequential("relu", dtype=torch.float16)
     model = lingrad.fuse(copy.deepcopy(reference))
     x = torch.randn(4, 8, dtype=torch.float16)

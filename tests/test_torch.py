@@ -23,9 +23,10 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import lingrad  # noqa: E402
-from lingrad import _ops, kernels  # noqa: E402
 from lingrad import functional as LF  # noqa: E402
+from lingrad import kernels  # noqa: E402
 from lingrad.autograd import LinearFunction, LinearMSEFunction, MSELossFunction  # noqa: E402
+from lingrad.torch import _bridge, ops_linear, ops_mse  # noqa: E402
 
 FLOATS = [torch.float32, torch.float64]
 
@@ -263,15 +264,15 @@ def test_opcheck_every_operator():
     x, w, b = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True), torch.randn(4)
     grad_y = torch.randn(5, 4, requires_grad=True)
     cases = [
-        (_ops.linear, (torch.randn(3, 5).t().requires_grad_(), w, b.requires_grad_())),
-        (_ops.linear_backward_input, (grad_y, w)),
-        (_ops.linear_backward_weight, (grad_y, x, True)),
-        (_ops.linear_backward_weight, (grad_y, x, False)),
-        (_ops.mse_loss, (x, torch.randn(5, 3), "mean")),
-        (_ops.mse_loss, (x, torch.randn(5, 3, requires_grad=True), "none")),
-        (_ops.mse_backward, (x, torch.randn(5, 3), "mean")),
-        (_ops.linear_mse, (x, w, b, torch.randn(5, 4), "sum", True)),
-        (_ops.linear_mse, (x, w, None, torch.randn(5, 4), "mean", False)),
+        (ops_linear.linear, (torch.randn(3, 5).t().requires_grad_(), w, b.requires_grad_())),
+        (ops_linear.linear_backward_input, (grad_y, w)),
+        (ops_linear.linear_backward_weight, (grad_y, x, True)),
+        (ops_linear.linear_backward_weight, (grad_y, x, False)),
+        (ops_mse.mse_loss, (x, torch.randn(5, 3), "mean")),
+        (ops_mse.mse_loss, (x, torch.randn(5, 3, requires_grad=True), "none")),
+        (ops_mse.mse_backward, (x, torch.randn(5, 3), "mean")),
+        (ops_mse.linear_mse, (x, w, b, torch.randn(5, 4), "sum", True)),
+        (ops_mse.linear_mse, (x, w, None, torch.randn(5, 4), "mean", False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op.overload, args)  # schema, autograd registration, fake tensor, AOT dispatch
@@ -342,8 +343,8 @@ def test_inference_mode_and_no_grad(kernel_calls):
 
 def test_non_contiguous_input_is_read_in_place(monkeypatch):
     exported = []
-    to_dlpack = _ops._to_dlpack
-    monkeypatch.setattr(_ops, "_to_dlpack", lambda t: exported.append(t) or to_dlpack(t))
+    to_dlpack = _bridge.to_dlpack
+    monkeypatch.setattr(_bridge, "to_dlpack", lambda t: exported.append(t) or to_dlpack(t))
     base = torch.randn(5, 7)
     x = base.t()  # (7, 5), strides (1, 7)
     y = LF.linear(x, torch.randn(3, 5))
@@ -518,7 +519,7 @@ def test_training_parity_784_50_relu_1():
 @pytest.fixture
 def fresh_fallback_warning(monkeypatch):
     """Forget that the once-per-process FallbackWarning was shown."""
-    monkeypatch.setattr(LF, "_fallback_warned", False)
+    monkeypatch.setattr(_bridge, "fallback_warned", False)
 
 
 def test_float16_falls_back_with_one_warning_and_bfloat16_mse_is_pytorchs(fresh_fallback_warning):

@@ -24,8 +24,9 @@ from torch.autograd import forward_ad  # noqa: E402
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap  # noqa: E402
 
 import lingrad  # noqa: E402
-from lingrad import _ops, kernels  # noqa: E402
 from lingrad import functional as LF  # noqa: E402
+from lingrad import kernels  # noqa: E402
+from lingrad.torch import _bridge, ops_linear, ops_mse  # noqa: E402
 
 D = torch.float64
 
@@ -145,22 +146,25 @@ def test_jacobian_vectorized_uses_the_legacy_vmap():
 
 # The operators themselves, against their definitions in PyTorch ops.
 OPERATORS = {
-    "linear": (lambda x, w, b, g: _ops.linear.overload(x, w, b), lambda x, w, b, g: F.linear(x, w, b)),
-    "linear_backward_input": (lambda x, w, b, g: _ops.linear_backward_input.overload(g, w), lambda x, w, b, g: g @ w),
+    "linear": (lambda x, w, b, g: ops_linear.linear.overload(x, w, b), lambda x, w, b, g: F.linear(x, w, b)),
+    "linear_backward_input": (
+        lambda x, w, b, g: ops_linear.linear_backward_input.overload(g, w),
+        lambda x, w, b, g: g @ w,
+    ),
     "linear_backward_weight": (
-        lambda x, w, b, g: _ops.linear_backward_weight.overload(g, x, True),
+        lambda x, w, b, g: ops_linear.linear_backward_weight.overload(g, x, True),
         lambda x, w, b, g: (g.T @ x, g.sum(0)),
     ),
     "mse_loss": (
-        lambda x, w, b, g: _ops.mse_loss.overload(x @ w.T, g, "mean"),
+        lambda x, w, b, g: ops_mse.mse_loss.overload(x @ w.T, g, "mean"),
         lambda x, w, b, g: F.mse_loss(x @ w.T, g),
     ),
     "mse_backward": (
-        lambda x, w, b, g: _ops.mse_backward.overload(x @ w.T, g, "sum"),
+        lambda x, w, b, g: ops_mse.mse_backward.overload(x @ w.T, g, "sum"),
         lambda x, w, b, g: 2 * (x @ w.T - g),
     ),
     "linear_mse": (
-        lambda x, w, b, g: _ops.linear_mse.overload(x, w, b, g, "mean", True)[0],
+        lambda x, w, b, g: ops_mse.linear_mse.overload(x, w, b, g, "mean", True)[0],
         lambda x, w, b, g: F.mse_loss(F.linear(x, w, b), g),
     ),
 }
@@ -194,7 +198,7 @@ def test_torch_func_on_the_operators(name, transform):
 
 @pytest.fixture
 def fresh_fallback_warning(monkeypatch):
-    monkeypatch.setattr(LF, "_fallback_warned", False)
+    monkeypatch.setattr(_bridge, "fallback_warned", False)
 
 
 def test_autocast_float16_gives_what_nn_linear_gives(fresh_fallback_warning):
@@ -294,7 +298,7 @@ def test_negative_views_are_resolved(fresh_fallback_warning):
         warnings.simplefilter("error")  # computed by lingrad, no FallbackWarning
         y = ours(x)
     torch.testing.assert_close(y, theirs(x))
-    torch.testing.assert_close(_ops.linear.overload(x, ours.weight, ours.bias), theirs(x))
+    torch.testing.assert_close(ops_linear.linear.overload(x, ours.weight, ours.bias), theirs(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ number of threads.
 With PyTorch installed (``pip install lingrad[torch]``), ``lingrad.Linear`` (a drop-in for
 ``torch.nn.Linear``), ``lingrad.LinearMSELoss`` (the fused Linear + MSE block),
 ``lingrad.swap_linear``, ``lingrad.functional`` and ``lingrad.autograd`` are imported on first
-use, so that ``import lingrad`` never needs torch.
+use, so that ``import lingrad`` never needs torch. Their code is in the subpackage
+:mod:`lingrad.torch`; ``lingrad.nn``, ``lingrad.functional`` and the rest are its modules.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ __all__ = [
 ]
 
 
-# The PyTorch layer, imported on first access: name -> submodule holding it.
+# The PyTorch layer, imported on first access: name -> module of lingrad.torch holding it (the
+# modules themselves are also importable as lingrad.nn, lingrad.functional, ...: see nn.py there).
 _TORCH_NAMES = {
     "Linear": "nn",
     "LinearMSELoss": "nn",
@@ -98,7 +100,7 @@ def __getattr__(name: str) -> Any:
     except ImportError as e:
         raise ImportError(f"lingrad.{name} needs PyTorch: pip install 'lingrad[torch]'") from e
     _require_supported_torch(torch.__version__)
-    module = importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}")
+    module = importlib.import_module(f"{__name__}.torch.{_TORCH_NAMES[name]}")
     value = module if name == _TORCH_NAMES[name] else getattr(module, name)
     globals()[name] = value  # later accesses skip this function
     return value
@@ -107,7 +109,7 @@ def __getattr__(name: str) -> Any:
 # With torch already imported, register the operators (torch.ops.lingrad.*) now, so that a program
 # saved with torch.export loads after `import torch, lingrad` alone. Without torch, nothing is imported.
 if sys.modules.get("torch") is not None and _torch_supported(sys.modules["torch"].__version__):
-    from . import _ops  # noqa: F401
+    importlib.import_module(f"{__name__}.torch")  # (the subpackage registers them)
 
 
 def __dir__() -> list[str]:
