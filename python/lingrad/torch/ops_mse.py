@@ -8,7 +8,8 @@ derivative rules (see ops.py):
     linear_mse_loss(x, weight, bias, target, reduction, input_grad) -> loss
         the fused step for eager autograd: the loss alone as its output, linear_mse's backward
 
-pred and target have one shape, 1-D or 2-D.
+pred and target have one shape, 1-D or 2-D. The scale 2 / N (N = numel for "mean") or 2 ("sum") of
+the loss gradient is _mse_backward_scale, wherever a rule needs it.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _mse_backward_vmap(info, in_dims, pred, target, reduction):
     pred_dim, target_dim, _ = in_dims
     p = expand_front(pred, pred_dim, info.batch_size)
     t = expand_front(target, target_dim, info.batch_size)
-    # each sample's own N: the kernel's "sum" (2 r), scaled per sample
+    # each sample's own N: the kernel's "sum" (2 r), divided by N per sample (2 r / N, where the
+    # kernel's "mean" computes r * _mse_backward_scale: equal to within a rounding)
     grad = mse_backward(p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1), "sum").reshape(p.shape)
     return (grad / max(p[0].numel(), 1) if reduction == "mean" else grad), 0
 
@@ -192,7 +194,7 @@ def _save_linear_mse(ctx, inputs, output) -> None:
     ctx.made = (grad_x, grad_weight, grad_bias)
     # The inputs that need gradients, for double backward only: their values are never read there.
     ctx.inputs = tuple(t if need else None for t, need in zip((x, weight, bias, target), ctx.needs_input_grad))
-    ctx.scale = 2.0 / max(grad_y.numel(), 1) if reduction == "mean" else 2.0
+    ctx.scale = _mse_backward_scale(grad_y, reduction)
     ctx.weight_dtype = weight.dtype
     save_for_forward(ctx, x, weight, grad_y)
 
@@ -275,8 +277,7 @@ def _linear_mse_vmap(info, in_dims, x, weight, bias, target, reduction, input_gr
     bs = None if bias is None else expand_front(bias, in_dims[2], n)
     y = torch.matmul(xs, ws.mT) + (0 if bs is None else bs.unsqueeze(-2))
     residual = y - ts
-    count = residual[0].numel()
-    scale = 2.0 / max(count, 1) if reduction == "mean" else 2.0
+    scale = _mse_backward_scale(residual[0], reduction)
     loss = residual.square().flatten(1).sum(1) * (scale / 2)
     grad_y = scale * residual
     grad_x = torch.matmul(grad_y, ws) if input_grad else None
