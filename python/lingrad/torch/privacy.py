@@ -135,6 +135,28 @@ def clip_and_accumulate(
     ``model.parameters()`` order (see :func:`add_noise`). One backward pass; no per-sample gradient is materialised. A
     parameter that no sample's loss reached gets the noise alone.
     """
+    params = _validate(model, per_sample_loss, max_grad_norm, noise_multiplier)
+    batch = per_sample_loss.shape[0]
+    norms, per_layer = _per_sample_norms(_capture_backward(per_sample_loss, params), batch)
+    with np.errstate(divide="ignore"):
+        clip = np.minimum(1.0, max_grad_norm / norms)  # a zero gradient: 1
+    grads = _clipped_sum(per_layer, clip, batch)
+    # The noise, over the batch size.
+    std = noise_multiplier * max_grad_norm / batch if batch else 0.0
+    for p in params:
+        g = grads.get(id(p))
+        if g is None:
+            g = torch.zeros_like(p)
+        if std > 0:
+            add_noise(g, std, generator)
+        p.grad = g
+    return as_tensor(norms)
+
+
+def _validate(
+    model: torch.nn.Module, per_sample_loss: Tensor, max_grad_norm: float, noise_multiplier: float
+) -> list[Tensor]:
+    """clip_and_accumulate's arguments checked; the trainable parameters."""
     params = _check_model(model)
     if not isinstance(per_sample_loss, Tensor) or per_sample_loss.dim() != 1:
         shape = tuple(per_sample_loss.shape) if isinstance(per_sample_loss, Tensor) else type(per_sample_loss).__name__
@@ -145,9 +167,14 @@ def clip_and_accumulate(
         raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
-    batch = per_sample_loss.shape[0]
+    return params
 
-    # The backward pass: each lingrad node appends what it saw to its capture list.
+
+def _capture_backward(per_sample_loss: Tensor, params: list[Tensor]) -> dict[int, tuple[Tensor, Tensor | None, list]]:
+    """The one backward pass, in which each lingrad node captures what it saw instead of making
+    weight gradients (the capture protocol of lingrad.torch._bridge). Returns, per layer with a
+    trainable parameter, (weight, bias or None: each None unless trainable, [(grad_out, x) per use]).
+    A TypeError if a parameter got a gradient outside lingrad's Linear kernels (.grad restored)."""
     owner = {id(p): p for p in params}
     nodes = _graph_nodes(per_sample_loss.grad_fn)
     captures = [start_capture(node) for node in nodes]
@@ -195,8 +222,13 @@ def clip_and_accumulate(
             ]
             for layer, grad_out, x in capture:
                 add(*leaves[layer], grad_out, x)
+    return layers
 
-    # Per-sample norms, summed in squares over all layers.
+
+def _per_sample_norms(layers: dict, batch: int) -> tuple[np.ndarray, list]:
+    """The per-sample gradient norms (B,) float64 over all layers (summed in squares), and per layer
+    (weight, bias, grad_out, x) with each sample's rows (see _steps). Empties ``layers``, so that
+    only the returned list keeps the layers' tensors."""
     squares = np.zeros(batch)
     per_layer = []
     for weight, bias, uses in layers.values():
@@ -209,14 +241,14 @@ def clip_and_accumulate(
             norms = kernels.linear_per_sample_grad_norms(to_array(grad_out), to_array(x), bias=bias is not None)
             squares += norms * norms
         per_layer.append((weight, bias, grad_out, x))
-    # Only per_layer keeps the layers' tensors now; each is dropped once its gradient is made.
     layers.clear()
-    captures.clear()
-    norms = np.sqrt(squares)
-    with np.errstate(divide="ignore"):
-        clip = np.minimum(1.0, max_grad_norm / norms)  # a zero gradient: 1
+    return np.sqrt(squares), per_layer
 
-    # The clipped sum, its noise, over the batch size.
+
+def _clipped_sum(per_layer: list, clip: np.ndarray, batch: int) -> dict[int, Tensor]:
+    """{id(parameter): sum_b clip[b] g_b / batch} from _per_sample_norms's layers, one weighted
+    weight-gradient kernel call per layer. Empties ``per_layer``: each layer's tensors are dropped
+    once its gradient is made."""
     grads: dict[int, Tensor] = {}
     while per_layer:
         weight, bias, grad_out, x = per_layer.pop(0)
@@ -236,12 +268,4 @@ def clip_and_accumulate(
         grads[id(weight)] = dw
         if bias is not None:
             grads[id(bias)] = db
-    std = noise_multiplier * max_grad_norm / batch if batch else 0.0
-    for p in params:
-        g = grads.get(id(p))
-        if g is None:
-            g = torch.zeros_like(p)
-        if std > 0:
-            add_noise(g, std, generator)
-        p.grad = g
-    return as_tensor(norms)
+    return grads
