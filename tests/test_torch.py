@@ -682,6 +682,17 @@ def test_distributed_data_parallel_gloo(tmp_path):
             torch.testing.assert_close(result["lingrad"][name], results[0]["lingrad"][name], rtol=0, atol=0)
 
 
+def test_the_layer_modules_are_one_object_by_either_name():
+    # lingrad.nn (attribute or import), and lingrad.torch.nn, where the code is: one module each
+    import importlib
+
+    for name in ("nn", "functional", "autograd", "mlp", "privacy"):
+        module = importlib.import_module(f"lingrad.torch.{name}")
+        assert importlib.import_module(f"lingrad.{name}") is module
+        assert getattr(lingrad, name) is module and sys.modules[f"lingrad.{name}"] is module
+    assert lingrad.Linear is lingrad.nn.Linear and lingrad.fuse is lingrad.mlp.fuse
+
+
 def test_import_lingrad_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail

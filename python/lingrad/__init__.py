@@ -83,7 +83,7 @@ def _torch_supported(version: str) -> bool:
 
 
 def _require_supported_torch(version: str) -> None:
-    """Raises ImportError, naming both versions, below TORCH_MIN (the PyTorch layer's modules call it)."""
+    """Raises ImportError, naming both versions, below TORCH_MIN (lingrad.torch calls it first)."""
     if not _torch_supported(version):
         need = ".".join(map(str, TORCH_MIN))
         raise ImportError(
