@@ -101,16 +101,14 @@ def products(budget: float, lock: str | None, widened: str | None) -> None:
     import ml_dtypes
 
     bf16 = ml_dtypes.bfloat16
-    default = lingrad.get_isa()
     isas = [i for i in lingrad.available_isas() if i in ("amx_bf16", "avx512_bf16")]
     widened = widened or next(i for i in lingrad.available_isas() if PATHS[i] == "widened")
     with locked(lock):
         fma = _C.measure_fma_peak(lingrad.get_num_threads(), 0.5)
         peaks = {}
         for isa in isas:
-            lingrad.set_isa(isa)
-            peaks[isa] = _C.measure_bf16_peak(lingrad.get_num_threads(), 0.5)
-        lingrad.set_isa(default)
+            with lingrad.settings(isa=isa):
+                peaks[isa] = _C.measure_bf16_peak(lingrad.get_num_threads(), 0.5)
     print(f"\nCPU: {cpu_name()}; lingrad {lingrad.__version__}, {lingrad.get_num_threads()} threads")
     print(f"peaks: float32 FMA {fma:.0f} GFLOP/s; " + "; ".join(f"{PATHS[i]} {p:.0f}" for i, p in peaks.items()))
     columns = [*isas, widened]
@@ -130,15 +128,14 @@ def products(budget: float, lock: str | None, widened: str | None) -> None:
         for name, (f32, b16, widen_then_f32) in cases.items():
             seconds = {}
             with locked(lock):
-                lingrad.set_isa(widened)
-                seconds["float32"] = time_interleaved({"f": f32}, budget / 4)["f"]
+                with lingrad.settings(isa=widened):
+                    seconds["float32"] = time_interleaved({"f": f32}, budget / 4)["f"]
                 for isa in isas:
-                    lingrad.set_isa(isa)
-                    seconds[isa] = time_interleaved({"b": b16}, budget / 4)["b"]
-                lingrad.set_isa(widened)  # (the two a CPU without bfloat16 instructions chooses between)
-                both = time_interleaved({"b": b16, "w": widen_then_f32}, budget / 2)
+                    with lingrad.settings(isa=isa):
+                        seconds[isa] = time_interleaved({"b": b16}, budget / 4)["b"]
+                with lingrad.settings(isa=widened):  # (the two a CPU without bfloat16 instructions chooses between)
+                    both = time_interleaved({"b": b16, "w": widen_then_f32}, budget / 2)
                 seconds[widened], seconds["widen"] = both["b"], both["w"]
-                lingrad.set_isa(default)
             cells = []
             for isa in columns:
                 gf = flops / seconds[isa] * 1e-9

@@ -124,8 +124,7 @@ def privacy(d: Digest, rng, dtype) -> None:
         d.add(kernels.linear_backward_weight(dy, x, sample_weights=weights, bias=True))
 
 
-def run(shapes, threads: int) -> str:
-    lingrad.set_num_threads(threads)
+def run(shapes) -> str:
     d = Digest()
     rng = np.random.default_rng(20261206)
     dtypes = [np.float32, np.float64]
@@ -154,20 +153,17 @@ def main() -> int:
     args = parser.parse_args()
     shapes = QUICK if args.quick else SHAPES
     total = hashlib.sha256()
-    isa_before, threads_before = lingrad.get_isa(), lingrad.get_num_threads()
     differs = False
-    try:
-        for isa in lingrad.available_isas():
-            lingrad.set_isa(isa)
-            per_thread = {t: run(shapes, t) for t in (1, 2)}
-            if len(set(per_thread.values())) != 1:
-                differs = True
-                print(f"{isa}: RESULTS DIFFER BETWEEN 1 AND 2 THREADS: {per_thread}")
-            print(f"{isa:12s} {per_thread[1]}")
-            total.update(per_thread[1].encode())
-    finally:
-        lingrad.set_isa(isa_before)
-        lingrad.set_num_threads(threads_before)
+    for isa in lingrad.available_isas():
+        per_thread = {}
+        for threads in (1, 2):
+            with lingrad.settings(isa=isa, threads=threads):
+                per_thread[threads] = run(shapes)
+        if len(set(per_thread.values())) != 1:
+            differs = True
+            print(f"{isa}: RESULTS DIFFER BETWEEN 1 AND 2 THREADS: {per_thread}")
+        print(f"{isa:12s} {per_thread[1]}")
+        total.update(per_thread[1].encode())
     print(f"{'total':12s} {total.hexdigest()}  ({'quick' if args.quick else 'full'}, lingrad {lingrad.__version__})")
     return 1 if differs else 0
 

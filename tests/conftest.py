@@ -9,18 +9,15 @@ ISAS = lingrad.available_isas()
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Run the test once on every SIMD code path this CPU can run, then restore the default."""
-    previous = lingrad.get_isa()
-    lingrad.set_isa(request.param)
-    yield request.param
-    lingrad.set_isa(previous)
+    with lingrad.settings(isa=request.param):
+        yield request.param
 
 
 @pytest.fixture
 def num_threads():
     """Lets a test change the thread count; restores it afterwards."""
-    previous = lingrad.get_num_threads()
-    yield lingrad.set_num_threads
-    lingrad.set_num_threads(previous)
+    with lingrad.settings():
+        yield lingrad.set_num_threads
 
 
 @pytest.fixture

@@ -206,22 +206,6 @@ def describe(arrays: dict) -> str:
     return ", ".join(parts)
 
 
-class Settings:
-    """Sets the ISA and thread count for one example; restores the defaults after."""
-
-    def __init__(self, isa: str, threads: int):
-        self.isa, self.threads = isa, threads
-
-    def __enter__(self):
-        self.previous = lingrad.get_isa(), lingrad.get_num_threads()
-        lingrad.set_isa(self.isa)
-        lingrad.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        lingrad.set_isa(self.previous[0])
-        lingrad.set_num_threads(self.previous[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # Valid calls
 
@@ -236,9 +220,9 @@ def check_valid_call(data, function: str, arrays: dict, options: dict, outs: dic
     given_outs = {n: o for n, o in outs.items() if o is not None}
     trace(f"{function}({describe({**arrays, **given_outs})}, {options}) isa={isa} threads={threads}")
 
-    with Settings(isa, threads):
+    with lingrad.settings(isa=isa, threads=threads):
         result = fn(**arrays, **options, **given_outs)
-    with Settings(isa, 1):
+    with lingrad.settings(isa=isa, threads=1):
         dense = {n: (np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a) for n, a in arrays.items()}
         dense_result = fn(**dense, **options)
 

@@ -113,21 +113,15 @@ def test_every_path_computes_the_pair_model_bitwise(isa, rng):
 def test_paths_and_thread_counts_agree_bitwise(rng, shape):
     batch, n_in, n_out = shape
     x, w, dy = make(rng, ((batch, n_in), BF16), ((n_out, n_in), F32), ((batch, n_out), BF16))
-    previous_isa, previous_threads = lingrad.get_isa(), lingrad.get_num_threads()
     results = {}
-    try:
-        for isa in lingrad.available_isas():
-            lingrad.set_isa(isa)
-            for threads in (1, 2, 3):
-                lingrad.set_num_threads(threads)
+    for isa in lingrad.available_isas():
+        for threads in (1, 2, 3):
+            with lingrad.settings(isa=isa, threads=threads):
                 results[isa, threads] = (
                     kernels.linear_forward(x, w),
                     kernels.linear_backward_input(dy, w),
                     *kernels.linear_backward_weight(dy, x, out=np.empty((n_out, n_in), np.float32)),
                 )
-    finally:
-        lingrad.set_isa(previous_isa)
-        lingrad.set_num_threads(previous_threads)
     for isa in {isa for isa, _ in results}:  # every thread count alike on each path
         for threads in (2, 3):
             for name, a, b in zip(("y", "dx", "dw", "db"), results[isa, 1], results[isa, threads]):
@@ -243,12 +237,8 @@ def test_amx_reads_rows_in_place_or_packed_alike(rng):
     x, w = make(rng, ((300, 96), BF16), ((200, 96), F32))
     padded = np.zeros((300, 100), BF16)
     padded[:, :96] = x
-    previous = lingrad.get_isa()
-    try:
-        lingrad.set_isa("amx_bf16")
+    with lingrad.settings(isa="amx_bf16"):
         ys = [kernels.linear_forward(a, w) for a in (aligned_bf16(x, 0), aligned_bf16(x, 16), padded[:, :96])]
-    finally:
-        lingrad.set_isa(previous)
     assert ys[0].tobytes() == ys[1].tobytes() == ys[2].tobytes()
 
 

@@ -133,11 +133,10 @@ def test_set_isa_while_kernels_run(num_threads, rng):
     isas = lingrad.available_isas()
     x = rng.standard_normal((150, 300)).astype(np.float32)
     w = rng.standard_normal((70, 300)).astype(np.float32)
-    previous = lingrad.get_isa()
     answers = set()
     for name in isas:
-        lingrad.set_isa(name)
-        answers.add(kernels.linear_forward(x, w).tobytes())
+        with lingrad.settings(isa=name):
+            answers.add(kernels.linear_forward(x, w).tobytes())
     stop = threading.Event()
 
     def switcher():
@@ -158,10 +157,8 @@ def test_set_isa_while_kernels_run(num_threads, rng):
 
         return run
 
-    try:
+    with lingrad.settings():  # (the switcher leaves some ISA set)
         run_threads([switcher] + [worker(k) for k in range(PYTHON_THREADS - 1)])
-    finally:
-        lingrad.set_isa(previous)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")

@@ -1,6 +1,9 @@
 import io
 
+import pytest
+
 import lingrad
+from lingrad import _C
 
 from helpers import run_python
 
@@ -45,3 +48,105 @@ def test_import_leaves_ml_dtypes_until_bfloat16_is_used():
         print("ok")
     """
     assert run_python(code, timeout=120).stdout.strip() == "ok"
+
+
+# -- lingrad.settings: the ISA and the thread count for a block --------------------------------
+
+
+def threads_in_force(n: int) -> int:
+    """What get_num_threads() says after set_num_threads(n): a build without OpenMP
+    (scripts/serial.sh) always computes with one thread."""
+    return n if lingrad.config()["openmp"] else 1
+
+
+def engine_threads() -> int:
+    """The team the GEMM engine plans for a product large enough to be threaded (300^3)."""
+    return _C._gemm_plan(300, 300, 300, 300, 1, 1, 300, "float32")["threads"]
+
+
+def test_settings_are_in_force_inside_and_restored_after(num_threads):
+    num_threads(2)
+    before = lingrad.get_isa(), lingrad.get_num_threads()
+    for isa in lingrad.available_isas():
+        with lingrad.settings(isa=isa, threads=3):
+            assert (lingrad.get_isa(), lingrad.get_num_threads()) == (isa, threads_in_force(3))
+            info = lingrad.config()  # what the kernels run with: the ISA's register tile, the engine's team
+            assert (info["isa"], info["num_threads"]) == (isa, threads_in_force(3))
+            tile = info["tile_float32"]
+            assert engine_threads() == threads_in_force(3)
+        assert (lingrad.get_isa(), lingrad.get_num_threads()) == before
+        lingrad.set_isa(isa)  # the same as the setters give
+        assert lingrad.config()["tile_float32"] == tile
+        lingrad.set_isa(before[0])
+    assert engine_threads() == threads_in_force(2)
+
+
+def test_settings_none_leaves_a_setting_as_it_is(isa, num_threads):
+    num_threads(2)
+    with lingrad.settings(threads=1):
+        assert (lingrad.get_isa(), lingrad.get_num_threads()) == (isa, 1)
+    with lingrad.settings(isa="generic"):
+        assert (lingrad.get_isa(), lingrad.get_num_threads()) == ("generic", threads_in_force(2))
+    with lingrad.settings():
+        lingrad.set_isa("generic")  # changed inside by the setters: restored all the same
+        lingrad.set_num_threads(3)
+    assert (lingrad.get_isa(), lingrad.get_num_threads()) == (isa, threads_in_force(2))
+
+
+def test_settings_restored_when_the_block_raises(num_threads):
+    num_threads(2)
+    before = lingrad.get_isa(), lingrad.get_num_threads()
+    with pytest.raises(KeyError, match="inside"):
+        with lingrad.settings(isa="generic", threads=1):
+            raise KeyError("inside")
+    assert (lingrad.get_isa(), lingrad.get_num_threads()) == before
+
+
+def test_settings_nest(num_threads):
+    num_threads(2)
+    isas = lingrad.available_isas()
+    outer_isa, inner_isa = isas[-1], isas[0]  # "generic" and the best one (the same on a plain CPU)
+    before = lingrad.get_isa(), lingrad.get_num_threads()
+    with lingrad.settings(isa=outer_isa, threads=1):
+        with lingrad.settings(isa=inner_isa, threads=3):
+            assert (lingrad.get_isa(), lingrad.get_num_threads()) == (inner_isa, threads_in_force(3))
+            with lingrad.settings(threads=2):
+                assert (lingrad.get_isa(), lingrad.get_num_threads()) == (inner_isa, threads_in_force(2))
+            assert lingrad.get_num_threads() == threads_in_force(3)
+        assert (lingrad.get_isa(), lingrad.get_num_threads()) == (outer_isa, 1)
+    assert (lingrad.get_isa(), lingrad.get_num_threads()) == before
+
+
+def raised(call, *args):
+    try:
+        call(*args)
+    except Exception as e:
+        return type(e), str(e)
+    raise AssertionError(f"{call.__name__}{args} was accepted")
+
+
+@pytest.mark.parametrize(
+    "isa, threads",
+    [
+        (None, 0),
+        (None, 5000),
+        (None, 2.0),
+        (None, True),
+        (None, "2"),
+        ("sse9", None),
+        ("", 2),
+        (3, None),
+        ("generic", -1),
+    ],
+)
+def test_settings_reject_what_the_setters_reject_and_change_nothing(num_threads, isa, threads):
+    num_threads(2)
+    before = lingrad.get_isa(), lingrad.get_num_threads()
+    isa_ok = isa is None or isa in lingrad.available_isas()
+    want = raised(lingrad.set_num_threads, threads) if isa_ok else raised(lingrad.set_isa, isa)
+    assert (lingrad.get_isa(), lingrad.get_num_threads()) == before
+    with pytest.raises(want[0]) as e:
+        with lingrad.settings(isa=isa, threads=threads):
+            raise AssertionError("the block ran")
+    assert str(e.value) == want[1]
+    assert (lingrad.get_isa(), lingrad.get_num_threads()) == before

@@ -66,13 +66,12 @@ def results_digest(isa, threads):
     """SHA-256 of every kernel's results on RUN_TO_RUN_SHAPES, both dtypes."""
     import hashlib
 
-    lingrad.set_isa(isa)
-    lingrad.set_num_threads(threads)
     digest = hashlib.sha256()
-    for dtype in (np.float32, np.float64):
-        for shape in RUN_TO_RUN_SHAPES:
-            for result in all_results(np.random.default_rng(7), dtype, *shape)():
-                digest.update(result.tobytes())
+    with lingrad.settings(isa=isa, threads=threads):
+        for dtype in (np.float32, np.float64):
+            for shape in RUN_TO_RUN_SHAPES:
+                for result in all_results(np.random.default_rng(7), dtype, *shape)():
+                    digest.update(result.tobytes())
     return digest.hexdigest()
 
 

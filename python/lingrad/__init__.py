@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from . import _C, kernels
 from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
+from ._settings import settings
 
 __version__: str = _C.build_info()["version"]
 
@@ -49,6 +50,7 @@ __all__ = [
     "get_isa",
     "set_isa",
     "available_isas",
+    "settings",
     "config",
     "show_config",
 ]

@@ -152,11 +152,8 @@ def _threads_bitwise(dtype) -> str | None:
     if np.prod(THREADED_SHAPE) < lingrad.config()["gemm_serial_work"]:
         return f"{THREADED_SHAPE} is below the threaded path's threshold: the check would compare one thread with one"
     x, w, b, t, _ = _arrays(THREADED_SHAPE, dtype)
-    lingrad.set_num_threads(1)
-    try:
+    with lingrad.settings(threads=1):
         one = kernels.linear_mse(x, w, b, t)
-    finally:
-        lingrad.set_num_threads(threads)
     many = kernels.linear_mse(x, w, b, t)
     for name, a, c in zip(("loss", "grad_input", "grad_weight", "grad_bias"), one, many):
         if not np.array_equal(np.asarray(a), np.asarray(c)):
@@ -237,12 +234,12 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         line(problem is None, isa, what, problem or "")
 
-    previous_isa = lingrad.get_isa()
-    previous_threads = lingrad.get_num_threads()
+    default_isa = lingrad.get_isa()
+    threads = lingrad.get_num_threads()
     isas = lingrad.available_isas()
     print(
-        f"lingrad {lingrad.__version__} self-check: SIMD paths {', '.join(isas)} (default {previous_isa}), "
-        f"{previous_threads} threads; errors are shown as a fraction of the float64 reference's rigorous bound",
+        f"lingrad {lingrad.__version__} self-check: SIMD paths {', '.join(isas)} (default {default_isa}), "
+        f"{threads} threads; errors are shown as a fraction of the float64 reference's rigorous bound",
         file=out,
     )
     torch_checks = []
@@ -266,16 +263,15 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
             line(False, isa, what, f"an error {worst:.3g} times the bound")
 
     bf16 = lingrad.config()["bf16_numpy"]
-    try:
-        for isa in isas:
-            lingrad.set_isa(isa)
+    for isa in isas:
+        with lingrad.settings(isa=isa):  # (and the thread count, whatever a check does to it)
             for dtype in DTYPES:
                 name = np.dtype(dtype).name
                 for kernel, check in KERNEL_CHECKS.items():
                     bounded(isa, f"{kernel} {name}", check, dtype)
                 attempt(
                     isa,
-                    f"linear_mse {name}: bitwise identical for 1 and {previous_threads} threads",
+                    f"linear_mse {name}: bitwise identical for 1 and {threads} threads",
                     lambda dtype=dtype: _threads_bitwise(dtype),
                 )
             for kernel, check in BF16_CHECKS.items() if bf16 else ():
@@ -286,9 +282,6 @@ def run(out: IO[str] | None = None, *, use_torch: bool = True) -> bool:
                 attempt(isa, what, check)
             if torch_missing:
                 line(None, isa, "PyTorch checks", torch_missing)
-    finally:
-        lingrad.set_isa(previous_isa)
-        lingrad.set_num_threads(previous_threads)
     verdict = "PASS" if failures == 0 else "FAIL"
     print(
         f"{verdict}: {count - failures} of {count} checks passed" + (f", {failures} failed" if failures else ""),

@@ -385,14 +385,13 @@ def main(
 
     if threads is None:
         return _main(steps, images, out_png, seed, lr, progress, out, path)
-    previous = lingrad.get_num_threads(), torch.get_num_threads()
-    lingrad.set_num_threads(threads)
-    torch.set_num_threads(threads)
-    try:
-        return _main(steps, images, out_png, seed, lr, progress, out, path)
-    finally:
-        lingrad.set_num_threads(previous[0])
-        torch.set_num_threads(previous[1])
+    torch_threads = torch.get_num_threads()
+    with lingrad.settings(threads=threads):
+        torch.set_num_threads(threads)
+        try:
+            return _main(steps, images, out_png, seed, lr, progress, out, path)
+        finally:
+            torch.set_num_threads(torch_threads)
 
 
 def _main(steps, images, out_png, seed, lr, progress, out, path) -> int:
