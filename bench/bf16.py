@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import lingrad
 from lingrad import _C, kernels
+from lingrad import reference as ref
 from lingrad.benchmark import cpu_name, time_interleaved
 
 PRODUCT_SHAPES = [(4096, 1024, 1024), (1024, 4096, 1024), (512, 1024, 1024), (256, 784, 256)]
@@ -120,8 +121,7 @@ def products(budget: float, lock: str | None, widened: str | None) -> None:
     print("| --- | --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: |")
     for shape in PRODUCT_SHAPES:
         batch, n_in, n_out = shape
-        rng = np.random.default_rng(0)
-        x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in [(batch, n_in), (n_out, n_in), (batch, n_out)])
+        x, w, _, _, dy = ref.arrays(shape, np.float32, 0)
         xb, wb, dyb = x.astype(bf16), w.astype(bf16), dy.astype(bf16)
         flops = 2.0 * batch * n_in * n_out
         cases = product_cases(x, w, dy, xb, wb, dyb)

@@ -9,6 +9,7 @@ import pytest
 
 import lingrad
 from lingrad import kernels
+from lingrad import reference as ref
 
 PYTHON_THREADS = 6
 
@@ -18,11 +19,7 @@ def tasks(rng):
     out = []
     for dtype in (np.float32, np.float64):
         for batch, n_in, n_out in [(1, 3, 1), (37, 300, 19), (200, 64, 130), (5, 700, 40), (0, 4, 3)]:
-            x = rng.standard_normal((batch, n_in)).astype(dtype)
-            w = rng.standard_normal((n_out, n_in)).astype(dtype)
-            b = rng.standard_normal(n_out).astype(dtype)
-            t = rng.standard_normal((batch, n_out)).astype(dtype)
-            dy = rng.standard_normal((batch, n_out)).astype(dtype)
+            x, w, b, t, dy = ref.arrays((batch, n_in, n_out), dtype, rng)
             tag = f"{dtype.__name__} {batch}x{n_in}x{n_out}"
             out += [
                 (f"linear_forward {tag}", lambda x=x, w=w, b=b: kernels.linear_forward(x, w, b)),
@@ -131,8 +128,7 @@ def test_set_isa_while_kernels_run(num_threads, rng):
     """Switching the ISA from one thread while others compute: each call runs on one ISA or the
     other (its result is one of theirs, bitwise), never a mix or a crash."""
     isas = lingrad.available_isas()
-    x = rng.standard_normal((150, 300)).astype(np.float32)
-    w = rng.standard_normal((70, 300)).astype(np.float32)
+    x, w, *_ = ref.arrays((150, 300, 70), np.float32, rng)
     answers = set()
     for name in isas:
         with lingrad.settings(isa=name):

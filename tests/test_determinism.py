@@ -5,16 +5,13 @@ import pytest
 
 import lingrad
 from lingrad import kernels
+from lingrad import reference as ref
 
 from helpers import assert_same_bytes_for_any_thread_count
 
 
 def all_results(rng, dtype, batch, n_in, n_out):
-    x = rng.standard_normal((batch, n_in)).astype(dtype)
-    w = rng.standard_normal((n_out, n_in)).astype(dtype)
-    b = rng.standard_normal(n_out).astype(dtype)
-    t = rng.standard_normal((batch, n_out)).astype(dtype)
-    dy = rng.standard_normal((batch, n_out)).astype(dtype)
+    x, w, b, t, dy = ref.arrays((batch, n_in, n_out), dtype, rng)
 
     def run():
         loss, dx, dw, db = kernels.linear_mse(x, w, b, t)

@@ -256,15 +256,12 @@ def test_nan_and_inf_propagate(rng, isa, dtype):
 def test_length_one_dimensions_ignore_their_strides(rng):
     """NumPy may leave any stride on a dimension of length 1 (it is never used): such arrays are
     valid, even when that stride is not a multiple of the element size."""
-    x = rng.standard_normal((1, 5)).astype(np.float32)
-    w = rng.standard_normal((3, 5)).astype(np.float32)
-    b = rng.standard_normal(3).astype(np.float32)
+    x, w, b, _, dy = ref.arrays((1, 5, 3), np.float32, rng)
     odd_x = np.lib.stride_tricks.as_strided(x, shape=(1, 5), strides=(3, 4))
     odd_b = np.lib.stride_tricks.as_strided(b[:1], shape=(1,), strides=(7,))
     assert odd_x.flags.c_contiguous
     np.testing.assert_array_equal(kernels.linear_forward(odd_x, w, b), kernels.linear_forward(x, w, b))
     np.testing.assert_array_equal(kernels.linear_forward(odd_x, w[:1], odd_b), kernels.linear_forward(x, w[:1], b[:1]))
-    dy = rng.standard_normal((1, 3)).astype(np.float32)
     odd_dy = np.lib.stride_tricks.as_strided(dy, shape=(1, 3), strides=(1, 4))
     for got, want in zip(kernels.linear_backward_weight(odd_dy, odd_x), kernels.linear_backward_weight(dy, x)):
         np.testing.assert_array_equal(got, want)

@@ -82,10 +82,7 @@ def test_small_batch_fused_step(rng, num_threads, dtype, batch):
     """The fused step at a small batch: its forward product (with the loss in the epilogue) and dX
     run the small-M path; all of it matches the reference and is the same for any thread count."""
     n_in, n_out = 520, 1030  # K >= 8 batch^2 for the forward (520) and dX (1030): the small-M path
-    x = rng.standard_normal((batch, n_in)).astype(dtype)
-    w = rng.standard_normal((n_out, n_in)).astype(dtype)
-    b = rng.standard_normal(n_out).astype(dtype)
-    t = rng.standard_normal((batch, n_out)).astype(dtype)
+    x, w, b, t, _ = ref.arrays((batch, n_in, n_out), dtype, rng)
     num_threads(1)
     first = kernels.linear_mse(x, w, b, t)
     for got, (want, bound), name in zip(first, ref.linear_mse(x, w, b, t, "mean"), ["loss", "dx", "dw", "db"]):

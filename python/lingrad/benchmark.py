@@ -32,6 +32,7 @@ import numpy as np
 
 import lingrad
 from lingrad import _C, kernels
+from lingrad import reference as ref
 
 # (batch, in_features, out_features)
 SMALL_BATCH = [(1, 784, 50), (1, 4096, 1024), (1, 1024, 4096), (2, 4096, 4096), (8, 1024, 1024)]
@@ -132,21 +133,10 @@ def _once(f: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _arrays(shape, dtype, seed=0):
-    batch, n_in, n_out = shape
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, n_in)).astype(dtype)
-    w = (rng.standard_normal((n_out, n_in)) / np.sqrt(max(n_in, 1))).astype(dtype)
-    b = rng.standard_normal(n_out).astype(dtype)
-    t = rng.standard_normal((batch, n_out)).astype(dtype)
-    dy = rng.standard_normal((batch, n_out)).astype(dtype)
-    return x, w, b, t, dy
-
-
 def numpy_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
     """lingrad's NumPy kernels against NumPy's own expressions, each writing into a preallocated
     output where NumPy can (so neither side pays for allocation)."""
-    x, w, b, t, dy = _arrays(shape, dtype)
+    x, w, b, t, dy = ref.arrays(shape, dtype, scale_weight=True)
     y, dx, dw, db = np.empty_like(t), np.empty_like(x), np.empty_like(w), np.empty_like(b)
 
     def np_forward():
@@ -176,7 +166,7 @@ def torch_cases(shape, dtype) -> dict[str, dict[str, Callable[[], object]]]:
     import torch
     import torch.nn.functional as F
 
-    x_np, w_np, b_np, t_np, _ = _arrays(shape, dtype)
+    x_np, w_np, b_np, t_np, _ = ref.arrays(shape, dtype, scale_weight=True)
     x = torch.from_numpy(x_np).requires_grad_(True)
     t = torch.from_numpy(t_np)
     n_out, n_in = w_np.shape

@@ -31,23 +31,12 @@ THREADED_SHAPE = (515, 129, 33)
 DTYPES = (np.float32, np.float64)
 
 
-def _arrays(shape, dtype, seed=0):
-    batch, n_in, n_out = shape
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, n_in)).astype(dtype)
-    w = rng.standard_normal((n_out, n_in)).astype(dtype)
-    b = rng.standard_normal(n_out).astype(dtype)
-    t = rng.standard_normal((batch, n_out)).astype(dtype)
-    dy = rng.standard_normal((batch, n_out)).astype(dtype)
-    return x, w, b, t, dy
-
-
 # Each kernel check returns the worst error / bound ratio over its outputs at one shape (<= 1 passes).
 # Kernels are looked up in lingrad.kernels at call time, so a replaced kernel is the one checked.
 
 
 def _linear_forward(shape, dtype):
-    x, w, b, _, _ = _arrays(shape, dtype)
+    x, w, b, _, _ = ref.arrays(shape, dtype)
     want, bound = ref.linear_forward(x, w, b)
     worst = ref.error_ratio(kernels.linear_forward(x, w, b), want, bound)
     want, bound = ref.linear_forward(x.T.copy().T, w)  # a column-major x, read in place, no bias
@@ -55,13 +44,13 @@ def _linear_forward(shape, dtype):
 
 
 def _linear_backward_input(shape, dtype):
-    _, w, _, _, dy = _arrays(shape, dtype)
+    _, w, _, _, dy = ref.arrays(shape, dtype)
     want, bound = ref.linear_backward_input(dy, w)
     return ref.error_ratio(kernels.linear_backward_input(dy, w), want, bound)
 
 
 def _linear_backward_weight(shape, dtype):
-    x, _, _, _, dy = _arrays(shape, dtype)
+    x, _, _, _, dy = ref.arrays(shape, dtype)
     dw, dw_bound, db, db_bound = ref.linear_backward_weight(dy, x)
     got_dw, got_db = kernels.linear_backward_weight(dy, x)
     return max(ref.error_ratio(got_dw, dw, dw_bound), ref.error_ratio(got_db, db, db_bound))
@@ -72,7 +61,7 @@ def _mse_check(kernel_name, reductions, result):
     The kernel is looked up at each call, so that a replaced one is the one checked."""
 
     def check(shape, dtype):
-        _, _, _, t, y = _arrays(shape, dtype)
+        _, _, _, t, y = ref.arrays(shape, dtype)
         kernel = getattr(kernels, kernel_name)
         return max(
             ref.error_ratio(kernel(y, t, reduction), *result(ref.mse(y, t, reduction))) for reduction in reductions
@@ -86,7 +75,7 @@ _mse_backward = _mse_check("mse_backward", ("mean", "sum"), lambda r: (r[2], r[3
 
 
 def _linear_mse(shape, dtype):
-    x, w, b, t, _ = _arrays(shape, dtype)
+    x, w, b, t, _ = ref.arrays(shape, dtype)
     worst = 0.0
     for reduction in ("mean", "sum"):
         wants = ref.linear_mse(x, w, b, t, reduction)
@@ -114,7 +103,7 @@ KERNEL_CHECKS: dict[str, Callable] = {
 def _bf16_arrays(shape):
     import ml_dtypes
 
-    x, w, b, t, dy = _arrays(shape, np.float32)
+    x, w, b, t, dy = ref.arrays(shape, np.float32)
     return x.astype(ml_dtypes.bfloat16), w, b, t, dy.astype(ml_dtypes.bfloat16)
 
 
@@ -151,7 +140,7 @@ def _threads_bitwise(dtype) -> str | None:
     threads = lingrad.get_num_threads()
     if np.prod(THREADED_SHAPE) < lingrad.config()["gemm_serial_work"]:
         return f"{THREADED_SHAPE} is below the threaded path's threshold: the check would compare one thread with one"
-    x, w, b, t, _ = _arrays(THREADED_SHAPE, dtype)
+    x, w, b, t, _ = ref.arrays(THREADED_SHAPE, dtype)
     with lingrad.settings(threads=1):
         one = kernels.linear_mse(x, w, b, t)
     many = kernels.linear_mse(x, w, b, t)

@@ -1,6 +1,7 @@
 """Float64 references for every kernel, with rigorous error bounds for the fast results.
 
-Used by the test suite and by ``lingrad check``, which runs them against the installed build.
+Used by the test suite and by ``lingrad check``, which runs them against the installed build;
+``arrays`` makes the inputs of a Linear layer that they, and ``lingrad bench``, run on.
 
 A float32 (or float64) dot product of length K carries a rounding error of at most about
 K * eps * (|a| . |b|), whatever the summation order. Each bound below follows that rule through
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "arrays",
     "eps",
     "f64",
     "linear_forward",
@@ -30,6 +32,23 @@ __all__ = [
     "error_ratio",
     "assert_within",
 ]
+
+
+def arrays(shape, dtype, seed=0, *, scale_weight=False):
+    """The inputs of a Linear layer of shape (batch, in, out) with its loss: x (batch, in),
+    w (out, in), b (out,), the target t (batch, out) and an output gradient dy (batch, out).
+    Standard normal values, drawn in that order from ``np.random.default_rng(seed)`` and rounded to
+    dtype; `seed` may be a Generator, which is drawn from (and so advanced). scale_weight: w divided
+    by sqrt(in) (the size of torch.nn.Linear's initial weights), so that y stays near 1 at any width."""
+    batch, n_in, n_out = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, n_in)).astype(dtype)
+    w = rng.standard_normal((n_out, n_in))
+    w = (w / np.sqrt(max(n_in, 1)) if scale_weight else w).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype)
+    t = rng.standard_normal((batch, n_out)).astype(dtype)
+    dy = rng.standard_normal((batch, n_out)).astype(dtype)
+    return x, w, b, t, dy
 
 
 def eps(dtype) -> float:
