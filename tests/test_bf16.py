@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_kernels
 
 import lingrad
 from lingrad import kernels
 from lingrad import reference as ref
+
+from cases import KERNEL_SHAPES, shape_id
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -20,7 +21,7 @@ F32 = np.dtype(np.float32)
 
 # (x, weight) dtypes: both bfloat16, and bfloat16 activations with float32 master weights (and back)
 OPERANDS = [(BF16, BF16), (BF16, F32), (F32, BF16)]
-SHAPES = [s for s in test_kernels.SHAPES if s[0] * s[1] * s[2] <= 3_000_000]
+SHAPES = [s for s in KERNEL_SHAPES if s[0] * s[1] * s[2] <= 3_000_000]
 
 
 def intel_cpu() -> bool:
@@ -45,7 +46,7 @@ def exact_path(isa):
 
 
 @pytest.mark.parametrize("operands", OPERANDS, ids=lambda o: f"{o[0].name}-{o[1].name}")
-@pytest.mark.parametrize("shape", SHAPES, ids=test_kernels.shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_products_within_the_bound(isa, rng, shape, operands):
     batch, n_in, n_out = shape
     x_dtype, w_dtype = operands
@@ -109,7 +110,7 @@ def test_every_path_computes_the_pair_model_bitwise(isa, rng):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("shape", [(300, 513, 77), (64, 784, 50), (9, 3000, 800)], ids=test_kernels.shape_id)
+@pytest.mark.parametrize("shape", [(300, 513, 77), (64, 784, 50), (9, 3000, 800)], ids=shape_id)
 def test_paths_and_thread_counts_agree_bitwise(rng, shape):
     batch, n_in, n_out = shape
     x, w, dy = make(rng, ((batch, n_in), BF16), ((n_out, n_in), F32), ((batch, n_out), BF16))

@@ -125,20 +125,12 @@ def raised(call, *args):
     raise AssertionError(f"{call.__name__}{args} was accepted")
 
 
-@pytest.mark.parametrize(
-    "isa, threads",
-    [
-        (None, 0),
-        (None, 5000),
-        (None, 2.0),
-        (None, True),
-        (None, "2"),
-        ("sse9", None),
-        ("", 2),
-        (3, None),
-        ("generic", -1),
-    ],
-)
+# (isa, threads) with one bad value: out of range or of the wrong type (the other one valid or None)
+BAD_SETTINGS = [(None, 0), (None, 5000), (None, 2.0), (None, True), (None, "2")]
+BAD_SETTINGS += [("sse9", None), ("", 2), (3, None), ("generic", -1)]
+
+
+@pytest.mark.parametrize("isa, threads", BAD_SETTINGS, ids=[f"isa={i!r} threads={t!r}" for i, t in BAD_SETTINGS])
 def test_settings_reject_what_the_setters_reject_and_change_nothing(num_threads, isa, threads):
     num_threads(2)
     before = lingrad.get_isa(), lingrad.get_num_threads()

@@ -7,6 +7,7 @@ import lingrad
 from lingrad import kernels
 from lingrad import reference as ref
 
+from cases import shape_id
 from helpers import assert_same_bytes_for_any_thread_count
 
 
@@ -42,7 +43,7 @@ def all_results(rng, dtype, batch, n_in, n_out):
         (3000, 800, 3),
         (300, 300, 300),
     ],
-    ids=lambda s: "x".join(map(str, s)),
+    ids=shape_id,
 )
 def test_same_bytes_for_any_thread_count(isa, num_threads, dtype, shape):
     assert_same_bytes_for_any_thread_count(all_results(np.random.default_rng(7), dtype, *shape), num_threads)

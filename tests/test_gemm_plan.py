@@ -7,12 +7,11 @@ import itertools
 
 import numpy as np
 import pytest
-import test_kernels
-import test_small_batch
-from test_memory import gemm_scratch_bound
 
 import lingrad
 from lingrad import _C
+
+from cases import KERNEL_SHAPES, SMALL_M_SHAPES, gemm_scratch_bound
 
 
 def strides(a):
@@ -37,7 +36,7 @@ def plan_of(product, shape, dtype=np.float32, order="C", threads=None):
     return _C._gemm_plan(*args, name, row_sums=product == "dW", threads=threads)
 
 
-# What shapes of the kernel tests claim to exercise (see the comments at test_kernels.SHAPES):
+# What shapes of the kernel tests claim to exercise (see the comments at cases.KERNEL_SHAPES):
 # (shape, product, what the plan must say), for float32 on every ISA, operands in C order.
 def packed(**want):
     return lambda p, shape: p["path"] == "packed" and all(p[k] == v for k, v in want.items())
@@ -85,7 +84,7 @@ CLAIMS = [
 
 @pytest.mark.parametrize("shape, product, claim", CLAIMS)
 def test_kernel_shapes_take_the_paths_they_claim(isa, shape, product, claim):
-    assert shape in test_kernels.SHAPES, "a claim about a shape the kernel tests do not run"
+    assert shape in KERNEL_SHAPES, "a claim about a shape the kernel tests do not run"
     plan = plan_of(product, shape)
     assert claim(plan, shape), f"{product} of {shape} on {isa}: {plan}"
 
@@ -96,7 +95,7 @@ def test_small_batch_shapes_take_both_forms(isa, dtype):
     does not; a C-order weight gives the dot form for the forward pass and the axpy form for dX, a
     Fortran-order one the reverse, and dW (X in C order) the axpy form."""
     forms = set()
-    for m, k, n in test_small_batch.SHAPES:
+    for m, k, n in SMALL_M_SHAPES:
         if k > 8 * m * m:
             below = (m, 8 * m * m - 1, n)  # one short of the threshold
             assert plan_of("forward", below, dtype)["path"] == ("narrow" if n <= 4 else "packed"), below

@@ -1,4 +1,5 @@
-"""Every kernel against the float64 reference, on every SIMD path, over many shapes."""
+"""Every kernel against the float64 reference, on every SIMD path, over many shapes (cases.KERNEL_SHAPES,
+with what each one covers)."""
 
 import numpy as np
 import pytest
@@ -6,48 +7,17 @@ import pytest
 from lingrad import kernels
 from lingrad import reference as ref
 
-DTYPES = [np.float32, np.float64]
+from cases import KERNEL_SHAPES, shape_id
 
-# (batch, in_features, out_features). The register tiles are 6 x 8/16/32, KC = 256, MC = 72..168,
-# NC = 4080/4096: sizes sit just below, on and above those, plus primes, ones and zeros. Products
-# with at most 4 columns take the narrow path, with at most 8 rows the small-M path (a batch of up
-# to 8; dW of up to 8 outputs): the packed path's tile edges need 9 rows or more. What each shape
-# claims to test is checked against the engine's plan in test_gemm_plan.py (CLAIMS).
-SHAPES = [
-    (1, 1, 1),
-    (1, 3, 1),
-    (2, 5, 3),
-    (7, 13, 5),
-    (5, 17, 31),
-    (6, 256, 16),
-    (5, 255, 15),
-    (7, 257, 17),
-    (11, 256, 16),  # packed: an edge row panel (11 = 6 + 5), K = KC in one slice
-    (17, 255, 15),  # packed: 17 = 2 x 6 + 5 rows, a last column panel narrower than NR
-    (13, 511, 33),
-    (12, 64, 32),
-    (169, 100, 47),  # packed: more rows than MC (float32: 168)
-    (1, 1000, 1),
-    (3, 4, 600),
-    (97, 61, 89),
-    (9, 5, 4100),  # out > NC: several column blocks in the forward pass
-    (9, 4099, 9),  # in > NC: several column blocks for dX and dW
-    (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
-    (3, 0, 2),  # no input features: y = bias
-    (0, 5, 3),  # empty batch
-]
+DTYPES = [np.float32, np.float64]
 
 
 def make(rng, dtype, *shapes):
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
 
 
-def shape_id(s):
-    return "x".join(map(str, s))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
 def test_linear_forward(isa, rng, dtype, shape):
     batch, n_in, n_out = shape
     x, w, b = make(rng, dtype, (batch, n_in), (n_out, n_in), (n_out,))
@@ -59,7 +29,7 @@ def test_linear_forward(isa, rng, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
 def test_linear_backward_input(isa, rng, dtype, shape):
     batch, n_in, n_out = shape
     dy, w = make(rng, dtype, (batch, n_out), (n_out, n_in))
@@ -69,7 +39,7 @@ def test_linear_backward_input(isa, rng, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
 def test_linear_backward_weight(isa, rng, dtype, shape):
     batch, n_in, n_out = shape
     dy, x = make(rng, dtype, (batch, n_out), (batch, n_in))
@@ -85,7 +55,7 @@ def test_linear_backward_weight(isa, rng, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
 def test_linear_mse(isa, rng, dtype, shape, reduction):
     batch, n_in, n_out = shape
     x, w, b, t = make(rng, dtype, (batch, n_in), (n_out, n_in), (n_out,), (batch, n_out))

@@ -12,8 +12,7 @@ import textwrap
 
 import pytest
 
-import lingrad
-
+from cases import gemm_scratch_bound
 from helpers import UNDER_ASAN, run_python
 
 pytestmark = [
@@ -22,15 +21,6 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-
-
-def gemm_scratch_bound(itemsize: int) -> int:
-    """The GEMM's scratch as the engine bounds it (lingrad.config()): the packed B slab, at most
-    max(gemm_slab_bytes, one KC x NC slice), and one MC x KC block of A per thread."""
-    info = lingrad.config()
-    blocking = info["blocking_float32" if itemsize == 4 else "blocking_float64"]
-    slab = max(info["gemm_slab_bytes"], blocking["kc"] * blocking["nc"] * itemsize)
-    return slab + info["num_threads"] * blocking["mc"] * blocking["kc"] * itemsize
 
 
 # The float32 tests' scratch: the GEMM's, plus the allocator's and the thread stacks' slack (the mse

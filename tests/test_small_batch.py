@@ -2,7 +2,8 @@
 with 1 to 8 outputs. B (the weight, or X for dW) is streamed in place along whichever of its
 dimensions is contiguous, by one of two forms of the same summation order (gemm_engine.hpp, "Small
 M"): results must match the float64 reference within bounds that grow with the reduction length,
-and be bitwise the same for every memory layout of every operand and every thread count."""
+and be bitwise the same for every memory layout of every operand and every thread count. The shapes:
+cases.SMALL_M_SHAPES."""
 
 import itertools
 
@@ -12,19 +13,9 @@ import pytest
 from lingrad import kernels
 from lingrad import reference as ref
 
+from cases import SMALL_M_SHAPES, shape_id
+
 DTYPES = [np.float32, np.float64]
-
-# (rows, K, N): the path runs for K >= 8 rows^2 (gemm.hpp: kSmallMinK); K on that threshold, and off
-# the vector lengths (2..16) and the axpy block (C * L rows) with tails; N wide enough for several
-# column strips (up to 512 columns each) and threads, and off the vector lengths.
-SHAPES = [(m, 8 * m * m + t, n) for m in range(1, 9) for t, n in [(0, 9), (5, 70)]]
-SHAPES += [(m, max(300, 8 * m * m + 3), 1030) for m in range(1, 9)]
-SHAPES += [(m, 1030, 517) for m in (1, 4, 8)]
-SHAPES += [(1, 13, 5), (1, 4099, 7), (2, 65, 2049)]
-
-
-def shape_id(s):
-    return "x".join(map(str, s))
 
 
 def layouts(rng, a):
@@ -55,7 +46,7 @@ def products(rng, dtype, m, k, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", SMALL_M_SHAPES, ids=shape_id)
 def test_small_m_products(isa, num_threads, rng, dtype, shape):
     for name, call, operands, want in products(rng, dtype, *shape):
         num_threads(1)

@@ -1,0 +1,58 @@
+"""What several test modules share: the shapes they run and the bounds they check against (tests
+import these from here, never from one another)."""
+
+import lingrad
+
+# (batch, in_features, out_features) of tests/test_kernels.py (and test_bf16.py). The register tiles
+# are 6 x 8/16/32, KC = 256, MC = 72..168, NC = 4080/4096: sizes sit just below, on and above those,
+# plus primes, ones and zeros. Products with at most 4 columns take the narrow path, with at most 8
+# rows the small-M path (a batch of up to 8; dW of up to 8 outputs): the packed path's tile edges
+# need 9 rows or more. What each shape claims to test is checked against the engine's plan in
+# test_gemm_plan.py (CLAIMS).
+KERNEL_SHAPES = [
+    (1, 1, 1),
+    (1, 3, 1),
+    (2, 5, 3),
+    (7, 13, 5),
+    (5, 17, 31),
+    (6, 256, 16),
+    (5, 255, 15),
+    (7, 257, 17),
+    (11, 256, 16),  # packed: an edge row panel (11 = 6 + 5), K = KC in one slice
+    (17, 255, 15),  # packed: 17 = 2 x 6 + 5 rows, a last column panel narrower than NR
+    (13, 511, 33),
+    (12, 64, 32),
+    (169, 100, 47),  # packed: more rows than MC (float32: 168)
+    (1, 1000, 1),
+    (3, 4, 600),
+    (97, 61, 89),
+    (9, 5, 4100),  # out > NC: several column blocks in the forward pass
+    (9, 4099, 9),  # in > NC: several column blocks for dX and dW
+    (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
+    (3, 0, 2),  # no input features: y = bias
+    (0, 5, 3),  # empty batch
+]
+
+# (rows, K, N) of tests/test_small_batch.py: the small-M path runs for K >= 8 rows^2 (gemm.hpp:
+# kSmallMinK); K on that threshold, and off the vector lengths (2..16) and the axpy block (C * L
+# rows) with tails; N wide enough for several column strips (up to 512 columns each) and threads,
+# and off the vector lengths. test_gemm_plan.py checks that each takes the path.
+SMALL_M_SHAPES = [(m, 8 * m * m + t, n) for m in range(1, 9) for t, n in [(0, 9), (5, 70)]]
+SMALL_M_SHAPES += [(m, max(300, 8 * m * m + 3), 1030) for m in range(1, 9)]
+SMALL_M_SHAPES += [(m, 1030, 517) for m in (1, 4, 8)]
+SMALL_M_SHAPES += [(1, 13, 5), (1, 4099, 7), (2, 65, 2049)]
+
+
+def shape_id(s):
+    """A test id for a shape: (9, 3000, 800) -> "9x3000x800"."""
+    return "x".join(map(str, s))
+
+
+def gemm_scratch_bound(itemsize: int) -> int:
+    """The GEMM's scratch as the engine bounds it (lingrad.config()): the packed B slab, at most
+    max(gemm_slab_bytes, one KC x NC slice), and one MC x KC block of A per thread. test_memory.py
+    measures it; test_gemm_plan.py checks every plan against it."""
+    info = lingrad.config()
+    blocking = info["blocking_float32" if itemsize == 4 else "blocking_float64"]
+    slab = max(info["gemm_slab_bytes"], blocking["kc"] * blocking["nc"] * itemsize)
+    return slab + info["num_threads"] * blocking["mc"] * blocking["kc"] * itemsize
