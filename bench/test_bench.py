@@ -11,9 +11,9 @@ interleaved in one process (and GFLOP/s against the measured peak), use bench/sw
 import numpy as np
 import pytest
 
-from lingrad import benchmark as sweep
+import lingrad.benchmark  # (by its full name: `benchmark` is pytest-benchmark's fixture)
 
-SHAPES = sweep.SWEEP + sweep.ODD
+SHAPES = lingrad.benchmark.SWEEP + lingrad.benchmark.ODD
 
 
 def shape_id(shape):
@@ -45,6 +45,6 @@ def benchmark_cases(kind, shape, dtype=np.float32):
     key = (kind, shape, dtype)
     if key not in _cache:
         _cache.clear()  # keep one shape's arrays alive at a time
-        make = sweep.numpy_cases if kind == "numpy" else sweep.torch_cases
+        make = lingrad.benchmark.numpy_cases if kind == "numpy" else lingrad.benchmark.torch_cases
         _cache[key] = make(shape, dtype)
     return _cache[key]
