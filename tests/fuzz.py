@@ -424,9 +424,9 @@ def overlapping_out(rng, source, shape, dtype):
     return copy, buffer[start : start + size].reshape(shape)
 
 
-def campaign_errors(data):
-    dtype, rng = data.draw(dtype_and_rng())
-    function = data.draw(st.sampled_from(sorted(SIGNATURES)), label="function")
+def draw_valid_arguments(data, rng, function: str, dtype):
+    """A valid call of `function`: its dimensions (B, I, O from 0 to 7), input arrays (an optional
+    one sometimes None), options (reduction, bias) and `out` arrays (each passed or not, full of 7)."""
     sig = SIGNATURES[function]
     dims = dict(zip("BIO", data.draw(st.lists(st.integers(0, 7), min_size=3, max_size=3), label="(B, I, O)")))
     shape_of = {n: tuple(dims[d] for d in spec) for n, spec in {**sig["inputs"], **sig["outs"]}.items()}
@@ -445,104 +445,128 @@ def campaign_errors(data):
             continue
         if data.draw(st.booleans(), label=f"pass {n}"):
             outs[n] = np.full(shape_of[n], 7.0, dtype)
+    return dims, arrays, options, outs
 
-    # Every fault that applies to this call: (argument, description, exception, builder).
-    faults = []
-    present = [n for n, a in arrays.items() if a is not None]
-    for n in present:
-        a = arrays[n]
-        faults += [
-            (n, "a list", TypeError, lambda a=a: a.tolist()),
-            (n, "a float", TypeError, lambda: 1.0),
-            (n, "a string", TypeError, lambda: "x"),
-            (n, "a masked array", TypeError, lambda a=a: np.ma.masked_array(a)),
-            (n, "non-native byte order", TypeError, lambda a=a: a.astype(a.dtype.newbyteorder())),
-            (
-                n,
-                "the other float dtype",
-                TypeError,
-                lambda a=a: a.astype(np.float64 if a.dtype == np.float32 else np.float32),
-            ),
-            (n, "a 0-D array", ValueError, lambda a=a: np.array(1.0, a.dtype)),
-            (n, "a 3-D array", ValueError, lambda a=a: a.reshape((1,) * (3 - a.ndim) + a.shape)),
-        ]
-        faults += [(n, f"dtype {np.dtype(d).name}", TypeError, lambda a=a, d=d: a.astype(d)) for d in BAD_DTYPES]
-        if n not in sig["optional"]:
-            faults.append((n, "None", TypeError, lambda: None))
-        if a.size > 0:
-            faults.append((n, "misaligned", ValueError, lambda a=a: misaligned(a)))
-        if a.ndim == 2 and function not in ("mse_loss", "mse_backward"):
-            faults.append((n, "a 1-D array", ValueError, lambda a=a: a.ravel()))
-        if a.ndim == 1:
-            faults.append((n, "a 2-D array", ValueError, lambda a=a: a[None]))
-        # a dimension that another argument must match
-        for axis, d in enumerate(sig["inputs"][n]):
-            if any(d in sig["inputs"][m] for m in present if m != n):
-                faults.append(
-                    (
-                        n,
-                        f"dimension {d} + 1",
-                        ValueError,
-                        lambda a=a, axis=axis: np.zeros(
-                            a.shape[:axis] + (a.shape[axis] + 1,) + a.shape[axis + 1 :], a.dtype
-                        ),
-                    )
+
+# The faults of each kind of argument, as (argument, description, exception, builder): build() gives
+# the bad value, or the builder is ("overlap", input) for an `out` overlapping that input.
+
+
+def input_faults(function: str, n: str, a, present: list[str]) -> list:
+    """Faults of the input array `n` (given as `a`; `present`: the inputs that are not None)."""
+    sig = SIGNATURES[function]
+    faults = [
+        (n, "a list", TypeError, lambda a=a: a.tolist()),
+        (n, "a float", TypeError, lambda: 1.0),
+        (n, "a string", TypeError, lambda: "x"),
+        (n, "a masked array", TypeError, lambda a=a: np.ma.masked_array(a)),
+        (n, "non-native byte order", TypeError, lambda a=a: a.astype(a.dtype.newbyteorder())),
+        (
+            n,
+            "the other float dtype",
+            TypeError,
+            lambda a=a: a.astype(np.float64 if a.dtype == np.float32 else np.float32),
+        ),
+        (n, "a 0-D array", ValueError, lambda a=a: np.array(1.0, a.dtype)),
+        (n, "a 3-D array", ValueError, lambda a=a: a.reshape((1,) * (3 - a.ndim) + a.shape)),
+    ]
+    faults += [(n, f"dtype {np.dtype(d).name}", TypeError, lambda a=a, d=d: a.astype(d)) for d in BAD_DTYPES]
+    if n not in sig["optional"]:
+        faults.append((n, "None", TypeError, lambda: None))
+    if a.size > 0:
+        faults.append((n, "misaligned", ValueError, lambda a=a: misaligned(a)))
+    if a.ndim == 2 and function not in ("mse_loss", "mse_backward"):
+        faults.append((n, "a 1-D array", ValueError, lambda a=a: a.ravel()))
+    if a.ndim == 1:
+        faults.append((n, "a 2-D array", ValueError, lambda a=a: a[None]))
+    # a dimension that another argument must match
+    for axis, d in enumerate(sig["inputs"][n]):
+        if any(d in sig["inputs"][m] for m in present if m != n):
+            faults.append(
+                (
+                    n,
+                    f"dimension {d} + 1",
+                    ValueError,
+                    lambda a=a, axis=axis: np.zeros(
+                        a.shape[:axis] + (a.shape[axis] + 1,) + a.shape[axis + 1 :], a.dtype
+                    ),
                 )
-    for n, o in outs.items():
-        shape = o.shape
-        faults += [
-            (n, "a list", TypeError, lambda o=o: o.tolist()),
-            (n, "a masked array", TypeError, lambda o=o: np.ma.masked_array(o)),
-            (
-                n,
-                "the other float dtype",
-                ValueError,
-                lambda o=o: o.astype(np.float64 if o.dtype == np.float32 else np.float32),
-            ),
-            (n, "int64", ValueError, lambda o=o: o.astype(np.int64)),
-            (n, "non-native byte order", ValueError, lambda o=o: o.astype(o.dtype.newbyteorder())),
-            (n, "a wrong shape", ValueError, lambda shape=shape: np.zeros(shape[:-1] + (shape[-1] + 1,), dtype)),
-            (n, "a wrong rank", ValueError, lambda o=o: o[None]),
-        ]
-        ro = np.zeros(shape, dtype)
-        ro.flags.writeable = False
-        faults.append((n, "read-only", ValueError, lambda ro=ro: ro))
-        if o.size > 0:
-            faults.append((n, "misaligned", ValueError, lambda o=o: misaligned(o)))
-        if len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
-            faults.append((n, "Fortran order", ValueError, lambda o=o: np.asfortranarray(o)))
-        if shape[0] > 1 and o.size > 1:
-            faults.append(
-                (n, "strided", ValueError, lambda shape=shape: np.zeros((2 * shape[0],) + shape[1:], dtype)[::2])
             )
-        if o.size > 1:
-            faults.append(
-                (n, "a broadcast view", ValueError, lambda shape=shape: np.broadcast_to(np.zeros(1, dtype), shape))
-            )
-            for m in present:
-                if arrays[m].size > 0:
-                    faults.append((n, f"overlapping {m}", ValueError, ("overlap", m)))
-    flag = {"linear_backward_weight": "bias", "linear_mse": "input_grad"}.get(function)
-    if flag:  # a switch given something other than True, False or None
-        for bad in [np.ones(2, dtype), np.zeros(1, dtype), "yes", 1, 0.0]:
-            faults.append((flag, repr(bad), TypeError, lambda bad=bad: bad))
-    if function == "linear_backward_weight" and not options["bias"]:
-        faults.append(("bias_out", "given with bias=False", ValueError, lambda: np.zeros(dims["O"], dtype)))
-    if sig["reductions"]:
-        for bad in ["avg", "MEAN", "", "mean "] + ([] if "none" in sig["reductions"] else ["none"]):
-            faults.append(("reduction", repr(bad), ValueError, lambda bad=bad: bad))
-        for bad in [1, None, b"mean", ["mean"]]:
-            faults.append(("reduction", repr(bad), TypeError, lambda bad=bad: bad))
+    return faults
 
-    name, what, expected, build = data.draw(st.sampled_from(faults), label="fault")
-    call = {**arrays, **options, **outs}
-    if isinstance(build, tuple):  # out overlapping an input
-        call[build[1]], call[name] = overlapping_out(rng, np.asarray(arrays[build[1]]), outs[name].shape, dtype)
-    else:
-        call[name] = build()
+
+def out_faults(n: str, o, dtype, arrays: dict, present: list[str]) -> list:
+    """Faults of the `out` array `n` (given as `o`), overlaps with the `present` inputs included."""
+    shape = o.shape
+    faults = [
+        (n, "a list", TypeError, lambda o=o: o.tolist()),
+        (n, "a masked array", TypeError, lambda o=o: np.ma.masked_array(o)),
+        (
+            n,
+            "the other float dtype",
+            ValueError,
+            lambda o=o: o.astype(np.float64 if o.dtype == np.float32 else np.float32),
+        ),
+        (n, "int64", ValueError, lambda o=o: o.astype(np.int64)),
+        (n, "non-native byte order", ValueError, lambda o=o: o.astype(o.dtype.newbyteorder())),
+        (n, "a wrong shape", ValueError, lambda shape=shape: np.zeros(shape[:-1] + (shape[-1] + 1,), dtype)),
+        (n, "a wrong rank", ValueError, lambda o=o: o[None]),
+    ]
+    ro = np.zeros(shape, dtype)
+    ro.flags.writeable = False
+    faults.append((n, "read-only", ValueError, lambda ro=ro: ro))
+    if o.size > 0:
+        faults.append((n, "misaligned", ValueError, lambda o=o: misaligned(o)))
+    if len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
+        faults.append((n, "Fortran order", ValueError, lambda o=o: np.asfortranarray(o)))
+    if shape[0] > 1 and o.size > 1:
+        faults.append((n, "strided", ValueError, lambda shape=shape: np.zeros((2 * shape[0],) + shape[1:], dtype)[::2]))
+    if o.size > 1:
+        faults.append(
+            (n, "a broadcast view", ValueError, lambda shape=shape: np.broadcast_to(np.zeros(1, dtype), shape))
+        )
+        for m in present:
+            if arrays[m].size > 0:
+                faults.append((n, f"overlapping {m}", ValueError, ("overlap", m)))
+    return faults
+
+
+def switch_faults(function: str, dtype) -> list:
+    """Faults of the switch (bias, input_grad) a function has: something other than True, False or None."""
+    flag = {"linear_backward_weight": "bias", "linear_mse": "input_grad"}.get(function)
+    if not flag:
+        return []
+    return [
+        (flag, repr(bad), TypeError, lambda bad=bad: bad)
+        for bad in [np.ones(2, dtype), np.zeros(1, dtype), "yes", 1, 0.0]
+    ]
+
+
+def unwanted_bias_out_faults(function: str, options: dict, dims: dict, dtype) -> list:
+    """linear_backward_weight's bias_out given with bias=False."""
+    if function == "linear_backward_weight" and not options["bias"]:
+        return [("bias_out", "given with bias=False", ValueError, lambda: np.zeros(dims["O"], dtype))]
+    return []
+
+
+def reduction_faults(function: str) -> list:
+    """Faults of `reduction`: an unknown name (or "none" where it is not allowed), or not a str."""
+    reductions = SIGNATURES[function]["reductions"]
+    if not reductions:
+        return []
+    faults = []
+    for bad in ["avg", "MEAN", "", "mean "] + ([] if "none" in reductions else ["none"]):
+        faults.append(("reduction", repr(bad), ValueError, lambda bad=bad: bad))
+    for bad in [1, None, b"mean", ["mean"]]:
+        faults.append(("reduction", repr(bad), TypeError, lambda bad=bad: bad))
+    return faults
+
+
+def check_rejected(function: str, call: dict, name: str, what: str, expected, outs: dict) -> None:
+    """The call with `name` = `what` must raise exactly `expected`, naming `name`, and write to none
+    of the other `out` arrays."""
     untouched = {n: o.copy() for n, o in outs.items() if n != name}
     trace(f"{function}({describe(call)}) with {name} = {what}: expect {expected.__name__}")
-
     try:
         getattr(kernels, function)(**call)
     except (TypeError, ValueError) as e:
@@ -554,6 +578,28 @@ def campaign_errors(data):
         raise AssertionError(f"{function} with {name} = {what} was accepted; expected {expected.__name__}")
     for n, before in untouched.items():
         np.testing.assert_array_equal(outs[n], before, err_msg=f"a failed {function} call wrote to {n}")
+
+
+def campaign_errors(data):
+    """A valid call with one argument broken: hypothesis picks the fault among all that apply to
+    the call, by the argument they break (inputs, outs, the switch, bias_out, the reduction)."""
+    dtype, rng = data.draw(dtype_and_rng())
+    function = data.draw(st.sampled_from(sorted(SIGNATURES)), label="function")
+    dims, arrays, options, outs = draw_valid_arguments(data, rng, function, dtype)
+    present = [n for n, a in arrays.items() if a is not None]
+    faults = [fault for n in present for fault in input_faults(function, n, arrays[n], present)]
+    faults += [fault for n, o in outs.items() for fault in out_faults(n, o, dtype, arrays, present)]
+    faults += switch_faults(function, dtype)
+    faults += unwanted_bias_out_faults(function, options, dims, dtype)
+    faults += reduction_faults(function)
+
+    name, what, expected, build = data.draw(st.sampled_from(faults), label="fault")
+    call = {**arrays, **options, **outs}
+    if isinstance(build, tuple):  # out overlapping an input
+        call[build[1]], call[name] = overlapping_out(rng, np.asarray(arrays[build[1]]), outs[name].shape, dtype)
+    else:
+        call[name] = build()
+    check_rejected(function, call, name, what, expected, outs)
 
 
 CAMPAIGNS = {"linear": campaign_linear, "mse": campaign_mse, "fused": campaign_fused, "errors": campaign_errors}
