@@ -1,0 +1,362 @@
+// lingrad._C's arguments (arrays.hpp): Call, DLPack, dtypes, views, messages and keyword, the one
+// place that validates them.
+#include "arrays.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+
+namespace lingrad::bindings {
+
+// ---------------------------------------------------------------------------------------------
+// Descriptions for messages
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+std::string byte_count(double bytes) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"};
+  int u = 0;
+  for (; bytes >= 1024 && u < 8; ++u) bytes /= 1024;
+  char text[32];
+  std::snprintf(text, sizeof text, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+  return text;
+}
+
+[[noreturn]] void throw_memory_error(const std::string& message) {
+  PyErr_SetString(PyExc_MemoryError, message.c_str());
+  throw py::error_already_set();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+py::object bf16_dtype() {
+  static py::object dtype = [] {
+    try {
+      return py::object(py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));
+    } catch (py::error_already_set&) {
+      return py::object(py::none());
+    }
+  }();
+  return dtype;
+}
+
+bool bf16_offered() {
+  static const bool found = [] {
+    try {
+      return !py::module_::import("importlib.util").attr("find_spec")("ml_dtypes").is_none();
+    } catch (py::error_already_set&) {  // (ml_dtypes in sys.modules without a spec: ask it)
+      return !bf16_dtype().is_none();
+    }
+  }();
+  return found;
+}
+
+namespace {
+
+bool is_bf16(const py::dtype& dt) { return dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bf16_dtype()); }
+
+// DLPack (the unversioned ABI that torch.utils.dlpack.to_dlpack exports, as a capsule named
+// "dltensor"): lingrad's PyTorch layer hands tensors over this way. Tensor.numpy() would mark the
+// tensor's storage as not resizable for good, which nn.Linear never does to its inputs and outputs.
+struct DLDevice {
+  std::int32_t device_type;  // 1: CPU
+  std::int32_t device_id;
+};
+struct DLDataType {
+  std::uint8_t code;  // 2: IEEE float
+  std::uint8_t bits;
+  std::uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  std::int32_t ndim;
+  DLDataType dtype;
+  std::int64_t* shape;
+  std::int64_t* strides;  // in elements; null means C-contiguous
+  std::uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// The array view of a DLPack capsule, which it consumes: the producer's tensor stays alive as
+// long as the array (or a view of it) does.
+py::array from_dlpack(py::handle capsule, const char* name) {
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (!managed) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  if (t.device.device_type != 1)
+    throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
+  const bool bf16 = t.dtype.code == 4 && t.dtype.bits == 16 && t.dtype.lanes == 1;
+  if (bf16 && bf16_dtype().is_none())
+    throw py::type_error(
+        std::string(name) +
+        " has dtype bfloat16, which lingrad reads through the ml_dtypes package: " + "pip install ml_dtypes");
+  if (!bf16 && (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64))) {
+    const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    const std::string kind = t.dtype.code < 7 ? kinds[t.dtype.code] : "code " + std::to_string(t.dtype.code);
+    throw py::type_error(std::string(name) + " has dtype " + kind + std::to_string(t.dtype.bits) +
+                         "; lingrad computes in float32, float64 or (the Linear layer's products) bfloat16 "
+                         "(convert explicitly)");
+  }
+  const py::ssize_t itemsize = t.dtype.bits / 8;
+  std::vector<py::ssize_t> shape(t.shape, t.shape + t.ndim), strides(t.ndim);
+  for (int d = t.ndim - 1; d >= 0; --d)
+    strides[d] = t.strides ? t.strides[d] * itemsize : (d + 1 < t.ndim ? strides[d + 1] * shape[d + 1] : itemsize);
+  PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // consumed: its own destructor leaves the tensor alone
+  py::capsule owner(managed, [](void* p) {
+    auto* m = static_cast<DLManagedTensor*>(p);
+    if (m->deleter) m->deleter(m);
+  });
+  const py::dtype dtype = bf16            ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
+                          : itemsize == 4 ? py::dtype::of<float>()
+                                          : py::dtype::of<double>();
+  return py::array(dtype, shape, strides, static_cast<char*>(t.data) + t.byte_offset, owner);
+}
+
+}  // namespace
+
+py::array as_ndarray(py::handle obj, const char* name) {
+  if (PyCapsule_CheckExact(obj.ptr())) {
+    const char* capsule_name = PyCapsule_GetName(obj.ptr());
+    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name);
+  }
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
+  // A subclass is read as the plain array it is, except a masked array: its mask would be
+  // silently ignored. (Only subclasses pay for this check; numpy.ma is already imported then.)
+  if (!py::type::handle_of(obj).is(py::handle(reinterpret_cast<PyObject*>(py::detail::npy_api::get().PyArray_Type_))) &&
+      py::isinstance(obj, py::module_::import("numpy.ma").attr("MaskedArray")))
+    throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
+                         name + ".filled(value) or " + name + ".data");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+DType dtype_of(const py::array& a, const char* name) {
+  const py::dtype dt = a.dtype();
+  if (dt.equal(py::dtype::of<float>())) return DType::float32;
+  if (dt.equal(py::dtype::of<double>())) return DType::float64;
+  if (is_bf16(dt)) return DType::bfloat16;
+  const std::string dts = py::str(dt);
+  if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
+    throw py::type_error(std::string(name) + " has non-native byte order (dtype " + dts +
+                         "); convert it with .astype(its dtype.newbyteorder('='))");
+  throw py::type_error(std::string(name) + " has dtype " + dts +
+                       "; lingrad computes in float32, float64 or (the Linear layer's products) bfloat16 "
+                       "(convert explicitly with .astype)");
+}
+
+const char* dtype_name(DType d) {
+  return d == DType::float32 ? "float32" : d == DType::float64 ? "float64" : "bfloat16";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Call
+
+namespace {
+
+// Data and strides are multiples of the element size. The stride of a dimension of length 1
+// is never used (NumPy may leave any value there), so it is not checked.
+bool is_aligned(const py::array& a) {
+  const py::ssize_t size = a.itemsize();
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % size) return false;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) > 1 && a.strides(d) % size) return false;
+  return true;
+}
+
+void require_aligned(const py::array& a, const char* name) {
+  if (a.size() > 0 && !is_aligned(a))
+    throw py::value_error(std::string(name) + " is not aligned to its " + std::to_string(a.itemsize()) +
+                          "-byte elements (data or strides); copy it with numpy.ascontiguousarray");
+}
+
+// [first byte, one past the last byte] that the array can touch; empty for no elements.
+std::pair<std::uintptr_t, std::uintptr_t> extent(const py::array& a) {
+  if (a.size() == 0) return {0, 0};
+  std::intptr_t lo = reinterpret_cast<std::intptr_t>(a.data()), hi = lo;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    const std::intptr_t span = static_cast<std::intptr_t>(a.shape(d) - 1) * a.strides(d);
+    (span < 0 ? lo : hi) += span;
+  }
+  return {static_cast<std::uintptr_t>(lo), static_cast<std::uintptr_t>(hi + a.itemsize())};
+}
+
+bool overlap(const py::array& a, const py::array& b) {
+  const auto [a_lo, a_hi] = extent(a);
+  const auto [b_lo, b_hi] = extent(b);
+  return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
+}
+
+}  // namespace
+
+py::array Call::input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d, int other_ndim) {
+  py::array a = as_ndarray(obj, name);
+  const DType d = dtype_of(a, name);
+  if (d == DType::bfloat16 && !bf16_ok_)
+    throw py::type_error(std::string(name) +
+                         " has dtype bfloat16; of lingrad's kernels, linear_forward, linear_backward_input, "
+                         "linear_backward_weight and linear_mse compute in bfloat16 (convert explicitly with .astype)");
+  if (inputs_.empty()) {
+    dtype_ = d;
+  } else if (d != dtype_) {
+    const DType first = dtype_of(inputs_[0].second, inputs_[0].first);
+    if (!bf16_ok_ || d == DType::float64 || dtype_ == DType::float64)
+      throw py::type_error(std::string(name) + " has dtype " + dtype_name(d) + " but " + inputs_[0].first +
+                           " has dtype " + dtype_name(first) + "; all arrays must share one dtype" +
+                           (bf16_ok_ ? " (or mix float32 and bfloat16)" : ""));
+    dtype_ = DType::bfloat16;  // float32 with bfloat16: bfloat16 products
+  }
+  all_bf16_ = all_bf16_ && d == DType::bfloat16;
+  if (a.ndim() != ndim && !(allow_1d && a.ndim() == 1) && a.ndim() != other_ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D " + meaning + ", got shape " +
+                          shape_of(a));
+  require_aligned(a, name);
+  inputs_.emplace_back(name, a);
+  return a;
+}
+
+py::array Call::output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape,
+                       std::optional<DType> dtype) {
+  py::array a;
+  if (obj.is_none()) {
+    a = allocate(name, shape, dtype ? *dtype : result_dtype());
+  } else {
+    a = as_ndarray(obj, name);
+    auto expect = [&] { return shape_string(shape); };
+    if (dtype_ == DType::bfloat16) {
+      const bool f32 = a.dtype().equal(py::dtype::of<float>()), bf16 = is_bf16(a.dtype());
+      if (dtype ? !(*dtype == DType::float32 ? f32 : bf16) : !(f32 || bf16))
+        throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
+                              (dtype ? dtype_name(*dtype) : "float32 or bfloat16") + " (a bfloat16 product's result)");
+    } else if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>())) {
+      throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
+                            dtype_name(dtype_) + " like the inputs");
+    }
+    if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
+      throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect());
+    if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
+      throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect() + ")");
+    if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
+    for (const auto& [other_name, other] : inputs_)
+      if (overlap(a, other))
+        throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
+    for (const auto& [other_name, other] : outputs_)
+      if (overlap(a, other))
+        throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
+  }
+  outputs_.emplace_back(name, a);
+  return a;
+}
+
+py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const {
+  double bytes = dtype == DType::float32 ? 4.0 : dtype == DType::float64 ? 8.0 : 2.0;  // (double: never overflows)
+  for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
+  // (the message is built only when needed: it costs more than a small kernel)
+  auto what = [&] { return std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")"; };
+  if (bytes > static_cast<double>(PY_SSIZE_T_MAX))
+    throw py::value_error(what() + " would be larger than the address space");
+  try {
+    if (dtype == DType::bfloat16) return py::array(py::reinterpret_borrow<py::dtype>(bf16_dtype()), shape);
+    return dtype == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_MemoryError)) throw;
+    throw_memory_error("cannot allocate " + what());
+  }
+}
+
+std::string Call::shape_string(const std::vector<py::ssize_t>& shape) {
+  std::string s = "(";
+  for (std::size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Views, checks and parsers
+
+Bf16Matrix bf16_matrix(const py::array& a) {
+  if (is_f32(a)) {
+    const MatrixView<float> m = matrix<float>(a);
+    return {m.data, nullptr, m.rows, m.cols, m.rs, m.cs};
+  }
+  const MatrixView<bfloat16> m = matrix<bfloat16>(a);
+  return {nullptr, m.data, m.rows, m.cols, m.rs, m.cs};
+}
+
+Bf16Output bf16_output(py::array& a) {
+  if (is_f32(a)) return {mutable_data<float>(a), nullptr};
+  return {nullptr, mutable_data<bfloat16>(a)};
+}
+
+VectorView<float> float_vector(const std::optional<py::array>& v, std::vector<float>& buffer) {
+  if (!v) return {};
+  if (is_f32(*v)) return vector<float>(*v);
+  const VectorView<bfloat16> h = vector<bfloat16>(*v);
+  buffer.resize(static_cast<std::size_t>(h.size));
+  for (index_t i = 0; i < h.size; ++i) buffer[i] = lingrad::bf16_to_float(h.data[i * h.stride]);
+  return {buffer.data(), h.size, 1};
+}
+
+void round_into(const std::vector<float>& buffer, py::array& out) {
+  bfloat16* o = mutable_data<bfloat16>(out);
+  for (std::size_t i = 0; i < buffer.size(); ++i) o[i] = lingrad::float_to_bf16(buffer[i]);
+}
+
+void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
+                          const char* b_name, py::ssize_t b_dim, const char* what) {
+  if (a.shape(a_dim) != b.shape(b_dim))
+    throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
+                          shape_of(b) + ": " + what);
+}
+
+void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
+    throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
+                          shape_of(b) + "; they must match");
+}
+
+std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* name, const py::array& weight) {
+  if (bias.is_none()) return std::nullopt;
+  py::array b = call.input(bias, name, 1, "(out_features,)");
+  if (b.shape(0) != weight.shape(0))
+    throw py::value_error(std::string(name) + " has shape " + shape_of(b) + " but weight has shape " +
+                          shape_of(weight) + ": " + name + " must be (" + std::to_string(weight.shape(0)) + ",)");
+  return b;
+}
+
+bool parse_flag(py::handle obj, const char* name) {
+  if (obj.is_none()) return false;
+  if (py::isinstance<py::bool_>(obj) || py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+    return PyObject_IsTrue(obj.ptr()) == 1;
+  throw py::type_error(std::string(name) + " must be True or False, got " + type_name(obj));
+}
+
+Reduction parse_reduction(py::handle obj, bool allow_none) {
+  if (!py::isinstance<py::str>(obj))
+    throw py::type_error("reduction must be a str ('mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") +
+                         "), got " + type_name(obj));
+  const std::string r = py::str(obj);
+  if (r == "mean") return Reduction::mean;
+  if (r == "sum") return Reduction::sum;
+  if (r == "none" && allow_none) return Reduction::none;
+  throw py::value_error("reduction must be 'mean' or 'sum'" + std::string(allow_none ? " or 'none'" : "") + ", got '" +
+                        r + "'");
+}
+
+py::arg keyword(const char* name) {
+  PyUnicode_InternFromString(name);
+  return py::arg(name);
+}
+
+}  // namespace lingrad::bindings

@@ -1,0 +1,160 @@
+// lingrad._C's arguments: the one place that validates them and hands arrays to the kernels.
+//
+// Every check of type, dtype, rank, shape, layout and aliasing is here (arrays.cpp), with messages
+// that name the argument and the shapes; the bind_*.cpp files use it for their functions. Inputs
+// are used in place through their strides (never copied, never cast); outputs are new arrays or
+// caller's `out` arrays that must be exactly right. The GIL is released while a kernel runs.
+//
+//   module.cpp        PYBIND11_MODULE: calls the four init_* below
+//   arrays.hpp/.cpp   Call (inputs and outputs of one call), DLPack, dtypes, views, messages, keyword
+//   bind_linear.cpp   linear_forward ... linear_mse, mse_loss, mse_backward
+//   bind_mlp.cpp      mlp_forward, mlp_backward, mlp_mse
+//   bind_privacy.cpp  linear_per_sample_grad_norms, linear_per_sample_grads
+//   bind_config.cpp   threads, ISAs, build_info, _gemm_plan
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lingrad.hpp"
+
+namespace lingrad::bindings {
+
+namespace py = pybind11;
+
+// Each group of functions, defined in its bind_*.cpp.
+void init_linear(py::module_& m);
+void init_mlp(py::module_& m);
+void init_privacy(py::module_& m);
+void init_config(py::module_& m);
+
+// ---------------------------------------------------------------------------------------------
+// Descriptions for messages
+
+std::string shape_of(const py::array& a);
+std::string type_name(py::handle obj);
+std::string byte_count(double bytes);
+[[noreturn]] void throw_memory_error(const std::string& message);
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+enum class DType { float32, float64, bfloat16 };
+
+// NumPy's bfloat16 is ml_dtypes.bfloat16 (an optional dependency): its dtype, or None without it.
+py::object bf16_dtype();
+// Whether ml_dtypes is there, without importing it (its import takes about half a second, which
+// `import lingrad` and build_info() should not cost a user who never asks for bfloat16).
+bool bf16_offered();
+
+// The array `obj` is (a numpy.ndarray, or a DLPack capsule from lingrad's PyTorch layer), or a
+// TypeError naming it.
+py::array as_ndarray(py::handle obj, const char* name);
+DType dtype_of(const py::array& a, const char* name);
+const char* dtype_name(DType d);
+
+// The arguments of one call: the dtype set by the first array, every input remembered so that
+// outputs can be checked for overlap.
+//
+// A call of a function with bfloat16 products (the Linear layer's) may mix float32 and bfloat16
+// inputs: its dtype is then bfloat16, and a new result is bfloat16 if every input is, else float32.
+class Call {
+ public:
+  explicit Call(bool bf16_products = false) : bf16_ok_(bf16_products) {}
+
+  // An input array of rank `ndim` (or 1 when allow_1d), of the call's dtype.
+  // other_ndim: a second rank that is also accepted (3 for per-sample arrays with a sequence dimension).
+  py::array input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d = false,
+                  int other_ndim = -1);
+
+  // A new output, or the caller's `out` checked to be exactly what a new one would be. In a
+  // bfloat16 call, `out` may be float32 or bfloat16 (unless `dtype` fixes it), and a new one is
+  // `dtype` if given, else the call's result dtype.
+  py::array output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape,
+                   std::optional<DType> dtype = std::nullopt);
+
+  DType dtype() const { return dtype_; }
+  // A new result's dtype: the call's, except a bfloat16 call with a float32 input makes float32.
+  DType result_dtype() const { return dtype_ == DType::bfloat16 && !all_bf16_ ? DType::float32 : dtype_; }
+
+ private:
+  // A new output array. One that cannot exist is an error naming it: ValueError if it is larger
+  // than the address space, MemoryError if it cannot be allocated.
+  py::array allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const;
+
+  static std::string shape_string(const std::vector<py::ssize_t>& shape);
+
+  bool bf16_ok_ = false, all_bf16_ = true;
+  DType dtype_ = DType::float32;
+  std::vector<std::pair<const char*, py::array>> inputs_;
+  std::vector<std::pair<const char*, py::array>> outputs_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Views of validated arrays (strides in elements; 0 for a dimension of length 1, whose stride
+// NumPy leaves unspecified). A 1-D array is one row.
+
+template <typename T>
+index_t stride(const py::array& a, py::ssize_t d) {
+  return a.shape(d) > 1 ? static_cast<index_t>(a.strides(d)) / static_cast<index_t>(sizeof(T)) : 0;
+}
+
+template <typename T>
+MatrixView<T> matrix(const py::array& a) {
+  const T* data = static_cast<const T*>(a.data());
+  if (a.ndim() == 1) return {data, 1, a.shape(0), 0, stride<T>(a, 0)};
+  return {data, a.shape(0), a.shape(1), stride<T>(a, 0), stride<T>(a, 1)};
+}
+
+template <typename T>
+VectorView<T> vector(const py::array& a) {
+  return {static_cast<const T*>(a.data()), a.shape(0), stride<T>(a, 0)};
+}
+
+template <typename T>
+T* mutable_data(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+
+// Runs f with a value of the call's element type (float or double).
+template <typename F>
+decltype(auto) with_dtype(DType d, F&& f) {
+  if (d == DType::float32) return f(float{});
+  return f(double{});
+}
+
+// bfloat16 products' operands and results: float32 or bfloat16 arrays, by their dtype.
+inline bool is_f32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
+Bf16Matrix bf16_matrix(const py::array& a);
+Bf16Output bf16_output(py::array& a);
+// A float32 vector's view, or a bfloat16 one widened into `buffer` (a bias: out_features values).
+VectorView<float> float_vector(const std::optional<py::array>& v, std::vector<float>& buffer);
+// A float32 result computed into `buffer` and rounded into the bfloat16 array `out` (a bias gradient).
+void round_into(const std::vector<float>& buffer, py::array& out);
+
+// ---------------------------------------------------------------------------------------------
+// Checks and parsers shared by the functions
+
+void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
+                          const char* b_name, py::ssize_t b_dim, const char* what);
+void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name);
+std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* name, const py::array& weight);
+
+// A switch: True or False (Python or NumPy bools; None is False). Anything else, an array given
+// for linear_backward_weight's bias= for instance, is a TypeError rather than its truth value.
+bool parse_flag(py::handle obj, const char* name);
+Reduction parse_reduction(py::handle obj, bool allow_none);
+
+inline py::object or_none(const std::optional<py::array>& a) { return a ? py::object(*a) : py::object(py::none()); }
+
+// An argument of a binding. pybind11 interns each argument's name to look it up in a call's
+// keyword arguments; a name that nothing else keeps alive would be interned and released again on
+// every such call (and the churn makes CPython rebuild its interned-string table now and then,
+// which the memory tests see). So the name is interned here once, for good (a deliberate reference).
+py::arg keyword(const char* name);
+
+}  // namespace lingrad::bindings
