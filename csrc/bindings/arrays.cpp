@@ -12,11 +12,16 @@ namespace lingrad::bindings {
 // ---------------------------------------------------------------------------------------------
 // Descriptions for messages
 
-std::string shape_of(const py::array& a) {
+namespace {
+std::string shape_text(const py::ssize_t* shape, std::size_t ndim) {
   std::string s = "(";
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
-  return s + (a.ndim() == 1 ? ",)" : ")");
+  for (std::size_t d = 0; d < ndim; ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+  return s + (ndim == 1 ? ",)" : ")");
 }
+}  // namespace
+
+std::string shape_of(const py::array& a) { return shape_text(a.shape(), static_cast<std::size_t>(a.ndim())); }
+std::string shape_of(const std::vector<py::ssize_t>& shape) { return shape_text(shape.data(), shape.size()); }
 
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
@@ -234,7 +239,7 @@ py::array Call::output(py::handle obj, const char* name, const std::vector<py::s
     a = allocate(name, shape, dtype ? *dtype : result_dtype());
   } else {
     a = as_ndarray(obj, name);
-    auto expect = [&] { return shape_string(shape); };
+    auto expect = [&] { return shape_of(shape); };
     if (dtype_ == DType::bfloat16) {
       const bool f32 = a.dtype().equal(py::dtype::of<float>()), bf16 = is_bf16(a.dtype());
       if (dtype ? !(*dtype == DType::float32 ? f32 : bf16) : !(f32 || bf16))
@@ -249,12 +254,10 @@ py::array Call::output(py::handle obj, const char* name, const std::vector<py::s
     if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
       throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect() + ")");
     if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
-    for (const auto& [other_name, other] : inputs_)
-      if (overlap(a, other))
-        throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
-    for (const auto& [other_name, other] : outputs_)
-      if (overlap(a, other))
-        throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
+    for (const auto* arrays : {&inputs_, &outputs_})  // the inputs first, then the outputs before this one
+      for (const auto& [other_name, other] : *arrays)
+        if (overlap(a, other))
+          throw py::value_error(std::string(name) + " overlaps " + other_name + " in memory; pass a separate array");
   }
   outputs_.emplace_back(name, a);
   return a;
@@ -264,7 +267,7 @@ py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape
   double bytes = dtype == DType::float32 ? 4.0 : dtype == DType::float64 ? 8.0 : 2.0;  // (double: never overflows)
   for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
   // (the message is built only when needed: it costs more than a small kernel)
-  auto what = [&] { return std::string(name) + " of shape " + shape_string(shape) + " (" + byte_count(bytes) + ")"; };
+  auto what = [&] { return std::string(name) + " of shape " + shape_of(shape) + " (" + byte_count(bytes) + ")"; };
   if (bytes > static_cast<double>(PY_SSIZE_T_MAX))
     throw py::value_error(what() + " would be larger than the address space");
   try {
@@ -274,12 +277,6 @@ py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape
     if (!e.matches(PyExc_MemoryError)) throw;
     throw_memory_error("cannot allocate " + what());
   }
-}
-
-std::string Call::shape_string(const std::vector<py::ssize_t>& shape) {
-  std::string s = "(";
-  for (std::size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
-  return s + (shape.size() == 1 ? ",)" : ")");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,8 +310,8 @@ void round_into(const std::vector<float>& buffer, py::array& out) {
   for (std::size_t i = 0; i < buffer.size(); ++i) o[i] = lingrad::float_to_bf16(buffer[i]);
 }
 
-void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
-                          const char* b_name, py::ssize_t b_dim, const char* what) {
+void require_same_extent(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
+                         const char* b_name, py::ssize_t b_dim, const char* what) {
   if (a.shape(a_dim) != b.shape(b_dim))
     throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
                           shape_of(b) + ": " + what);

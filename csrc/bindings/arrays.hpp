@@ -35,7 +35,9 @@ void init_config(py::module_& m);
 // ---------------------------------------------------------------------------------------------
 // Descriptions for messages
 
+// "(2, 3)", "(3,)", "()": an array's shape, or the one an output must have, as NumPy prints it.
 std::string shape_of(const py::array& a);
+std::string shape_of(const std::vector<py::ssize_t>& shape);
 std::string type_name(py::handle obj);
 std::string byte_count(double bytes);
 [[noreturn]] void throw_memory_error(const std::string& message);
@@ -85,8 +87,6 @@ class Call {
   // A new output array. One that cannot exist is an error naming it: ValueError if it is larger
   // than the address space, MemoryError if it cannot be allocated.
   py::array allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const;
-
-  static std::string shape_string(const std::vector<py::ssize_t>& shape);
 
   bool bf16_ok_ = false, all_bf16_ = true;
   DType dtype_ = DType::float32;
@@ -139,8 +139,9 @@ void round_into(const std::vector<float>& buffer, py::array& out);
 // ---------------------------------------------------------------------------------------------
 // Checks and parsers shared by the functions
 
-void require_same_columns(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
-                          const char* b_name, py::ssize_t b_dim, const char* what);
+// a's extent in dimension a_dim is b's in b_dim, else a ValueError with both shapes and `what`.
+void require_same_extent(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
+                         const char* b_name, py::ssize_t b_dim, const char* what);
 void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name);
 std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* name, const py::array& weight);
 

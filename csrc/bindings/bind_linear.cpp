@@ -18,7 +18,7 @@ py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bia
   Call call(/*bf16_products=*/true);
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
-  require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
+  require_same_extent(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
   const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
   py::array y = call.output(out_obj, "out", {x.shape(0), w.shape(0)});
   if (call.dtype() == DType::bfloat16) {
@@ -43,8 +43,8 @@ py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::
   Call call(/*bf16_products=*/true);
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
-  require_same_columns(w, "weight", 0, dy, "grad_out", 1,
-                       "weight must be (out_features, in_features) with grad_out's out_features");
+  require_same_extent(w, "weight", 0, dy, "grad_out", 1,
+                      "weight must be (out_features, in_features) with grad_out's out_features");
   py::array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
   if (call.dtype() == DType::bfloat16) {
     const Bf16Output out = bf16_output(dx);
@@ -67,11 +67,11 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
   const bool bias = parse_flag(bias_obj, "bias");
   const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
-  require_same_columns(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
+  require_same_extent(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
   std::optional<py::array> s;
   if (!sample_weights_obj.is_none()) {
     s = call.input(sample_weights_obj, "sample_weights", 1, "(batch,)");
-    require_same_columns(*s, "sample_weights", 0, dy, "grad_out", 0, "sample_weights must be (batch,)");
+    require_same_extent(*s, "sample_weights", 0, dy, "grad_out", 0, "sample_weights must be (batch,)");
   }
   if (!bias && !bias_out_obj.is_none()) throw py::value_error("bias_out was given but bias=False");
   py::array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
@@ -181,7 +181,7 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
   const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
-  require_same_columns(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
+  require_same_extent(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
   const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
   const py::array t = call.input(target_obj, "target", 2, "(batch, out_features)");
   if (t.shape(0) != x.shape(0) || t.shape(1) != w.shape(0))
