@@ -5,8 +5,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "gemm.hpp"
+#include "team.hpp"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -192,11 +194,13 @@ double measure_peak(double (*probe)(index_t, float), int flops_per_iteration, in
   threads = usable_threads(threads);
   const index_t iterations = 1 << 20;
   double best = 0, sink = 0;
+  std::vector<double> sums(static_cast<std::size_t>(threads));  // each thread's checksum
   const auto stop = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
   do {
     const clock::time_point start = clock::now();
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-    sink += probe(iterations, 1.0f + 1e-3f * static_cast<float>(sink != sink));
+    const float seed = 1.0f + 1e-3f * static_cast<float>(sink != sink);
+    run_team(threads, [&](int thread, int) { sums[thread] = probe(iterations, seed); });
+    sink = ordered_sum(sums.data(), threads, sink);
     const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
     const double flops = static_cast<double>(iterations) * flops_per_iteration * threads;
     if (elapsed > 0 && flops / elapsed > best) best = flops / elapsed;

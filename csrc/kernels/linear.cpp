@@ -15,17 +15,6 @@ T* own_buffer(std::unique_ptr<T[]>& holder, index_t size) {
   return holder.get();
 }
 
-// The forward product's epilogue of the fused step: each tile of Y becomes dY = 2 (Y - T) / N (N = count
-// for "mean", 1 for "sum"), and the squared residuals are summed into *squares.
-template <typename T>
-void set_mse_epilogue(Epilogue<T>& e, MatrixView<T> target, Reduction reduction, double count, double* squares) {
-  e.target = target.data;
-  e.target_rs = target.rs;
-  e.target_cs = target.cs;
-  e.grad_scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
-  e.loss = squares;
-}
-
 }  // namespace
 
 template <typename T>
@@ -45,27 +34,6 @@ void linear_backward_weight(MatrixView<T> dy, MatrixView<T> x, T* dw, T* db) {
   gemm(weight_grad_args(dy, x, dw, db));
 }
 
-template <typename T>
-double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
-                  T* dx, T* dw, T* db, T* dy) {
-  const index_t batch = x.rows, out = w.rows;
-  const double count = static_cast<double>(batch) * static_cast<double>(out);
-  std::unique_ptr<T[]> dy_buffer;
-  dy = dy ? dy : own_buffer(dy_buffer, batch * out);
-
-  // Forward with the loss in the epilogue: each tile of Y becomes dY = 2 (Y - T) / N in cache.
-  double squares = 0;
-  GemmArgs<T> fwd = forward_args(x, w, dy);
-  fwd.epilogue.bias = bias;
-  set_mse_epilogue(fwd.epilogue, target, reduction, count, &squares);
-  gemm(fwd);
-
-  const MatrixView<T> dy_view{dy, batch, out, out, 1};
-  if (dx) gemm(input_grad_args(dy_view, w, dx));
-  gemm(weight_grad_args(dy_view, x, dw, db));
-  return reduction == Reduction::mean ? squares / count : squares;  // mean of nothing is NaN, as in torch
-}
-
 // ---------------------------------------------------------------------------------------------
 // bfloat16 products: the float32 engine with GemmArgs::bf16 set, each operand read as float32 or
 // bfloat16 (see gemm.hpp); a bfloat16 result is rounded in the epilogue, from float32 sums that the
@@ -77,20 +45,17 @@ MatrixView<float> float_view(const Bf16Matrix& m) { return {m.f32, m.rows, m.col
 
 // The product A B of two bfloat16-product operands into C (a.rows x b.cols): out.f32, or out.bf16
 // rounded by the epilogue.
-struct Bf16Product {
-  GemmArgs<float> g;
-
-  Bf16Product(const Bf16Matrix& a, const Bf16Matrix& b, Bf16Output out) {
-    g = product_args(float_view(a), float_view(b), out.f32);
-    g.bf16 = true;
-    g.a16 = a.bf16;
-    g.b16 = b.bf16;
-    if (!out.f32) {
-      g.epilogue.out16 = out.bf16;
-      g.epilogue.out16_ld = b.cols;
-    }
+GemmArgs<float> bf16_product_args(const Bf16Matrix& a, const Bf16Matrix& b, Bf16Output out) {
+  GemmArgs<float> g = product_args(float_view(a), float_view(b), out.f32);
+  g.bf16 = true;
+  g.a16 = a.bf16;
+  g.b16 = b.bf16;
+  if (!out.f32) {
+    g.epilogue.out16 = out.bf16;
+    g.epilogue.out16_ld = b.cols;
   }
-};
+  return g;
+}
 
 Bf16Matrix transposed(Bf16Matrix m) {
   std::swap(m.rows, m.cols);
@@ -101,40 +66,97 @@ Bf16Matrix transposed(Bf16Matrix m) {
 }  // namespace
 
 void linear_forward_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, Bf16Output y) {
-  Bf16Product p(x, transposed(w), y);
-  p.g.epilogue.bias = bias;
-  gemm(p.g);
+  GemmArgs<float> g = bf16_product_args(x, transposed(w), y);
+  g.epilogue.bias = bias;
+  gemm(g);
 }
 
-void linear_backward_input_bf16(Bf16Matrix dy, Bf16Matrix w, Bf16Output dx) {
-  Bf16Product p(dy, w, dx);
-  gemm(p.g);
-}
+void linear_backward_input_bf16(Bf16Matrix dy, Bf16Matrix w, Bf16Output dx) { gemm(bf16_product_args(dy, w, dx)); }
 
 void linear_backward_weight_bf16(Bf16Matrix dy, Bf16Matrix x, Bf16Output dw, float* db) {
-  Bf16Product p(transposed(dy), x, dw);
-  p.g.a_row_sums = db;
-  gemm(p.g);
+  GemmArgs<float> g = bf16_product_args(transposed(dy), x, dw);
+  g.a_row_sums = db;
+  gemm(g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused training step, one template over the operands' view: MatrixView<T> (float32, float64)
+// or Bf16Matrix (bfloat16 products, whose bias, target, dY and db are float32: S = float).
+
+namespace {
+
+// Per operand view: the forward product into dense S values, dY's view as an operand of dX's and
+// dW's products, and those two products.
+template <typename T>
+GemmArgs<T> forward_product(MatrixView<T> x, MatrixView<T> w, T* y) {
+  return forward_args(x, w, y);
+}
+GemmArgs<float> forward_product(const Bf16Matrix& x, const Bf16Matrix& w, float* y) {
+  return bf16_product_args(x, transposed(w), Bf16Output{y, nullptr});
+}
+
+template <typename T>
+MatrixView<T> dense_operand(MatrixView<T>, const T* data, index_t rows, index_t cols) {
+  return {data, rows, cols, cols, 1};
+}
+Bf16Matrix dense_operand(const Bf16Matrix&, const float* data, index_t rows, index_t cols) {
+  return {data, nullptr, rows, cols, cols, 1};
+}
+
+template <typename T>
+bool wanted(T* out) {
+  return out != nullptr;
+}
+bool wanted(Bf16Output out) { return out.f32 || out.bf16; }
+
+template <typename T>
+void backward_input(MatrixView<T> dy, MatrixView<T> w, T* dx) {
+  linear_backward_input<T>(dy, w, dx);
+}
+void backward_input(const Bf16Matrix& dy, const Bf16Matrix& w, Bf16Output dx) { linear_backward_input_bf16(dy, w, dx); }
+
+template <typename T>
+void backward_weight(MatrixView<T> dy, MatrixView<T> x, T* dw, T* db) {
+  linear_backward_weight<T>(dy, x, dw, db);
+}
+void backward_weight(const Bf16Matrix& dy, const Bf16Matrix& x, Bf16Output dw, float* db) {
+  linear_backward_weight_bf16(dy, x, dw, db);
+}
+
+// The forward pass with the loss in its epilogue (each tile of Y becomes dY = 2 (Y - T) / N while in
+// cache; a bfloat16 product's float32 Y becomes float32 dY), then dX and dW from dY (rounded to
+// bfloat16 as a bfloat16 product packs it).
+template <typename View, typename Out, typename S>
+double fused_step(View x, View w, VectorView<S> bias, MatrixView<S> target, Reduction reduction, Out dx, Out dw, S* db,
+                  S* dy) {
+  const index_t batch = x.rows, out = w.rows;
+  const double count = static_cast<double>(batch) * static_cast<double>(out);
+  std::unique_ptr<S[]> dy_buffer;
+  dy = dy ? dy : own_buffer(dy_buffer, batch * out);
+
+  double squares = 0;
+  GemmArgs<S> fwd = forward_product(x, w, dy);
+  fwd.epilogue.bias = bias;
+  set_mse_epilogue(fwd.epilogue, target, reduction, count, &squares);
+  gemm(fwd);
+
+  const View dy_view = dense_operand(x, dy, batch, out);
+  if (wanted(dx)) backward_input(dy_view, w, dx);
+  backward_weight(dy_view, x, dw, db);
+  return mse_of_squares(reduction, squares, count);
+}
+
+}  // namespace
+
+template <typename T>
+double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixView<T> target, Reduction reduction,
+                  T* dx, T* dw, T* db, T* dy) {
+  return fused_step(x, w, bias, target, reduction, dx, dw, db, dy);
 }
 
 double linear_mse_bf16(Bf16Matrix x, Bf16Matrix w, VectorView<float> bias, MatrixView<float> target,
                        Reduction reduction, Bf16Output dx, Bf16Output dw, float* db, float* dy) {
-  const index_t batch = x.rows, out = w.rows;
-  const double count = static_cast<double>(batch) * static_cast<double>(out);
-  std::unique_ptr<float[]> dy_buffer;
-  dy = dy ? dy : own_buffer(dy_buffer, batch * out);
-  // Forward with the loss in the epilogue (float32 Y becomes float32 dY in cache), then dX and dW
-  // with dY rounded to bfloat16 as they pack it.
-  double squares = 0;
-  Bf16Product fwd(x, transposed(w), Bf16Output{dy, nullptr});
-  fwd.g.epilogue.bias = bias;
-  set_mse_epilogue(fwd.g.epilogue, target, reduction, count, &squares);
-  gemm(fwd.g);
-
-  const Bf16Matrix dy_view{dy, nullptr, batch, out, out, 1};
-  if (dx.f32 || dx.bf16) linear_backward_input_bf16(dy_view, w, dx);
-  linear_backward_weight_bf16(dy_view, x, dw, db);
-  return reduction == Reduction::mean ? squares / count : squares;
+  return fused_step(x, w, bias, target, reduction, dx, dw, db, dy);
 }
 
 #define LINGRAD_INSTANTIATE(T)                                                      \

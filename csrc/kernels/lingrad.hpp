@@ -8,7 +8,7 @@
 //   bias grad       db = sum_b dY[b]          db (out)
 //
 // This header is the whole C++ API. It knows nothing of Python: callers validate shapes (the
-// Python bindings do, in csrc/bindings/module.cpp). Inputs are strided views (any strides, in
+// Python bindings do, in csrc/bindings/arrays.cpp). Inputs are strided views (any strides, in
 // elements, zero and negative included); outputs are dense row-major arrays that do not overlap
 // the inputs. Results are bitwise identical for any number of threads: threads split the
 // outputs, never a reduction, and no block size depends on the thread count.
@@ -36,6 +36,17 @@ struct VectorView {
 };
 
 enum class Reduction { none, mean, sum };
+
+// The MSE loss's two formulas, for the standalone loss (mse.cpp) and the fused steps (linear.cpp,
+// mlp.cpp), with N = count, the number of elements: dY = scale (Y - T) with scale = 2 / N for "mean"
+// and 2 for "sum" and "none" (each element's own square); the loss of the summed squares is
+// squares / N for "mean" (NaN for no elements, as in torch) and squares for "sum".
+static inline double mse_grad_scale(Reduction reduction, double count) {
+  return reduction == Reduction::mean ? 2.0 / count : 2.0;
+}
+static inline double mse_of_squares(Reduction reduction, double squares, double count) {
+  return reduction == Reduction::mean ? squares / count : squares;
+}
 
 // Y (B, out) = X W^T (+ bias).
 template <typename T>

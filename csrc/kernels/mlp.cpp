@@ -157,16 +157,12 @@ double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> 
   g.epilogue.bias = layers[n - 1].bias;
   g.epilogue.act = layers[n - 1].act;
   g.epilogue.slope = layers[n - 1].slope;
-  g.epilogue.target = target.data;
-  g.epilogue.target_rs = target.rs;
-  g.epilogue.target_cs = target.cs;
-  g.epilogue.grad_scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
-  g.epilogue.loss = &squares;
+  set_mse_epilogue(g.epilogue, target, reduction, count, &squares);
   gemm(g);
 
   auto layer_input = [&](int l) { return l == 0 ? x : dense<T>(saved[l - 1].h, batch, layers[l - 1].weight.rows); };
   backward_sweep(layers, n, saved.data(), layer_input, dz, scratch, dx, dw, db);
-  return reduction == Reduction::mean ? squares / count : squares;  // mean of nothing is NaN, as in torch
+  return mse_of_squares(reduction, squares, count);
 }
 
 #define LINGRAD_INSTANTIATE(T)                                                                                       \

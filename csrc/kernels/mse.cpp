@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lingrad.hpp"
+#include "team.hpp"
 
 namespace lingrad {
 namespace {
@@ -14,17 +15,14 @@ constexpr index_t kBlockElements = 1 << 16;        // rows are summed in blocks 
 constexpr index_t kBlockMinRows = 1024;            // or of this many rows, whichever is more
 
 // body(i) for each of n rows holding `elements` in all: split over the threads from
-// kParallelMinElements on, else in this thread without setting up a team, which costs more than a
-// small loop.
+// kParallelMinElements on, else in this thread (run_team starts no team for one).
 template <typename Body>
 void for_each_row(index_t n, index_t elements, const Body& body) {
   const int threads = get_num_threads();
-  if (threads > 1 && elements >= kParallelMinElements) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (index_t i = 0; i < n; ++i) body(i);
-  } else {
-    for (index_t i = 0; i < n; ++i) body(i);
-  }
+  run_team(elements >= kParallelMinElements ? threads : 1, [&](int thread, int team) {
+    const Share rows = share(n, thread, team);
+    for (index_t i = rows.first; i < rows.last; ++i) body(i);
+  });
 }
 }  // namespace
 
@@ -62,16 +60,16 @@ double mse_loss(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T
       }
       row_squares[i] = s;
     });
-    for (index_t i = 0; i < block; ++i) total += row_squares[i];
+    total = ordered_sum(row_squares.data(), block, total);
   }
-  return reduction == Reduction::mean ? total / count : total;
+  return mse_of_squares(reduction, total, count);
 }
 
 template <typename T>
 void mse_backward(MatrixView<T> pred, MatrixView<T> target, Reduction reduction, T* grad) {
   const index_t rows = pred.rows, cols = pred.cols;
   const double count = static_cast<double>(rows) * static_cast<double>(cols);
-  const T scale = static_cast<T>(reduction == Reduction::mean ? 2.0 / count : 2.0);
+  const T scale = static_cast<T>(mse_grad_scale(reduction, count));
   if (rows == 0 || cols == 0) return;  // nothing to write (and a zero-stride view may have 2^40 empty rows)
   for_each_row(rows, rows * cols, [&](index_t r) {
     const T* p = pred.data + r * pred.rs;

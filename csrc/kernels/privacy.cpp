@@ -13,9 +13,7 @@
 #include <vector>
 
 #include "products.hpp"
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "team.hpp"
 
 namespace lingrad {
 namespace {
@@ -38,22 +36,13 @@ double dot(const T* a, index_t as, const T* b, index_t bs, index_t n) {
   return (l0 + l1) + (l2 + l3);
 }
 
-// f(b, thread) for each sample, over the threads when the work is large enough.
+// f(b, thread) for each sample, over up to `threads` threads when the work is large enough.
 template <typename F>
-void for_each_sample(index_t batch, double work, const F& f) {
-  const int threads = get_num_threads();
-  if (threads > 1 && batch > 1 && work >= kParallelMinWork) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (index_t b = 0; b < batch; ++b) {
-#if defined(_OPENMP)
-      f(b, omp_get_thread_num());
-#else
-      f(b, 0);
-#endif
-    }
-  } else {
-    for (index_t b = 0; b < batch; ++b) f(b, 0);
-  }
+void for_each_sample(index_t batch, double work, int threads, const F& f) {
+  run_team(batch > 1 && work >= kParallelMinWork ? threads : 1, [&](int thread, int team) {
+    const Share samples = share(batch, thread, team);
+    for (index_t b = samples.first; b < samples.last; ++b) f(b, thread);
+  });
 }
 
 }  // namespace
@@ -74,7 +63,7 @@ void linear_per_sample_grad_norms(SampleView<T> dy, SampleView<T> x, bool bias, 
   const int threads = get_num_threads();
   std::vector<std::unique_ptr<double[]>> rows(gram ? 0 : threads);  // per thread: one row of G_b
   for (auto& r : rows) r.reset(new double[in > 0 ? in : 1]);
-  for_each_sample(batch, work, [&](index_t b, int thread) {
+  for_each_sample(batch, work, threads, [&](index_t b, int thread) {
     const T* y = dy.m.data + b * dy.batch_stride;
     const T* a = x.m.data + b * x.batch_stride;
     double weight_sq = 0, bias_sq = 0;
@@ -126,7 +115,7 @@ void linear_per_sample_grads(SampleView<T> dy, SampleView<T> x, T* out) {
   const index_t size = o_n * in;
   if (steps == 1) {  // outer products, one per sample: each element a single rounding
     const double work = static_cast<double>(batch) * static_cast<double>(size);
-    for_each_sample(batch, work, [&](index_t b, int) {
+    for_each_sample(batch, work, get_num_threads(), [&](index_t b, int) {
       const T* y = dy.m.data + b * dy.batch_stride;
       const T* a = x.m.data + b * x.batch_stride;
       T* g = out + b * size;

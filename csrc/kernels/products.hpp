@@ -1,5 +1,6 @@
-// The Linear layer's three products as arguments of the GEMM engine (linear.cpp, mlp.cpp). Only
-// baseline code: nothing here is compiled per instruction set.
+// The Linear layer's three products as arguments of the GEMM engine (linear.cpp, mlp.cpp,
+// privacy.cpp), and the fused MSE loss of a forward product. Only baseline code: nothing here is
+// compiled per instruction set.
 #pragma once
 #include "gemm.hpp"
 
@@ -49,6 +50,18 @@ inline GemmArgs<T> weight_grad_args(MatrixView<T> dy, MatrixView<T> x, T* dw, T*
   GemmArgs<T> g = product_args(transposed(dy), x, dw);
   g.a_row_sums = db;
   return g;
+}
+
+// A forward product's epilogue in a fused training step (linear.cpp's linear_mse, mlp.cpp's mlp_mse):
+// each tile of the output becomes dY = 2 (Y - T) / N (N = count for "mean", 1 for "sum"; times the
+// activation's derivative, if any), and the squared residuals are summed into *squares.
+template <typename T>
+inline void set_mse_epilogue(Epilogue<T>& e, MatrixView<T> target, Reduction reduction, double count, double* squares) {
+  e.target = target.data;
+  e.target_rs = target.rs;
+  e.target_cs = target.cs;
+  e.grad_scale = static_cast<T>(mse_grad_scale(reduction, count));
+  e.loss = squares;
 }
 
 }  // namespace lingrad
