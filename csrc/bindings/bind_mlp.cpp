@@ -16,15 +16,15 @@ namespace {
 
 using lingrad::Activation;
 
+// An activation by its name in kActivationNames (lingrad.hpp, beside the enum).
 Activation parse_activation(py::handle obj, const std::string& name) {
-  const char* names[] = {"identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu"};
   if (py::isinstance<py::str>(obj)) {
     const std::string a = py::str(obj);
-    for (int i = 0; i < 8; ++i)
-      if (a == names[i]) return static_cast<Activation>(i);
+    for (std::size_t i = 0; i < kActivationCount; ++i)
+      if (a == kActivationNames[i]) return static_cast<Activation>(i);
   }
   std::string options;
-  for (const char* n : names) options += (options.empty() ? "'" : ", '") + std::string(n) + "'";
+  for (const char* n : kActivationNames) options += (options.empty() ? "'" : ", '") + std::string(n) + "'";
   throw py::value_error(name + " must be one of " + options + ", got " + std::string(py::repr(obj)));
 }
 
@@ -267,6 +267,11 @@ py::tuple mlp_mse(py::handle x_obj, py::handle weights_obj, py::handle biases_ob
 }  // namespace
 
 void init_mlp(py::module_& m) {
+  // The activations' names, in the kernels' order: what `activations` accepts.
+  py::tuple names(kActivationCount);
+  for (std::size_t i = 0; i < kActivationCount; ++i) names[i] = py::str(kActivationNames[i]);
+  m.attr("ACTIVATIONS") = names;
+
   m.def(
       "mlp_forward", &mlp_forward, keyword("x"), keyword("weights"), keyword("biases"), keyword("activations"),
       py::kw_only(), keyword("negative_slopes") = py::none(), keyword("save") = false, keyword("out") = py::none(),

@@ -13,7 +13,9 @@
 // the inputs. Results are bitwise identical for any number of threads: threads split the
 // outputs, never a reduction, and no block size depends on the thread count.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 namespace lingrad {
 
@@ -145,6 +147,11 @@ double measure_bf16_peak(int threads, double seconds);
 // input-gradient products' epilogues, while each tile of the result is still in cache.
 
 enum class Activation { identity, relu, leaky_relu, tanh, sigmoid, gelu, gelu_tanh, silu };
+constexpr std::size_t kActivationCount = static_cast<std::size_t>(Activation::silu) + 1;
+// Their names, in the enum's order: the bindings parse them, Python reads them as lingrad._C.ACTIVATIONS.
+inline constexpr const char* kActivationNames[] = {"identity", "relu", "leaky_relu", "tanh",
+                                                   "sigmoid",  "gelu", "gelu_tanh",  "silu"};
+static_assert(std::size(kActivationNames) == kActivationCount, "one name per Activation, in its order");
 
 // Whether act' must be computed from the pre-activation Z (else the output H is enough: ReLU,
 // Tanh, Sigmoid, LeakyReLU with a positive slope, Identity).

@@ -64,6 +64,9 @@ def _gemm_plan(
     loss: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]: ...
+# The names mlp_forward, mlp_backward and mlp_mse accept in `activations`, in the kernels' order.
+ACTIVATIONS: tuple[str, ...]
+
 def mlp_forward(
     x: _Array,
     weights: Sequence[_Array],
