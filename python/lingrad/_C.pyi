@@ -64,6 +64,7 @@ def _gemm_plan(
     loss: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]: ...
+
 # The names mlp_forward, mlp_backward and mlp_mse accept in `activations`, in the kernels' order.
 ACTIVATIONS: tuple[str, ...]
 
