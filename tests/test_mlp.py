@@ -339,3 +339,15 @@ def test_retain_graph_and_no_aliasing():
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
         assert a.data_ptr() != b.data_ptr()
+
+
+def test_one_list_of_activations():
+    # The kernels' names (kActivationNames beside the C++ enum, exported as lingrad._C.ACTIVATIONS) are
+    # the ones FusedMLP builds and fuse recognises.
+    from lingrad import _C
+    from lingrad.torch import mlp
+
+    assert sorted(mlp._ACTIVATION_MODULES) == sorted(_C.ACTIVATIONS)
+    for name in _C.ACTIVATIONS:
+        module = mlp._ACTIVATION_MODULES[name]()
+        assert mlp._activation_of(module)[0] == name
