@@ -1,6 +1,6 @@
 """The GEMM engine's small-M path: a batch of 1 to 8 in the forward pass and dX, and dW of a layer
 with 1 to 8 outputs. B (the weight, or X for dW) is streamed in place along whichever of its
-dimensions is contiguous, by one of two forms of the same summation order (gemm_engine.hpp, "Small
+dimensions is contiguous, by one of two forms of the same summation order (gemm/small_m.inc, "Small
 M"): results must match the float64 reference within bounds that grow with the reduction length,
 and be bitwise the same for every memory layout of every operand and every thread count. The shapes:
 cases.SMALL_M_SHAPES."""

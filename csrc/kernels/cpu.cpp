@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "gemm.hpp"
+#include "gemm/gemm.hpp"
 #include "team.hpp"
 #if defined(_OPENMP)
 #include <omp.h>

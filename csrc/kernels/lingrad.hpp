@@ -83,7 +83,7 @@ double linear_mse(MatrixView<T> x, MatrixView<T> w, VectorView<T> bias, MatrixVi
 // ---------------------------------------------------------------------------------------------
 // bfloat16 products: the operands' values rounded to bfloat16 (to nearest, ties to even), each
 // product of two of them exact in float32, the sums in float32. Every ISA path but AMX computes the
-// same bits (see gemm_engine.hpp: the pairs of K); a denormal bfloat16 operand counts as zero, as the
+// same bits (see gemm/pack_bf16.inc: the pairs of K); a denormal bfloat16 operand counts as zero, as the
 // AVX512-BF16 instruction reads it.
 
 struct bfloat16 {
@@ -246,7 +246,7 @@ int gemm_small_min_k();                   // if K >= this times M^2
 
 // The plan of one product C (m x n) = A (m x k) B (k x n), A[i, p] at a[i*a_rs + p*a_cs] and B[p, j]
 // at b[p*b_rs + j*b_cs]: every decision the engine makes before it computes, from the shape, the
-// strides and the build's blocking alone (see gemm_engine.hpp). For tests and tuning: which path a
+// strides and the build's blocking alone (see gemm/engine.inc). For tests and tuning: which path a
 // shape takes, and how it is cut.
 enum class GemmPath { empty, narrow, small_m, packed };
 struct GemmPlan {

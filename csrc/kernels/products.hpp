@@ -2,7 +2,7 @@
 // privacy.cpp), and the fused MSE loss of a forward product. Only baseline code: nothing here is
 // compiled per instruction set.
 #pragma once
-#include "gemm.hpp"
+#include "gemm/gemm.hpp"
 
 namespace lingrad {
 

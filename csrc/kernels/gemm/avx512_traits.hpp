@@ -1,5 +1,5 @@
-// The AVX-512 builds' block sizes (gemm_avx512.cpp, and gemm_avx512_bf16.cpp, which adds the
-// AVX512-BF16 pairs kernel for bfloat16 products to the same float32 and float64 engine).
+// The AVX-512 builds' block sizes (isa_avx512.cpp, and isa_avx512_bf16.cpp and isa_amx_bf16.cpp, which add
+// bfloat16 kernels, vdpbf16ps pairs or AMX tiles, to the same float32 and float64 engine).
 #pragma once
 #include "gemm.hpp"
 

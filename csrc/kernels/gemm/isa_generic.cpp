@@ -17,4 +17,4 @@ constexpr GemmTable kBlocking = {
 }  // namespace lingrad::isa_generic
 
 #define LINGRAD_ISA isa_generic
-#include "gemm_engine.hpp"
+#include "engine.inc"

@@ -1,4 +1,4 @@
-// The GEMM engine's interface, shared by the per-ISA builds of gemm_engine.hpp.
+// The GEMM engine's interface, shared by its per-ISA builds (gemm/isa_<name>.cpp, each including engine.inc).
 //
 //   C (M, N) = A (M, K) * B (K, N), then a fused epilogue on each finished tile of C.
 //
@@ -65,9 +65,9 @@ struct GemmArgs {
 constexpr double kSerialWork = 1 << 18;           // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barriers: at most this, or one K slice
 constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path,
-constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm_engine.hpp
+constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm/small_m.inc
 
-// One build's block sizes, per dtype: the labelled table at the top of each gemm_<isa>.cpp.
+// One build's block sizes, per dtype: the labelled table at the top of each gemm/isa_<name>.cpp.
 struct GemmTable {
   const char* name;   // the ISA, as get_isa() reports it
   GemmBlocking f, d;  // float, double

@@ -18,4 +18,4 @@ constexpr GemmTable kBlocking = {
 }  // namespace lingrad::isa_avx2
 
 #define LINGRAD_ISA isa_avx2
-#include "gemm_engine.hpp"
+#include "engine.inc"

@@ -1,7 +1,7 @@
 // AVX-512 build with AMX (compiled with the AVX-512 flags and -mamx-tile -mamx-bf16): the avx512
-// engine, whose bfloat16 products run on AMX tiles (gemm_engine.hpp). Linux hands out AMX state to a
+// engine, whose bfloat16 products run on AMX tiles (engine.inc). Linux hands out AMX state to a
 // process that asks for it (cpu.cpp asks before this build is chosen).
-#include "gemm_avx512.hpp"
+#include "avx512_traits.hpp"
 
 namespace lingrad::isa_amx_bf16 {
 constexpr GemmTable kBlocking = avx512_table("amx_bf16");
@@ -9,4 +9,4 @@ constexpr GemmTable kBlocking = avx512_table("amx_bf16");
 
 #define LINGRAD_ISA isa_amx_bf16
 #define LINGRAD_AMX 1
-#include "gemm_engine.hpp"
+#include "engine.inc"
