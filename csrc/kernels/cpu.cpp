@@ -24,11 +24,11 @@ namespace lingrad {
 namespace {
 
 // Every build compiled in, best first.
-const GemmKernels* const kAllKernels[] = {
+const IsaBuild* const kAllBuilds[] = {
 #if defined(LINGRAD_X86)
-    &isa_amx_bf16::kernels, &isa_avx512_bf16::kernels, &isa_avx512::kernels, &isa_avx2::kernels,
+    &isa_amx_bf16::build, &isa_avx512_bf16::build, &isa_avx512::build, &isa_avx2::build,
 #endif
-    &isa_generic::kernels,
+    &isa_generic::build,
 };
 
 #if defined(LINGRAD_X86) && defined(__linux__)
@@ -48,22 +48,22 @@ bool amx_usable() {
 bool amx_usable() { return false; }
 #endif
 
-bool cpu_supports(const GemmKernels* k) {
+bool cpu_supports(const IsaBuild* k) {
 #if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("fma");
-  if (k == &isa_amx_bf16::kernels) return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
-  if (k == &isa_avx512_bf16::kernels) return avx512 && __builtin_cpu_supports("avx512bf16");
-  if (k == &isa_avx512::kernels) return avx512;
-  if (k == &isa_avx2::kernels) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (k == &isa_amx_bf16::build) return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
+  if (k == &isa_avx512_bf16::build) return avx512 && __builtin_cpu_supports("avx512bf16");
+  if (k == &isa_avx512::build) return avx512;
+  if (k == &isa_avx2::build) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-  return k == &isa_generic::kernels;
+  return k == &isa_generic::build;
 }
 
-const GemmKernels* find_supported(const char* name) {
-  for (const GemmKernels* k : kAllKernels)
+const IsaBuild* find_supported(const char* name) {
+  for (const IsaBuild* k : kAllBuilds)
     if (std::strcmp(k->name, name) == 0) return cpu_supports(k) ? k : nullptr;
   return nullptr;
 }
@@ -72,26 +72,26 @@ const GemmKernels* find_supported(const char* name) {
 // products, which pay where vdpbf16ps runs at the FMA units' rate (AMD Zen 4 and Zen 5: two float32
 // FMAs' work per instruction). On an Intel Sapphire Rapids-class CPU it measured half the FMA peak
 // in flops (240 against 485 GFLOP/s on 2 cores), so there the widened avx512 products are faster.
-bool good_default(const GemmKernels* k) {
+bool good_default(const IsaBuild* k) {
 #if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (k == &isa_avx512_bf16::kernels) return __builtin_cpu_is("amd");
+  if (k == &isa_avx512_bf16::build) return __builtin_cpu_is("amd");
 #endif
   (void)k;
   return true;
 }
 
 // The best build the CPU runs, unless LINGRAD_ISA names another supported one.
-const GemmKernels* initial_kernels() {
+const IsaBuild* initial_build() {
   if (const char* env = std::getenv("LINGRAD_ISA"))
-    if (const GemmKernels* k = find_supported(env)) return k;
-  for (const GemmKernels* k : kAllKernels)
+    if (const IsaBuild* k = find_supported(env)) return k;
+  for (const IsaBuild* k : kAllBuilds)
     if (cpu_supports(k) && good_default(k)) return k;
-  return &isa_generic::kernels;
+  return &isa_generic::build;
 }
 
-std::atomic<const GemmKernels*>& active() {
-  static std::atomic<const GemmKernels*> kernels{initial_kernels()};
-  return kernels;
+std::atomic<const IsaBuild*>& active() {
+  static std::atomic<const IsaBuild*> build{initial_build()};
+  return build;
 }
 
 std::atomic<int>& thread_count() {
@@ -134,12 +134,12 @@ int usable_threads(int requested) {
 
 }  // namespace
 
-const GemmKernels& active_kernels() { return *active().load(std::memory_order_relaxed); }
+const IsaBuild& active_build() { return *active().load(std::memory_order_relaxed); }
 
-const char* get_isa() { return active_kernels().name; }
+const char* get_isa() { return active_build().name; }
 
 bool set_isa(const char* name) {
-  const GemmKernels* k = find_supported(name);
+  const IsaBuild* k = find_supported(name);
   if (!k) return false;
   active().store(k);
   return true;
@@ -147,13 +147,13 @@ bool set_isa(const char* name) {
 
 int available_isas(const char** names, int capacity) {
   int count = 0;
-  for (const GemmKernels* k : kAllKernels)
+  for (const IsaBuild* k : kAllBuilds)
     if (cpu_supports(k) && count < capacity) names[count++] = k->name;
   return count;
 }
 
 GemmBlocking get_blocking(bool double_) {
-  const GemmKernels& k = active_kernels();
+  const IsaBuild& k = active_build();
   return double_ ? k.blocking_double : k.blocking_float;
 }
 
@@ -181,10 +181,10 @@ GemmArgs<T> shape_only(index_t m, index_t n, index_t k, index_t a_rs, index_t a_
 
 GemmPlan gemm_plan(bool double_, index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, index_t b_rs,
                    index_t b_cs, bool row_sums, bool loss, int threads) {
-  const GemmKernels& kernels = active_kernels();
+  const IsaBuild& build = active_build();
   threads = threads > 1 ? threads : 1;  // as asked (the fork guard is not consulted: a plan starts no team)
-  if (double_) return kernels.dplan(shape_only<double>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
-  return kernels.splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
+  if (double_) return build.dplan(shape_only<double>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
+  return build.splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
 }
 
 namespace {
@@ -212,14 +212,14 @@ double measure_peak(double (*probe)(index_t, float), int flops_per_iteration, in
 }  // namespace
 
 double measure_fma_peak(int threads, double seconds) {
-  const GemmKernels& k = active_kernels();
+  const IsaBuild& k = active_build();
   return measure_peak(k.fma_probe, k.fma_probe_flops, threads, seconds);
 }
 
-const char* bf16_kernel() { return active_kernels().bf16_kernel; }
+const char* bf16_kernel() { return active_build().bf16_kernel; }
 
 double measure_bf16_peak(int threads, double seconds) {
-  const GemmKernels& k = active_kernels();
+  const IsaBuild& k = active_build();
   return k.bf16_probe ? measure_peak(k.bf16_probe, k.bf16_probe_flops, threads, seconds) : 0.0;
 }
 

@@ -14,8 +14,8 @@ namespace lingrad {
 //   KC 256 | 256   a B micro-panel of KC x NR: 32 KB, as large as a 32-48 KB L1 allows
 //   NC 4096| 4096  a packed KC x NC slice of B: 4 MB | 8 MB (L3)
 //   VL  16 |   8   one vector: the lanes of the small-M path
-// From the cache sizes above; bfloat16 products use the float column (their panels hold K pairs).
-constexpr GemmTable avx512_table(const char* name) {
-  return {name, /* float  */ {8, 32, 144, 256, 4096, 16}, /* double */ {6, 16, 72, 256, 4096, 8}};
-}
+// From the cache sizes above; bfloat16 products that are not AMX's use the float column (their
+// panels hold K pairs).
+constexpr GemmBlocking kAvx512Float = {8, 32, 144, 256, 4096, 16};
+constexpr GemmBlocking kAvx512Double = {6, 16, 72, 256, 4096, 8};
 }  // namespace lingrad

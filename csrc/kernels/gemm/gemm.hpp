@@ -67,14 +67,29 @@ constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barrie
 constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path,
 constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm/small_m.inc
 
-// One build's block sizes, per dtype: the labelled table at the top of each gemm/isa_<name>.cpp.
-struct GemmTable {
+// What a product computes, as the engine's stages see it: T's own values (plain), or a bfloat16
+// product run one of three ways (gemm/pack_bf16.inc): widened to float32 panels, vdpbf16ps pairs, AMX
+// tiles. Each build runs its bfloat16 products one way, its IsaTraits::bf16_kind.
+enum class ProductKind { plain, bf16_widened, bf16_pairs, bf16_amx };
+// How bf16_kernel() (lingrad.hpp) names each kind.
+constexpr const char* kProductKindNames[] = {"plain", "widened", "vdpbf16ps", "amx"};
+static_assert(sizeof kProductKindNames / sizeof *kProductKindNames == int(ProductKind::bf16_amx) + 1);
+
+// One instruction set's facts: the labelled table at the top of each gemm/isa_<name>.cpp, with the
+// reasons for its numbers. Nothing per-ISA is decided in the engine's shared code but from this.
+struct IsaTraits {
   const char* name;   // the ISA, as get_isa() reports it
   GemmBlocking f, d;  // float, double
+  // bfloat16 products (GemmArgs::bf16, T = float):
+  ProductKind bf16_kind;         // how they run
+  index_t bf16_k_step;           // K slices are multiples of this: whole pairs (2), whole AMX K tiles (32)
+  GemmBlocking bf16;             // their block sizes: the float column, or AMX's own
+  index_t bf16_panels_per_item;  // column panels in one work item of the packed path
+  index_t bf16_k_chunk;          // AMX: K tiles per chunk of a column panel's slice (0: not AMX)
 };
 
-// One instruction set's build of the engine.
-struct GemmKernels {
+// One instruction set's build of the engine: its functions and its table, for run-time dispatch.
+struct IsaBuild {
   const char* name;
   void (*sgemm)(const GemmArgs<float>&);
   void (*dgemm)(const GemmArgs<double>&);
@@ -91,24 +106,22 @@ struct GemmKernels {
   int bf16_probe_flops;
 };
 
-namespace isa_generic { extern const GemmKernels kernels; }
+namespace isa_generic { extern const IsaBuild build; }
 #if defined(LINGRAD_X86)
-namespace isa_avx2 { extern const GemmKernels kernels; }
-namespace isa_avx512 { extern const GemmKernels kernels; }
-namespace isa_avx512_bf16 { extern const GemmKernels kernels; }
-namespace isa_amx_bf16 { extern const GemmKernels kernels; }
+namespace isa_avx2 { extern const IsaBuild build; }
+namespace isa_avx512 { extern const IsaBuild build; }
+namespace isa_avx512_bf16 { extern const IsaBuild build; }
+namespace isa_amx_bf16 { extern const IsaBuild build; }
 #endif
 
 // The build chosen at run time (cpu.cpp).
-const GemmKernels& active_kernels();
+const IsaBuild& active_build();
 
-inline void gemm(const GemmArgs<float>& g) { active_kernels().sgemm(g); }
-inline void gemm(const GemmArgs<double>& g) { active_kernels().dgemm(g); }
-inline void epilogue(const Epilogue<float>& e, float* c, index_t m, index_t n) {
-  active_kernels().sepilogue(e, c, m, n);
-}
+inline void gemm(const GemmArgs<float>& g) { active_build().sgemm(g); }
+inline void gemm(const GemmArgs<double>& g) { active_build().dgemm(g); }
+inline void epilogue(const Epilogue<float>& e, float* c, index_t m, index_t n) { active_build().sepilogue(e, c, m, n); }
 inline void epilogue(const Epilogue<double>& e, double* c, index_t m, index_t n) {
-  active_kernels().depilogue(e, c, m, n);
+  active_build().depilogue(e, c, m, n);
 }
 
 }  // namespace lingrad

@@ -10,10 +10,18 @@ namespace lingrad::isa_avx2 {
 //   NC 4080| 4080  a multiple of NR near 4096: a packed KC x NC slice is 4 MB | 8 MB (L3)
 //   VL   8 |   4   one vector: the lanes of the small-M path
 // MC, KC and NC follow from the cache sizes above; they were not re-measured on this build.
-constexpr GemmTable kBlocking = {
+constexpr GemmBlocking kFloat = {6, 16, 168, 256, 4080, 8}, kDouble = {6, 8, 72, 256, 4080, 4};
+constexpr IsaTraits kTraits = {
     "avx2",
-    /* float  */ {6, 16, 168, 256, 4080, 8},
-    /* double */ {6, 8, 72, 256, 4080, 4},
+    /* float  */ kFloat,
+    /* double */ kDouble,
+    // bfloat16 products widened to float32 panels (rounded and flushed as they are packed), run by the
+    // float32 micro-kernel: whole K pairs, the float column's blocks, 4 column panels per work item.
+    ProductKind::bf16_widened,
+    /* K step */ 2,
+    kFloat,
+    /* panels per item */ 4,
+    /* AMX K chunk */ 0,
 };
 }  // namespace lingrad::isa_avx2
 

@@ -9,10 +9,18 @@ namespace lingrad::isa_generic {
 //   KC 256 | 256   a B micro-panel of KC x NR: 8 KB (L1)
 //   NC 4096| 4096  a packed KC x NC slice of B: 4 MB | 8 MB (L3)
 //   VL   4 |   2   one vector: the lanes of the small-M path
-constexpr GemmTable kBlocking = {
+constexpr GemmBlocking kFloat = {6, 8, 96, 256, 4096, 4}, kDouble = {6, 4, 96, 256, 4096, 2};
+constexpr IsaTraits kTraits = {
     "generic",
-    /* float  */ {6, 8, 96, 256, 4096, 4},
-    /* double */ {6, 4, 96, 256, 4096, 2},
+    /* float  */ kFloat,
+    /* double */ kDouble,
+    // bfloat16 products widened to float32 panels (rounded and flushed as they are packed), run by the
+    // float32 micro-kernel: whole K pairs, the float column's blocks, 4 column panels per work item.
+    ProductKind::bf16_widened,
+    /* K step */ 2,
+    kFloat,
+    /* panels per item */ 4,
+    /* AMX K chunk */ 0,
 };
 }  // namespace lingrad::isa_generic
 
