@@ -23,13 +23,25 @@
 namespace lingrad {
 namespace {
 
-// Every build compiled in, best first.
+// Every build compiled in, best first: CMake defines LINGRAD_BUILD_<ISA> for each x86 build it
+// compiles (all of them, unless LINGRAD_HOST_ISAS_ONLY); the generic build is always there.
 const IsaBuild* const kAllBuilds[] = {
-#if defined(LINGRAD_X86)
-    &isa_amx_bf16::build, &isa_avx512_bf16::build, &isa_avx512::build, &isa_avx2::build,
+#if defined(LINGRAD_BUILD_AMX_BF16)
+    &isa_amx_bf16::build,
+#endif
+#if defined(LINGRAD_BUILD_AVX512_BF16)
+    &isa_avx512_bf16::build,
+#endif
+#if defined(LINGRAD_BUILD_AVX512)
+    &isa_avx512::build,
+#endif
+#if defined(LINGRAD_BUILD_AVX2)
+    &isa_avx2::build,
 #endif
     &isa_generic::build,
 };
+
+bool is(const IsaBuild* k, const char* name) { return std::strcmp(k->name, name) == 0; }
 
 #if defined(LINGRAD_X86) && defined(__linux__)
 // AMX-BF16 on the CPU (CPUID 7.0: EDX bit 24 AMX-TILE, bit 22 AMX-BF16), and Linux's permission for
@@ -54,10 +66,10 @@ bool cpu_supports(const IsaBuild* k) {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("fma");
-  if (k == &isa_amx_bf16::build) return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
-  if (k == &isa_avx512_bf16::build) return avx512 && __builtin_cpu_supports("avx512bf16");
-  if (k == &isa_avx512::build) return avx512;
-  if (k == &isa_avx2::build) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (is(k, "amx_bf16")) return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
+  if (is(k, "avx512_bf16")) return avx512 && __builtin_cpu_supports("avx512bf16");
+  if (is(k, "avx512")) return avx512;
+  if (is(k, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return k == &isa_generic::build;
 }
@@ -74,7 +86,7 @@ const IsaBuild* find_supported(const char* name) {
 // in flops (240 against 485 GFLOP/s on 2 cores), so there the widened avx512 products are faster.
 bool good_default(const IsaBuild* k) {
 #if defined(LINGRAD_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (k == &isa_avx512_bf16::build) return __builtin_cpu_is("amd");
+  if (is(k, "avx512_bf16")) return __builtin_cpu_is("amd");
 #endif
   (void)k;
   return true;
