@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "arrays.hpp"
+#include "gemm/plan.hpp"  // (build_info and _gemm_plan: the engine's choices)
 
 namespace lingrad::bindings {
 namespace {

@@ -8,6 +8,7 @@
 //   weight grad  A[m, k] = dY[k, m], B = X,              C = dW   (row sums of A give db)
 #pragma once
 #include "lingrad.hpp"
+#include "plan.hpp"
 
 namespace lingrad {
 
