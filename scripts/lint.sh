@@ -20,7 +20,7 @@ for tool in ruff clang-format python; do
   fi
 done
 bin="$(cd "$venv/bin" && pwd)"
-mapfile -t cxx_files < <(git ls-files 'csrc/*.cpp' 'csrc/*.hpp')
+mapfile -t cxx_files < <(git ls-files 'csrc/*.cpp' 'csrc/*.hpp' 'csrc/*.inc')
 
 if [[ "${1:-}" == "--fix" ]]; then
   "$bin/ruff" check --fix .
