@@ -98,10 +98,10 @@ def __getattr__(name: str) -> Any:
     if name not in _TORCH_NAMES:
         raise AttributeError(f"module 'lingrad' has no attribute {name!r}")
     try:
-        import torch
+        import torch  # noqa: F401  (is it installed?)
     except ImportError as e:
         raise ImportError(f"lingrad.{name} needs PyTorch: pip install 'lingrad[torch]'") from e
-    _require_supported_torch(torch.__version__)
+    # importing lingrad.torch checks the torch version first (an ImportError naming both versions)
     module = importlib.import_module(f"{__name__}.torch.{_TORCH_NAMES[name]}")
     value = module if name == _TORCH_NAMES[name] else getattr(module, name)
     globals()[name] = value  # later accesses skip this function
