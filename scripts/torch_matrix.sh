@@ -9,7 +9,7 @@
 #   equal). "oldest" installs torch==FLOOR, "newest" the highest torch of the range that pip finds.
 # - PyPI's torch for Linux is the CUDA build. Its own libraries link the CUDA runtime, so `import torch`
 #   fails without the NVIDIA wheels it depends on (about 3 GB; a minute to fetch and unpack, and pip's
-#   cache keeps them for the next run): they are installed as pip resolves them, and nothing runs on a
+#   cache is off, see below): they are installed as pip resolves them, and nothing runs on a
 #   GPU. PyTorch's CPU-only wheels live on PyTorch's own index, which CI machines do not reach.
 # - lingrad's binary never links torch: one wheel, built once (build/matrix, with the build tools of
 #   the main .venv) while the venvs are made, is installed in both. The other packages are
@@ -45,12 +45,21 @@ if [[ ! -x "$builder" ]]; then
   echo "torch_matrix.sh: .venv not found: run the README's test command first (it installs the build tools)" >&2
   exit 1
 fi
+# Disk: each venv holds about 6 GB (torch and the NVIDIA wheels); pip's cache is off here, since a
+# fresh CI machine gains nothing from it and would hold another 3 GB per side.
+need_gb=$((7 * ${#sides[@]}))
+free_gb=$(($(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024))
+if ((free_gb < need_gb)); then
+  echo "torch_matrix.sh: $free_gb GB free on $(pwd), the venvs (${sides[*]}) need about $need_gb GB" >&2
+  exit 1
+fi
+export PIP_NO_CACHE_DIR=1
 mkdir -p build/matrix
 rm -rf build/matrix/dist build/matrix/*.ready
 requirements=build/matrix/requirements.txt # requirements-dev.txt less its torch pin
 grep -vE '^(-r |torch==)' requirements-dev.txt >"$requirements"
 
-# The venvs, one after the other (they share pip's cache), in the background; each side's .ready
+# The venvs, one after the other, in the background; each side's .ready
 # file says its venv is complete.
 make_venvs() {
   local side venv torch_spec
