@@ -166,7 +166,7 @@ int available_isas(const char** names, int capacity) {
 
 GemmBlocking get_blocking(bool double_) {
   const IsaBuild& k = active_build();
-  return double_ ? k.blocking_double : k.blocking_float;
+  return double_ ? k.floats->blocking_double : k.floats->blocking_float;
 }
 
 double gemm_serial_work() { return kSerialWork; }
@@ -195,8 +195,8 @@ GemmPlan gemm_plan(bool double_, index_t m, index_t n, index_t k, index_t a_rs, 
                    index_t b_cs, bool row_sums, bool loss, int threads) {
   const IsaBuild& build = active_build();
   threads = threads > 1 ? threads : 1;  // as asked (the fork guard is not consulted: a plan starts no team)
-  if (double_) return build.dplan(shape_only<double>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
-  return build.splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
+  if (double_) return build.floats->dplan(shape_only<double>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
+  return build.floats->splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
 }
 
 namespace {
@@ -225,7 +225,7 @@ double measure_peak(double (*probe)(index_t, float), int flops_per_iteration, in
 
 double measure_fma_peak(int threads, double seconds) {
   const IsaBuild& k = active_build();
-  return measure_peak(k.fma_probe, k.fma_probe_flops, threads, seconds);
+  return measure_peak(k.floats->fma_probe, k.floats->fma_probe_flops, threads, seconds);
 }
 
 const char* bf16_kernel() { return active_build().bf16_kernel; }

@@ -1,5 +1,6 @@
 // The AVX-512 builds' block sizes (isa_avx512.cpp, and isa_avx512_bf16.cpp and isa_amx_bf16.cpp, which add
-// bfloat16 kernels, vdpbf16ps pairs or AMX tiles, to the same float32 and float64 engine).
+// bfloat16 kernels, vdpbf16ps pairs or AMX tiles, to isa_avx512.cpp's float32 and float64 engine:
+// their bfloat16 plans use the float column too).
 #pragma once
 #include "gemm.hpp"
 

@@ -89,10 +89,11 @@ struct IsaTraits {
   index_t bf16_k_chunk;          // AMX: K tiles per chunk of a column panel's slice (0: not AMX)
 };
 
-// One instruction set's build of the engine: its functions and its table, for run-time dispatch.
-struct IsaBuild {
-  const char* name;
-  void (*sgemm)(const GemmArgs<float>&);
+// The float32 and float64 products of one build, with their table. The AVX-512 builds share one
+// (isa_avx512.cpp's): the builds with AVX512-BF16 or AMX differ only in their bfloat16 products, so
+// they compile only those (the float engine is the file's most compile work, and the same code).
+struct FloatEngine {
+  void (*sgemm)(const GemmArgs<float>&);  // products with GemmArgs::bf16 unset
   void (*dgemm)(const GemmArgs<double>&);
   GemmPlan (*splan)(const GemmArgs<float>&);  // the plan each would run (no pointer is read)
   GemmPlan (*dplan)(const GemmArgs<double>&);
@@ -102,7 +103,14 @@ struct IsaBuild {
   double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
   int fma_probe_flops;                                  // float flops per probe iteration
   GemmBlocking blocking_float, blocking_double;
-  const char* bf16_kernel;                               // how bfloat16 products run (lingrad.hpp)
+};
+
+// One instruction set's build of the engine: its functions and its table, for run-time dispatch.
+struct IsaBuild {
+  const char* name;
+  const FloatEngine* floats;                             // its own, or (avx512_bf16, amx_bf16) isa_avx512's
+  void (*bf16gemm)(const GemmArgs<float>&);              // bfloat16 products (GemmArgs::bf16 set)
+  const char* bf16_kernel;                               // how they run (lingrad.hpp)
   double (*bf16_probe)(index_t iterations, float seed);  // bfloat16 peak probe, or null
   int bf16_probe_flops;
 };
@@ -110,7 +118,10 @@ struct IsaBuild {
 namespace isa_generic { extern const IsaBuild build; }
 #if defined(LINGRAD_X86)
 namespace isa_avx2 { extern const IsaBuild build; }
-namespace isa_avx512 { extern const IsaBuild build; }
+namespace isa_avx512 {
+extern const IsaBuild build;
+extern const FloatEngine float_engine;
+}  // namespace isa_avx512
 namespace isa_avx512_bf16 { extern const IsaBuild build; }
 namespace isa_amx_bf16 { extern const IsaBuild build; }
 #endif
@@ -118,11 +129,16 @@ namespace isa_amx_bf16 { extern const IsaBuild build; }
 // The build chosen at run time (cpu.cpp).
 const IsaBuild& active_build();
 
-inline void gemm(const GemmArgs<float>& g) { active_build().sgemm(g); }
-inline void gemm(const GemmArgs<double>& g) { active_build().dgemm(g); }
-inline void epilogue(const Epilogue<float>& e, float* c, index_t m, index_t n) { active_build().sepilogue(e, c, m, n); }
+inline void gemm(const GemmArgs<float>& g) {
+  const IsaBuild& build = active_build();
+  g.bf16 ? build.bf16gemm(g) : build.floats->sgemm(g);
+}
+inline void gemm(const GemmArgs<double>& g) { active_build().floats->dgemm(g); }
+inline void epilogue(const Epilogue<float>& e, float* c, index_t m, index_t n) {
+  active_build().floats->sepilogue(e, c, m, n);
+}
 inline void epilogue(const Epilogue<double>& e, double* c, index_t m, index_t n) {
-  active_build().depilogue(e, c, m, n);
+  active_build().floats->depilogue(e, c, m, n);
 }
 
 }  // namespace lingrad

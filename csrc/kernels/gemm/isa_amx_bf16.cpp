@@ -1,5 +1,6 @@
-// AVX-512 build with AMX (compiled with the AVX-512 flags and -mamx-tile -mamx-bf16): the avx512
-// engine, whose bfloat16 products run on AMX tiles (amx.inc). Linux hands out AMX state to a
+// AVX-512 build with AMX (compiled with the AVX-512 flags and -mamx-tile -mamx-bf16): bfloat16
+// products on AMX tiles (amx.inc); its float32 and float64 products are the avx512 build's
+// (LINGRAD_FLOATS_OF below), compiled once in isa_avx512.cpp. Linux hands out AMX state to a
 // process that asks for it (cpu.cpp asks before this build is chosen).
 #include "avx512_traits.hpp"
 
@@ -34,5 +35,6 @@ constexpr IsaTraits kTraits = {
 }  // namespace lingrad::isa_amx_bf16
 
 #define LINGRAD_ISA isa_amx_bf16
-#define LINGRAD_AMX 1  // (guards the AMX intrinsics)
+#define LINGRAD_FLOATS_OF isa_avx512  // its float32 and float64 products: the avx512 build's
+#define LINGRAD_AMX 1                 // (guards the AMX intrinsics)
 #include "engine.inc"

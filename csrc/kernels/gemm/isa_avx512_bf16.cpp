@@ -1,5 +1,6 @@
-// AVX-512 build with AVX512-BF16 (compiled with the AVX-512 flags and -mavx512bf16): the avx512
-// engine, whose bfloat16 products run the vdpbf16ps pairs kernel (microkernel.inc, pack_bf16.inc).
+// AVX-512 build with AVX512-BF16 (compiled with the AVX-512 flags and -mavx512bf16): bfloat16
+// products on the vdpbf16ps pairs kernel (microkernel.inc, pack_bf16.inc); its float32 and float64
+// products are the avx512 build's (LINGRAD_FLOATS_OF below), compiled once in isa_avx512.cpp.
 #include "avx512_traits.hpp"
 
 namespace lingrad::isa_avx512_bf16 {
@@ -19,5 +20,6 @@ constexpr IsaTraits kTraits = {
 }  // namespace lingrad::isa_avx512_bf16
 
 #define LINGRAD_ISA isa_avx512_bf16
-#define LINGRAD_BF16_DOT 1  // (guards the AVX512-BF16 intrinsics)
+#define LINGRAD_FLOATS_OF isa_avx512  // its float32 and float64 products: the avx512 build's
+#define LINGRAD_BF16_DOT 1            // (guards the AVX512-BF16 intrinsics)
 #include "engine.inc"
