@@ -76,9 +76,8 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
   if (m < 0 || n < 0 || k < 0) throw py::value_error("m, n and k must be >= 0");
   const lingrad::GemmPlan p = lingrad::gemm_plan(dtype == "float64", m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss,
                                                  threads ? *threads : lingrad::get_num_threads());
-  const char* paths[] = {"empty", "narrow", "small_m", "packed"};
   py::dict d;
-  d["path"] = paths[static_cast<int>(p.path)];
+  d["path"] = lingrad::kGemmPathNames[static_cast<int>(p.path)];
   d["threads"] = p.threads;
   d["items"] = p.items;
   d["scratch_bytes"] = p.scratch_bytes;

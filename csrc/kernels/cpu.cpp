@@ -174,29 +174,16 @@ index_t gemm_slab_bytes() { return kSlabBytes; }
 int gemm_small_m() { return static_cast<int>(kSmallM); }
 int gemm_small_min_k() { return static_cast<int>(kSmallMinK); }
 
-namespace {
-template <typename T>
-GemmArgs<T> shape_only(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, index_t b_rs, index_t b_cs,
-                       bool row_sums, bool loss, int threads) {
-  GemmArgs<T> g;
-  g.m = m, g.n = n, g.k = k;
-  g.a_rs = a_rs, g.a_cs = a_cs, g.b_rs = b_rs, g.b_cs = b_cs, g.ldc = n;
-  // Plans test whether these are set, never read them.
-  static T marker;
-  static double squares;
-  g.a_row_sums = row_sums ? &marker : nullptr;
-  g.epilogue.loss = loss ? &squares : nullptr;
-  g.num_threads = threads;
-  return g;
-}
-}  // namespace
-
 GemmPlan gemm_plan(bool double_, index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, index_t b_rs,
                    index_t b_cs, bool row_sums, bool loss, int threads) {
-  const IsaBuild& build = active_build();
-  threads = threads > 1 ? threads : 1;  // as asked (the fork guard is not consulted: a plan starts no team)
-  if (double_) return build.floats->dplan(shape_only<double>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
-  return build.floats->splan(shape_only<float>(m, n, k, a_rs, a_cs, b_rs, b_cs, row_sums, loss, threads));
+  GemmProblem q;
+  q.m = m, q.n = n, q.k = k;
+  q.a_rs = a_rs, q.a_cs = a_cs, q.b_rs = b_rs, q.b_cs = b_cs;
+  q.elem_bytes = double_ ? 8 : 4;
+  q.row_sums = row_sums;
+  q.loss = loss;
+  q.threads = threads > 1 ? threads : 1;  // as asked (the fork guard is not consulted: a plan starts no team)
+  return make_plan(*active_build().traits, q);
 }
 
 namespace {

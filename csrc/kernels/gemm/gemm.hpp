@@ -62,11 +62,23 @@ struct GemmArgs {
   const bfloat16* b16 = nullptr;
 };
 
-// Choices shared by every build of the engine (reported by build_info(); the tests read them there).
+// Choices shared by every build of the engine and its plan (the first four reported by
+// build_info(); the tests read them there).
 constexpr double kSerialWork = 1 << 18;           // multiply-adds (M*N*K) below which one thread runs (measured)
 constexpr index_t kSlabBytes = index_t(8) << 20;  // packed B between two barriers: at most this, or one K slice
 constexpr index_t kSmallM = 8;                    // at most this many rows: the small-M path,
 constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm/small_m.inc
+constexpr index_t kNarrowN = 4;                   // at most this many columns: dot products (gemm/narrow.inc)
+constexpr index_t kNarrowRows = 64;               // narrow: rows per work block, and per partial sum of the loss
+constexpr index_t kNarrowChunk = 2048;            // narrow: k per pass
+constexpr index_t kSmallCopyK = 2048;             // small M, dot form: k per pass when A's rows must be copied
+constexpr index_t kPanelsPerItem = 4;             // packed: column panels per work item (bfloat16: the table's)
+constexpr index_t kCacheBytes = 256 << 10;        // packed: a C block larger than this is prefetched
+constexpr index_t kAliasBytes = 2048;             // packed: row strides that are multiples of this are packed
+// Small M, axpy form: rows of each lane class that a tile chains in registers (the block is this
+// times L rows): more rows of A share each load and store of the chains. (static: internal linkage,
+// so that no ISA build shares a copy compiled for another: see gemm/engine.inc.)
+static constexpr int small_axpy_chain(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 4; }
 
 // What a product computes, as the engine's stages see it: T's own values (plain), or a bfloat16
 // product run one of three ways (gemm/pack_bf16.inc): widened to float32 panels, vdpbf16ps pairs, AMX
@@ -95,8 +107,6 @@ struct IsaTraits {
 struct FloatEngine {
   void (*sgemm)(const GemmArgs<float>&);  // products with GemmArgs::bf16 unset
   void (*dgemm)(const GemmArgs<double>&);
-  GemmPlan (*splan)(const GemmArgs<float>&);  // the plan each would run (no pointer is read)
-  GemmPlan (*dplan)(const GemmArgs<double>&);
   // The epilogue alone over a dense (M, N) matrix c (its loss, if asked for, summed row by row).
   void (*sepilogue)(const Epilogue<float>&, float* c, index_t m, index_t n);
   void (*depilogue)(const Epilogue<double>&, double* c, index_t m, index_t n);
@@ -105,9 +115,30 @@ struct FloatEngine {
   GemmBlocking blocking_float, blocking_double;
 };
 
+// What the plan reads of a product: GemmArgs without its pointers, but for the facts about them
+// that change a decision.
+struct GemmProblem {
+  index_t m = 0, n = 0, k = 0;
+  index_t a_rs = 0, a_cs = 0, b_rs = 0, b_cs = 0;
+  index_t elem_bytes = 4;        // sizeof(T): 4 (float32, and bfloat16 products) or 8
+  bool row_sums = false;         // A's row sums wanted (GemmArgs::a_row_sums)
+  bool col_scale = false;        // A scaled by columns (GemmArgs::a_col_scale)
+  bool loss = false;             // the epilogue sums squares (Epilogue::loss)
+  bool bf16 = false;             // a bfloat16 product
+  bool a16 = false;              // A read from bfloat16 memory (GemmArgs::a16)
+  bool a16_line_aligned = true;  // ... at a 64-byte aligned address
+  bool result16_only = false;    // a bfloat16 result alone (GemmArgs::c null)
+  int threads = 1;               // the team asked for (GemmArgs::num_threads)
+};
+
+// Every decision for one product, from its problem and a build's table alone (gemm/plan.cpp:
+// compiled once, for every build; no ISA flag changes it).
+GemmPlan make_plan(const IsaTraits& traits, const GemmProblem& problem);
+
 // One instruction set's build of the engine: its functions and its table, for run-time dispatch.
 struct IsaBuild {
   const char* name;
+  const IsaTraits* traits;                               // its table (make_plan)
   const FloatEngine* floats;                             // its own, or (avx512_bf16, amx_bf16) isa_avx512's
   void (*bf16gemm)(const GemmArgs<float>&);              // bfloat16 products (GemmArgs::bf16 set)
   const char* bf16_kernel;                               // how they run (lingrad.hpp)

@@ -1,6 +1,7 @@
-// The GEMM engine's introspection: the active build's block sizes and thresholds, and the plan it
-// makes for a product. For the tests (lingrad._C._gemm_plan, lingrad.config()) and tuning; the
-// layer kernels need none of it (lingrad.hpp). Defined in cpu.cpp, from the active IsaBuild.
+// The GEMM engine's plan (made in gemm/plan.cpp) and its introspection: the active build's block
+// sizes and thresholds, and the plan it makes for a product. The introspection is for the tests
+// (lingrad._C._gemm_plan, lingrad.config()) and tuning; the layer kernels need none of it
+// (lingrad.hpp). Defined in cpu.cpp, from the active IsaBuild.
 #pragma once
 #include "lingrad.hpp"
 
@@ -23,6 +24,7 @@ int gemm_small_min_k();                   // if K >= this times M^2
 // strides and the build's blocking alone (see gemm/engine.inc). For tests and tuning: which path a
 // shape takes, and how it is cut.
 enum class GemmPath { empty, narrow, small_m, packed };
+constexpr const char* kGemmPathNames[] = {"empty", "narrow", "small_m", "packed"};
 struct GemmPlan {
   GemmPath path = GemmPath::empty;  // empty: m == 0 or n == 0 (only the row sums, if asked, are computed)
   int threads = 1;                  // the team that runs it (1: no team is started)
@@ -45,7 +47,13 @@ struct GemmPlan {
   index_t panels_per_item = 0;             // column panels in one work item (with a row block)
   index_t slices_per_slab = 0, slabs = 0;  // K slices packed between two barriers, and how many times
   int last_tile = 0;                       // width of the tile that runs the last column panel: nr, nr/2 or nr/4
-  index_t scratch_bytes = 0;               // the product's scratch memory, all threads
+  // The scratch memory, in elements of the product's type (float for bfloat16 products), as the
+  // stages allocate it: B's packed slab (packed: slices_per_slab K slices of kc x nc), each thread's
+  // own part (packed: its block of A; small M: its strip's lanes and copies; narrow: copied runs),
+  // a copy of A's rows for the row sums (small M), the float32 sums that a bfloat16 result alone
+  // keeps in memory (M x N, or 0), and the loss's partial sums (doubles: per tile, strip or block).
+  index_t b_slab = 0, per_thread = 0, row_sums_copy = 0, kept_sums = 0, partial_squares = 0;
+  index_t scratch_bytes = 0;  // all of the above, all threads
 };
 // The plan for a float (double_=false) or double product, with the active build's blocking;
 // row_sums: the row sums of A are wanted (the bias gradient), loss: the epilogue sums squares.

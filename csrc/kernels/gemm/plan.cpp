@@ -1,0 +1,171 @@
+// The GEMM engine's plan: every decision for one product, made before it computes, from the shape,
+// the strides, the element size, the extras asked for and a build's table (IsaTraits) alone. Compiled
+// once for every build (plain flags: integer arithmetic only); each build's stages only read it.
+// Block sizes never depend on the thread count (only `threads` and the scratch do), so each element
+// of C is summed in the same order whatever the team (see gemm/engine.inc).
+#include "gemm.hpp"
+
+namespace lingrad {
+namespace {
+
+constexpr index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+constexpr index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+constexpr index_t round_up(index_t a, index_t b) { return ceil_div(a, b) * b; }
+
+bool same_blocking(const GemmBlocking& x, const GemmBlocking& y) {
+  return x.mr == y.mr && x.nr == y.nr && x.mc == y.mc && x.kc == y.kc && x.nc == y.nc && x.vl == y.vl;
+}
+
+// The loss's partial sums (doubles), one per work unit of the path, or none.
+index_t partial_squares(const GemmProblem& q, index_t units) { return q.loss ? units : 0; }
+
+void finish_scratch(const GemmProblem& q, GemmPlan& p) {
+  p.scratch_bytes = (p.b_slab + p.threads * p.per_thread + p.row_sums_copy + p.kept_sums) * q.elem_bytes +
+                    p.partial_squares * static_cast<index_t>(sizeof(double));
+}
+
+// Narrow path (N <= kNarrowN): each thread copies the runs of A (kNarrowN rows) and of B whose k
+// stride is not 1, a chunk at a time (gemm/narrow.inc).
+void plan_narrow(const GemmProblem& q, GemmPlan& p) {
+  p.path = GemmPath::narrow;
+  p.copy_a = q.a_cs != 1;
+  p.copy_b = q.b_rs != 1;
+  p.items = ceil_div(q.m, kNarrowRows);
+  p.per_thread = (p.copy_a ? 4 : 0) * kNarrowChunk + (p.copy_b ? kNarrowN : 0) * kNarrowChunk;
+  p.partial_squares = partial_squares(q, p.items);
+}
+
+// Small-M path (gemm/small_m.inc), L lanes.
+void plan_small(const GemmProblem& q, int lanes, GemmPlan& p) {
+  // Strips of at most kMaxStrip columns (the chains of a strip stay in L1), and at least
+  // kMinStrips of them (for the threads) while strips stay kMinStrip or wider; equal, in whole vectors.
+  constexpr index_t kMaxStrip = 512, kMinStrip = 64, kMinStrips = 4;
+  p.path = GemmPath::small_m;
+  p.lanes = lanes;
+  p.dot = q.b_rs == 1;
+  p.chain = p.dot ? 0 : small_axpy_chain(static_cast<int>(q.m));
+  p.copy_a = p.dot && q.a_cs != 1;
+  p.copy_b = !p.dot && q.b_cs != 1;
+  const index_t strips = imin(ceil_div(q.n, lanes), imin(kMinStrips, ceil_div(q.n, kMinStrip)));
+  const index_t want = strips > ceil_div(q.n, kMaxStrip) ? strips : ceil_div(q.n, kMaxStrip);
+  p.strip = ceil_div(ceil_div(q.n, want), lanes) * lanes;
+  p.items = ceil_div(q.n, p.strip);
+  p.threads = static_cast<int>(imin(p.threads, p.items));
+  // Each thread's part: the chains of one strip (rows a line longer than the strip), A's pass
+  // (dot: copied rows; axpy: one block packed by class) and B's block (axpy: copied, and its last
+  // columns padded).
+  const index_t line = 64 / q.elem_bytes;
+  const index_t chains = q.m * (p.strip + line) * p.lanes;
+  const index_t block = small_axpy_chain(static_cast<int>(q.m)) * p.lanes;
+  const index_t a_pass = p.dot ? (p.copy_a ? q.m * kSmallCopyK : 0) : q.m * block;
+  const index_t b_block = p.dot ? 0 : block * ((p.copy_b ? p.strip : 0) + p.lanes);
+  p.per_thread = round_up(chains + a_pass + b_block, 16);
+  p.row_sums_copy = q.row_sums && q.a_cs != 1 ? kSmallCopyK : 0;
+  p.partial_squares = partial_squares(q, p.items);
+}
+
+// Packed path (gemm/packed.inc), with block sizes b.
+void plan_packed(const IsaTraits& t, const GemmProblem& q, const GemmBlocking& b, GemmPlan& p) {
+  const index_t M = q.m, N = q.n, K = q.k, MR = b.mr, NR = b.nr;
+  const index_t size = q.elem_bytes;
+  p.path = GemmPath::packed;
+  p.mr = b.mr;
+  p.nr = b.nr;
+  // K in equal slices of at most KC (no short last slice); K == 0 still writes C = 0 (+ bias).
+  p.k_slices = K > 0 ? ceil_div(K, b.kc) : 1;
+  p.kc = ceil_div(K, p.k_slices);
+  if (q.bf16 && p.kc % t.bf16_k_step) {  // bfloat16: slices of whole K pairs or tiles (the last one padded)
+    p.kc = ceil_div(p.kc, t.bf16_k_step) * t.bf16_k_step;
+    p.k_slices = K > 0 ? ceil_div(K, p.kc) : 1;
+  }
+  // M in equal blocks of at most MC rows (threads get equal work). When N is too narrow to share
+  // out (N = 50: four column panels, one work item per row block), the rows are cut into more blocks,
+  // down to 2 MR rows, until there are kMinItems work items: else one thread could wait for another
+  // (781 rows in 5 blocks: 3 to 2). Row blocks change who computes a row, not how it is summed.
+  constexpr index_t kMinItems = 16;
+  const bool rows_fit_one_block = M <= b.mc;
+  p.panels_per_item = q.bf16 ? t.bf16_panels_per_item : kPanelsPerItem;
+  const index_t parts = ceil_div(ceil_div(imin(b.nc, N), NR), p.panels_per_item);
+  const bool few_columns = parts < 4;
+  index_t blocks = ceil_div(M, b.mc);
+  if (few_columns) {
+    const index_t more = imin(ceil_div(M, 2 * MR), ceil_div(kMinItems, parts));
+    p.split_rows = more > blocks;
+    blocks = p.split_rows ? more : blocks;
+  }
+  p.mc = ceil_div(ceil_div(M, blocks), MR) * MR;
+  p.row_blocks = ceil_div(M, p.mc);
+  // B is packed a slab (as many K slices of an NC column block as fit in kSlabBytes, at least one)
+  // at a time, between two barriers: all of K at once for most layers. One slice is at most
+  // KC x NC elements (8 MiB of doubles), so the slab never exceeds max(kSlabBytes, one slice).
+  p.nc = imin(b.nc, ceil_div(N, NR) * NR);
+  p.column_blocks = ceil_div(N, b.nc);
+  const index_t slice = (p.kc > 0 ? p.kc : 1) * p.nc;
+  const index_t fit = kSlabBytes / size / slice;
+  // bfloat16 products: one K slice at a time (still in cache when the tiles read it; all of K at
+  // once measured 1.1-1.7x slower, dW of 5000 x 784 x 50 most).
+  p.slices_per_slab = q.bf16 ? 1 : imin(p.k_slices, fit > 1 ? fit : 1);
+  p.slabs = ceil_div(p.k_slices, p.slices_per_slab);
+  p.items = p.row_blocks * parts;
+  // Rows of A with unit k stride (X in the forward pass, dY for dX) are read in place: packing
+  // them would cost a copy of A per thread. Other layouts, the bias gradient's row sums and the
+  // zero-padded edge panels go through the packed path, and so do rows a multiple of kAliasBytes
+  // apart: they would fall into the same L1 cache sets.
+  // AMX tiles read bfloat16 rows so too (a short last K tile packed), where their 64-byte tile rows
+  // do not straddle cache lines (a stride of whole lines, and an aligned base: NumPy's arrays are
+  // often 16 bytes off) or A serves few column panels (N <= 128; measured on an Intel Xeon: forward
+  // 5000 x 784 x 50 1.3x faster in place, 512 x 1000 x 1000 1.1x packed). Other bfloat16 products
+  // pack A. (The same bits either way.)
+  const index_t a_row_bytes = q.a_rs * static_cast<index_t>(sizeof(bfloat16));
+  const bool few_panels = N <= 4 * NR;
+  const bool amx_in_place = t.bf16_kind == ProductKind::bf16_amx && q.a16 && q.a_cs == 1 && !q.row_sums &&
+                            a_row_bytes % kAliasBytes != 0 &&
+                            (few_panels || (a_row_bytes % 64 == 0 && q.a16_line_aligned));
+  p.pack_a =
+      q.bf16 ? !amx_in_place : !(q.a_cs == 1 && !q.row_sums && !q.col_scale && (q.a_rs * size) % kAliasBytes != 0);
+  // B is packed to be reused by many row blocks; when the rows fit one block (dW = dY^T X for up to
+  // MC outputs: the tall-skinny layers) packing would copy all of X for one or two uses, so rows of
+  // B with unit n stride are read in place instead (edge panels still packed). Aliasing rows matter
+  // only when a B micro-panel is reused, by more than one row panel.
+  p.pack_b = q.bf16 || !(rows_fit_one_block && q.b_cs == 1 && (M <= MR || (q.b_rs * size) % kAliasBytes != 0));
+  // C rows that one row block updates in each K slice: beyond kCacheBytes they are gone from L2 by
+  // the next slice, so they are prefetched before each tile's update.
+  p.prefetch_c = p.mc * p.nc * size > kCacheBytes;
+  const index_t last_panel =
+      (N - (p.column_blocks - 1) * b.nc) - (ceil_div(N - (p.column_blocks - 1) * b.nc, NR) - 1) * NR;
+  p.last_tile = static_cast<int>(last_panel <= NR / 4 ? NR / 4 : last_panel <= NR / 2 ? NR / 2 : NR);
+  // Scratch: the slab, each thread's A block (whole 64-byte lines of floats), the M x N float32 sums
+  // of a bfloat16 result alone where the kernel needs them in memory (the partial sums of several K
+  // slices, or the tiles that a micro-kernel stores before the epilogue rounds them; the AMX kernel
+  // rounds each finished block straight from L1 when K is one slice), and a square sum per tile.
+  p.b_slab = p.slices_per_slab * slice;
+  p.per_thread = round_up((p.kc > 0 ? p.kc : 1) * p.mc, 16);
+  p.kept_sums = q.result16_only && !(t.bf16_kind == ProductKind::bf16_amx && p.k_slices == 1) ? M * N : 0;
+  p.partial_squares = partial_squares(q, ceil_div(M, MR) * ceil_div(N, NR));
+}
+
+}  // namespace
+
+GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
+  // The bfloat16 products' blocks: the build's own (AMX), or the float column's.
+  const GemmBlocking& column = q.elem_bytes == static_cast<index_t>(sizeof(double)) ? t.d : t.f;
+  const GemmBlocking& b = q.bf16 && !same_blocking(t.bf16, t.f) ? t.bf16 : column;
+  GemmPlan p;
+  if (q.m == 0 || q.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
+  // Below kSerialWork multiply-adds a thread team costs more than it saves.
+  const bool small = static_cast<double>(q.m) * static_cast<double>(q.n) * static_cast<double>(q.k) < kSerialWork;
+  p.threads = small || q.threads < 1 ? 1 : q.threads;
+  if (q.bf16) {
+    plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
+  } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
+    plan_narrow(q, p);
+  } else if (q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m && !q.col_scale) {
+    plan_small(q, b.vl, p);
+  } else {
+    plan_packed(t, q, b, p);
+  }
+  finish_scratch(q, p);
+  return p;
+}
+
+}  // namespace lingrad
