@@ -337,13 +337,15 @@ INPLACE = {  # which tensor is updated in place after the forward pass, which ne
     "x, only x trained": ("x", (True, False, False)),
     "weight, only the weight trained": ("weight", (False, True, True)),
     "bias, only x trained": ("bias", (True, False, False)),
+    "target, everything trained": ("target", (True, True, True)),
+    "target, only the weight trained": ("target", (False, True, True)),
 }
 
 
 @pytest.mark.parametrize("case", INPLACE)
 def test_inplace_update_after_forward_behaves_as_pytorch(case):
     """nn.Linear + F.mse_loss save x if the weight needs a gradient and the weight if x does, never
-    the bias; where PyTorch allows an in-place update before backward, lingrad allows it and
+    the bias, and F.mse_loss saves the target; where PyTorch allows an in-place update before backward, lingrad allows it and
     computes the same gradients; where PyTorch raises, so does lingrad."""
     which, (need_x, need_w, need_b) = INPLACE[case]
     results = []
@@ -357,7 +359,7 @@ def test_inplace_update_after_forward_behaves_as_pytorch(case):
         )
         for tensor, need in zip((x, w, b), (need_x, need_w, need_b)):
             tensor.requires_grad_(need)
-        leaf = {"x": x, "weight": w, "bias": b}[which]
+        leaf = {"x": x, "weight": w, "bias": b, "target": t}[which]
         loss = LF.linear_mse_loss(x, w, b, t) if fused else F.mse_loss(F.linear(x, w, b), t)
         with torch.no_grad():
             leaf.add_(1.0)

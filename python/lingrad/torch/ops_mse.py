@@ -188,8 +188,10 @@ def _save_linear_mse(ctx, inputs, output) -> None:
     _, grad_x, grad_weight, grad_bias, grad_y = output
     need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     # As nn.Linear + F.mse_loss keep: x if the weight needs a gradient, the weight if x does, and
-    # (instead of y and the target) grad_y = 2 (y - target) / N.
-    ctx.save_for_backward(x if need_weight else None, weight if need_x else None, grad_y)
+    # (instead of y) grad_y = 2 (y - target) / N. The target is saved too, never read: as F.mse_loss,
+    # backward then refuses a target changed in place since forward ("modified by an inplace
+    # operation"), instead of the gradient of values it no longer holds.
+    ctx.save_for_backward(x if need_weight else None, weight if need_x else None, grad_y, target)
     # The gradients the kernel made, handed out by the first backward (later ones recompute them).
     ctx.made = (grad_x, grad_weight, grad_bias)
     # The inputs that need gradients, for double backward only: their values are never read there.
@@ -218,7 +220,7 @@ def _differentiable_grad_y(ctx, x, weight, grad_y) -> Tensor:
 
 
 def _linear_mse_backward(ctx, grad_loss, *_):
-    x, weight, grad_y = ctx.saved_tensors
+    x, weight, grad_y, _target = ctx.saved_tensors  # (the target: its version checked, see above)
     need_x, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     extra = (None, None)  # reduction, input_grad
     if torch.is_grad_enabled():  # create_graph=True (or torch.func): differentiable gradients
@@ -261,7 +263,7 @@ linear_mse_loss = c_level_apply(_LinearMSELoss)
 
 
 def _linear_mse_jvp(ctx, t_x, t_weight, t_bias, t_target, *_):
-    x, weight, grad_y = ctx.saved_tensors
+    x, weight, grad_y, _ = ctx.saved_tensors
     t_y = linear_tangent(x, weight, t_x, t_weight, t_bias)
     t_residual = sum_terms(t_y, None if t_target is None else -t_target)
     if t_residual is None:
