@@ -263,7 +263,7 @@ linear_mse_loss = c_level_apply(_LinearMSELoss)
 
 
 def _linear_mse_jvp(ctx, t_x, t_weight, t_bias, t_target, *_):
-    x, weight, grad_y, _ = ctx.saved_tensors
+    x, weight, grad_y = ctx.saved_tensors  # (in jvp: what save_for_forward kept)
     t_y = linear_tangent(x, weight, t_x, t_weight, t_bias)
     t_residual = sum_terms(t_y, None if t_target is None else -t_target)
     if t_residual is None:
