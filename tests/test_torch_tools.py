@@ -345,8 +345,9 @@ INPLACE = {  # which tensor is updated in place after the forward pass, which ne
 @pytest.mark.parametrize("case", INPLACE)
 def test_inplace_update_after_forward_behaves_as_pytorch(case):
     """nn.Linear + F.mse_loss save x if the weight needs a gradient and the weight if x does, never
-    the bias, and F.mse_loss saves the target; where PyTorch allows an in-place update before backward, lingrad allows it and
-    computes the same gradients; where PyTorch raises, so does lingrad."""
+    the bias, and F.mse_loss saves the target; where PyTorch allows an in-place update before
+    backward, lingrad allows it and computes the same gradients; where PyTorch raises, so does
+    lingrad."""
     which, (need_x, need_w, need_b) = INPLACE[case]
     results = []
     for fused in (True, False):
