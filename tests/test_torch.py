@@ -341,15 +341,50 @@ def test_inference_mode_and_no_grad(kernel_calls):
     assert "linear_mse" not in [name for name, _, _ in kernel_calls]  # no gradients computed
 
 
-def test_non_contiguous_input_is_read_in_place(monkeypatch):
+HANDOVERS = ["capsule"] + (["exchange"] if _bridge.EXCHANGE else [])
+
+
+@pytest.mark.parametrize("handover", HANDOVERS)
+def test_non_contiguous_input_is_read_in_place(monkeypatch, handover):
+    """Both ways of handing tensors to the kernels (DLPack capsules; the tensors themselves, read
+    through DLPack's C exchange API, on torch >= 2.10) pass views, never contiguous copies, and the
+    kernel writes the result in place."""
+    monkeypatch.setattr(_bridge, "EXCHANGE", handover == "exchange")
     exported = []
-    to_dlpack = _bridge.to_dlpack
-    monkeypatch.setattr(_bridge, "to_dlpack", lambda t: exported.append(t) or to_dlpack(t))
+    if handover == "capsule":
+        to_dlpack = _bridge.to_dlpack
+        monkeypatch.setattr(_bridge, "to_dlpack", lambda t: exported.append(t) or to_dlpack(t))
+    else:
+        forward = kernels.linear_forward
+        monkeypatch.setattr(
+            kernels, "linear_forward", lambda *a, **k: exported.extend([*a, *k.values()]) or forward(*a, **k)
+        )
     base = torch.randn(5, 7)
     x = base.t()  # (7, 5), strides (1, 7)
-    y = LF.linear(x, torch.randn(3, 5))
+    w = torch.randn(3, 5)
+    y = LF.linear(x, w)
     assert any(t is x for t in exported)  # the view itself goes to the kernel, no contiguous copy
     assert any(t is y for t in exported)  # and the kernel writes the result in place
+    torch.testing.assert_close(y, x @ w.t())
+
+
+@pytest.mark.skipif(not _bridge.EXCHANGE, reason="torch < 2.10 has no DLPack C exchange API")
+def test_kernels_read_exchange_tensors_as_views():
+    """Tensors whose type publishes DLPack's C exchange API are read in place by the kernels, as
+    arrays with the tensor's strides, an out tensor filled in place; the storage stays resizable."""
+    base, w = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    y = torch.empty(7, 3, dtype=torch.float64)
+    out = kernels.linear_forward(base.t(), torch.nn.Parameter(w), out=y)
+    assert out.ctypes.data == y.data_ptr()
+    expected = base.t() @ w.t()
+    base.resize_(10, 10)  # still resizable
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="x has dtype int64; lingrad computes in float32, float64 or"):
+        kernels.linear_forward(torch.ones(2, 3, dtype=torch.int64), w)
+    with pytest.raises(ValueError, match="out has shape"):
+        kernels.linear_forward(base[:7, :5], w, out=torch.empty(7, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError):  # no data to view: the layer's fallback takes it from here
+        kernels.linear_forward(torch.empty(7, 5, dtype=torch.float64, device="meta"), w)
 
 
 def test_kernels_read_dlpack_capsules_as_views():

@@ -2,7 +2,7 @@
 into the kernels' arrays and their results back into tensors, that decides when PyTorch computes
 instead, and that states the per-sample capture protocol of lingrad.privacy.
 
-    to_array(t) / optional_array(t) / to_arrays(ts)   tensor -> what a kernel reads (a DLPack capsule)
+    to_array(t) / optional_array(t) / to_arrays(ts)   tensor -> what a kernel reads (itself, or a DLPack capsule)
     empty_out(like, *shape) -> (tensor, capsule)       a new tensor and the capsule a kernel fills
     as_tensor(a)                                       a kernel's NumPy result -> tensor (same memory)
     scalar(loss, like)                                 a kernel's float loss -> 0-d tensor
@@ -25,17 +25,24 @@ from torch import Tensor
 from lingrad import _C
 
 # ---------------------------------------------------------------------------------------------
-# Tensors to arrays and back. A CPU tensor goes over as a DLPack capsule, which the bindings read as
-# an array sharing its memory, with the same strides (transposed or sliced views stay views).
+# Tensors to arrays and back. The bindings read a CPU tensor in place, as an array sharing its
+# memory with the same strides (transposed or sliced views stay views):
+# - torch >= 2.10 publishes DLPack's C exchange API on torch.Tensor (__dlpack_c_exchange_api__): the
+#   tensor itself is handed over, and the bindings view it through that API (tens of nanoseconds).
+# - older torch: as a DLPack capsule (torch.utils.dlpack.to_dlpack), which the bindings consume.
 # Tensor.numpy() would do the same but mark the tensor's storage as not resizable for good
 # (nn.Linear never does that to a tensor), and it costs more. The kernels validate the arrays.
 
+EXCHANGE = hasattr(Tensor, "__dlpack_c_exchange_api__")
 to_dlpack = torch.utils.dlpack.to_dlpack  # (looked up at each call: tests spy on it)
 
 
 def to_array(t: Tensor):
-    """t as a kernel argument: a DLPack capsule of its memory (a negative view resolved first)."""
-    return to_dlpack(t.resolve_neg() if t.is_neg() else t)  # (DLPack carries no negative bit)
+    """t as a kernel argument: the tensor itself (EXCHANGE) or a DLPack capsule of its memory; a
+    negative view resolved first (DLPack carries no negative bit)."""
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t if EXCHANGE else to_dlpack(t)
 
 
 def optional_array(t: Tensor | None):
@@ -49,9 +56,9 @@ def to_arrays(tensors) -> list:
 
 
 def empty_out(like: Tensor, *shape: int) -> tuple[Tensor, object]:
-    """A new tensor of like's dtype (allocated by torch) and the capsule through which a kernel fills it."""
+    """A new tensor of like's dtype (allocated by torch) and what a kernel fills it through (out=)."""
     t = like.new_empty(*shape)  # (half the cost of torch.empty(shape, dtype=...))
-    return t, to_dlpack(t)
+    return t, (t if EXCHANGE else to_dlpack(t))
 
 
 def as_tensor(a: np.ndarray) -> Tensor:
