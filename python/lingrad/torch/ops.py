@@ -82,11 +82,16 @@ class Operator:
     def __call__(self, *args):
         # The common cases first, with as few checks as possible (each costs 50-150 ns).
         if not (_functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
-            if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any_requires_grad(*args)):
-                return self._run(args)  # no graph, no tangents: the kernel
-            # eager autograd or forward AD: the Function, without Function.apply's Python layer
-            return self._apply(*args)
+            return self.eager(args)
         return self.overload(*args)  # torch.func, tracing, tensor subclasses: the dispatcher
+
+    def eager(self, args: tuple):
+        """The call in eager code with plain arguments (no torch.func transform, no tracing: the
+        caller has checked, as __call__ does; lingrad.functional.linear's fast path calls this)."""
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any_requires_grad(*args)):
+            return self._run(args)  # no graph, no tangents: the kernel
+        # eager autograd or forward AD: the Function, without Function.apply's Python layer
+        return self._apply(*args)
 
     def _run(self, args):
         try:
