@@ -28,7 +28,7 @@ import torch
 import lingrad
 
 
-def timed(fn, repeat: int, number: int) -> float:
+def timed(fn, number: int) -> float:
     """seconds per call of fn: one sample of `number` calls."""
     start = time.perf_counter()
     for _ in range(number):
@@ -39,11 +39,11 @@ def timed(fn, repeat: int, number: int) -> float:
 def compare(name: str, variants: dict, repeat: int, number: int) -> list[str]:
     """Times the variants interleaved; a table row per lingrad variant against 'stock'."""
     for fn in variants.values():  # untimed warm-up (thread pools, caches, lazy set-up)
-        timed(fn, 1, max(1, number // 2))
+        timed(fn, max(1, number // 2))
     samples = {k: [] for k in variants}
     for _ in range(repeat):
         for k, fn in variants.items():
-            samples[k].append(timed(fn, 1, number))
+            samples[k].append(timed(fn, number))
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
     for k in variants:
@@ -121,7 +121,8 @@ def bench_bert(repeat: int) -> list[str]:
 
         return step
 
-    return compare("BERT train step, 8 x 128", {"stock": train_step(stock), "swap_linear": train_step(swapped)}, repeat, 2)
+    variants = {"stock": train_step(stock), "swap_linear": train_step(swapped)}
+    return compare("BERT train step, 8 x 128", variants, repeat, 2)
 
 
 def bench_llama(repeat: int) -> list[str]:
@@ -147,7 +148,8 @@ def bench_llama(repeat: int) -> list[str]:
 
         return run
 
-    return compare("Llama generate, batch 1, 32 tokens", {"stock": generate(stock), "swap_linear": generate(swapped)}, repeat, 1)
+    variants = {"stock": generate(stock), "swap_linear": generate(swapped)}
+    return compare("Llama generate, batch 1, 32 tokens", variants, repeat, 1)
 
 
 BENCHES = {"policy": bench_policy, "ppo": bench_ppo, "bert": bench_bert, "llama": bench_llama}
