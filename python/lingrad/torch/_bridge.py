@@ -134,7 +134,7 @@ def autocast_bf16(*tensors: Tensor | None) -> bool:
 # dtype or device, a RuntimeError or BufferError from DLPack for tensors with no plain storage
 # (sparse, nested, meta). The fast paths try the kernels first and ask kernels_take only when they
 # refuse, so that a call pays for no checks the kernels make anyway.
-_UNSUPPORTED = (TypeError, RuntimeError, BufferError)
+UNSUPPORTED = (TypeError, RuntimeError, BufferError)
 
 
 def kernels_take(*tensors: Tensor | None, autocast_lowers: bool = False) -> bool:
@@ -174,7 +174,7 @@ def kernels_or_pytorch(kernels: Callable[[], Tensor], pytorch: Callable[[], Tens
         return kernels() if kernels_take(*tensors, autocast_lowers=lowers) else pytorch()
     try:
         return kernels()
-    except _UNSUPPORTED:
+    except UNSUPPORTED:
         if kernels_take(*tensors):
             raise  # tensors the kernels take: a real error (mixed dtypes, say)
     return pytorch()

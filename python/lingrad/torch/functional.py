@@ -36,8 +36,8 @@ from torch.autograd import forward_ad
 
 from lingrad.torch import ops_linear, ops_mse
 from lingrad.torch._bridge import (
-    _UNSUPPORTED,
     KERNEL_DTYPES,
+    UNSUPPORTED,
     FallbackWarning,
     autocast_bf16,
     kernels_or_pytorch,
@@ -79,7 +79,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             if input.dim() == 2:
                 return ops_linear.linear.eager((input, weight, bias))  # (Operator.__call__'s checks made here)
             return _linear(input, weight, bias)
-        except _UNSUPPORTED:
+        except UNSUPPORTED:
             if kernels_take(input, weight, bias):
                 raise  # tensors the kernels take: a real error
         return F.linear(input, weight, bias)
