@@ -148,7 +148,7 @@ def ppo(seed: int = 0):
 
 
 def policy_outputs(model, obs: torch.Tensor):
-    """The policy's action logits and values for obs, and their gradients' inputs."""
+    """The policy's action logits and values for obs (differentiable: its parameters' gradients follow)."""
     policy = model.policy
     features = policy.extract_features(obs)
     latent_pi, latent_vf = policy.mlp_extractor(features)

@@ -12,10 +12,6 @@ constexpr index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 constexpr index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 constexpr index_t round_up(index_t a, index_t b) { return ceil_div(a, b) * b; }
 
-bool same_blocking(const GemmBlocking& x, const GemmBlocking& y) {
-  return x.mr == y.mr && x.nr == y.nr && x.mc == y.mc && x.kc == y.kc && x.nc == y.nc && x.vl == y.vl;
-}
-
 // The loss's partial sums (doubles), one per work unit of the path, or none.
 index_t partial_squares(const GemmProblem& q, index_t units) { return q.loss ? units : 0; }
 
@@ -147,9 +143,9 @@ void plan_packed(const IsaTraits& t, const GemmProblem& q, const GemmBlocking& b
 }  // namespace
 
 GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
-  // The bfloat16 products' blocks: the build's own (AMX), or the float column's.
-  const GemmBlocking& column = q.elem_bytes == static_cast<index_t>(sizeof(double)) ? t.d : t.f;
-  const GemmBlocking& b = q.bf16 && !same_blocking(t.bf16, t.f) ? t.bf16 : column;
+  // A bfloat16 product (float32 sums) takes the table's bfloat16 blocks: AMX's own, or a copy of
+  // the float column.
+  const GemmBlocking& b = q.bf16 ? t.bf16 : q.elem_bytes == static_cast<index_t>(sizeof(double)) ? t.d : t.f;
   GemmPlan p;
   if (q.m == 0 || q.n == 0) return p;  // empty (dW's row sums, if asked for, still computed)
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
