@@ -44,14 +44,12 @@ from lingrad.torch._bridge import (
     kernels_take,
     rows,
 )
-from lingrad.torch.ops import any_requires_grad
+from lingrad.torch.ops import PLAIN, any_requires_grad, functorch_active
 
 __all__ = ["linear", "mse_loss", "linear_mse_loss", "FallbackWarning"]
 
-_PLAIN = (Tensor, torch.nn.Parameter)
 _autocast = torch.is_autocast_enabled
 _compiling = torch.compiler.is_compiling
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -66,14 +64,14 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # no autocast. The kernels refuse what they cannot read (another device or layout), and only then
     # is the fallback decided. (Each check costs 50-150 ns; the general path below makes them all.)
     if (
-        input.__class__ in _PLAIN
-        and weight.__class__ in _PLAIN
-        and (bias is None or bias.__class__ in _PLAIN)
+        input.__class__ in PLAIN
+        and weight.__class__ in PLAIN
+        and (bias is None or bias.__class__ in PLAIN)
         and input.dtype is weight.dtype
         and input.dtype in KERNEL_DTYPES
         and not _autocast("cpu")
         and not _compiling()
-        and not _functorch_active()
+        and not functorch_active()
     ):
         try:
             if input.dim() == 2:

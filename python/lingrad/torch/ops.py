@@ -51,9 +51,9 @@ _LIB = torch.library.Library("lingrad", "DEF")  # noqa: TOR901 (a fragment would
 # ---------------------------------------------------------------------------------------------
 # Which path a call takes
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+PLAIN = (Tensor, torch.nn.Parameter)
 _profiling = torch.autograd._profiler_enabled
-_functorch_active = torch._C._are_functorch_transforms_active
+functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
@@ -81,7 +81,7 @@ class Operator:
 
     def __call__(self, *args):
         # The common cases first, with as few checks as possible (each costs 50-150 ns).
-        if not (_functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
+        if not (functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
             return self.eager(args)
         return self.overload(*args)  # torch.func, tracing, tensor subclasses: the dispatcher
 
@@ -100,13 +100,13 @@ class Operator:
                     return self.impl(*args)
             return self.impl(*args)
         except RuntimeError:  # tensors with no data for DLPack
-            tensors = [a for a in args if a.__class__ in _PLAIN]
+            tensors = [a for a in args if a.__class__ in PLAIN]
             if any(_legacy_batched(t) for t in tensors):
                 # The legacy vmap (jacobian(vectorize=True), grad(is_grads_batched=True)) batches only
                 # PyTorch's own operators: the same formula in them.
                 return self.composite(*args)
             if any(_functorch_wrapped(t) for t in tensors):  # wrappers that outlived their transform
-                return self(*(_unwrap_if_dead(a) if a.__class__ in _PLAIN else a for a in args))
+                return self(*(_unwrap_if_dead(a) if a.__class__ in PLAIN else a for a in args))
             raise
 
     def register_fake(self, fake: Callable) -> Callable:
@@ -123,7 +123,7 @@ class Operator:
         self.composite = composite
 
         def forward(*args):
-            if _functorch_active():  # the next lower torch.func level (Function.apply under torch.func)
+            if functorch_active():  # the next lower torch.func level (Function.apply under torch.func)
                 return overload(*args)
             if not torch.compiler.is_compiling() and _PLAIN_ARGS.issuperset(map(type, args)):
                 return impl(*args)
@@ -212,7 +212,7 @@ def sum_terms(*terms: Tensor | None) -> Tensor | None:
 def save_for_forward(ctx, *tensors) -> None:
     """ctx.save_for_forward(*tensors), only where a jvp can follow (forward AD or torch.func active):
     otherwise the references would keep the tensors alive."""
-    if forward_ad._current_level >= 0 or _functorch_active():
+    if forward_ad._current_level >= 0 or functorch_active():
         ctx.save_for_forward(*tensors)
 
 
