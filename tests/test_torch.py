@@ -371,11 +371,19 @@ def test_non_contiguous_input_is_read_in_place(monkeypatch, handover):
 @pytest.mark.skipif(not _bridge.EXCHANGE, reason="torch < 2.10 has no DLPack C exchange API")
 def test_kernels_read_exchange_tensors_as_views():
     """Tensors whose type publishes DLPack's C exchange API are read in place by the kernels, as
-    arrays with the tensor's strides, an out tensor filled in place; the storage stays resizable."""
+    arrays with the tensor's strides, an out tensor filled in place (and returned); the storage stays
+    resizable. A negative view (PyTorch's neg bit, which DLPack does not carry) is read as its values;
+    an out tensor cannot be one."""
     base, w = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     y = torch.empty(7, 3, dtype=torch.float64)
     out = kernels.linear_forward(base.t(), torch.nn.Parameter(w), out=y)
-    assert out.ctypes.data == y.data_ptr()
+    assert out is y
+    negative = torch._neg_view(base.t())
+    assert negative.is_neg()
+    read = torch.from_numpy(kernels.linear_forward(negative, w))  # (a new result is a NumPy array)
+    torch.testing.assert_close(read, -(base.t() @ w.t()), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="out is a negative view"):
+        kernels.linear_forward(base.t(), w, out=torch._neg_view(torch.empty(7, 3, dtype=torch.float64)))
     expected = base.t() @ w.t()
     base.resize_(10, 10)  # still resizable
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

@@ -20,7 +20,7 @@ std::string shape_text(const py::ssize_t* shape, std::size_t ndim) {
 }
 }  // namespace
 
-std::string shape_of(const py::array& a) { return shape_text(a.shape(), static_cast<std::size_t>(a.ndim())); }
+std::string shape_of(const Array& a) { return shape_text(a.shape(), static_cast<std::size_t>(a.ndim())); }
 std::string shape_of(const std::vector<py::ssize_t>& shape) { return shape_text(shape.data(), shape.size()); }
 
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
@@ -37,6 +37,38 @@ std::string byte_count(double bytes) {
 [[noreturn]] void throw_memory_error(const std::string& message) {
   PyErr_SetString(PyExc_MemoryError, message.c_str());
   throw py::error_already_set();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Array
+
+Array::Array(py::object object, void* data, std::optional<DType> dtype, py::ssize_t itemsize, int ndim,
+             const py::ssize_t* shape, const py::ssize_t* byte_strides, bool writeable)
+    : object_(std::move(object)),
+      data_(static_cast<char*>(data)),
+      dtype_(dtype),
+      itemsize_(itemsize),
+      ndim_(ndim),
+      writeable_(writeable) {
+  std::copy(shape, shape + ndim, shape_);
+  std::copy(byte_strides, byte_strides + ndim, strides_);
+}
+
+py::ssize_t Array::size() const {
+  py::ssize_t n = 1;
+  for (int d = 0; d < ndim_; ++d) n *= shape_[d];
+  return n;
+}
+
+// NumPy's C-contiguity: the strides of the dimensions longer than 1 are those of a dense row-major array.
+bool Array::c_contiguous() const {
+  if (size() == 0) return true;
+  py::ssize_t expected = itemsize_;
+  for (int d = ndim_ - 1; d >= 0; --d) {
+    if (shape_[d] != 1 && strides_[d] != expected) return false;
+    expected *= shape_[d];
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,12 +127,18 @@ struct DLManagedTensor {
   void (*deleter)(DLManagedTensor*);
 };
 
-// The array of a DLPack tensor: its memory, shape and strides, kept alive by `base`.
-py::array array_of(const DLTensor& t, py::object base, const char* name) {
+void require_rank(int ndim, const char* name) {
+  if (ndim > Array::kMaxDims)
+    throw py::value_error(std::string(name) + " has " + std::to_string(ndim) +
+                          " dimensions; lingrad's arrays have at most 3");
+}
+
+// The array of a DLPack tensor: its memory, shape and strides, kept alive by `object`.
+Array array_of(const DLTensor& t, py::object object, const char* name) {
   if (t.device.device_type != 1)
     throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
   const bool bf16 = t.dtype.code == 4 && t.dtype.bits == 16 && t.dtype.lanes == 1;
-  if (bf16 && bf16_dtype().is_none())
+  if (bf16 && !bf16_offered())
     throw py::type_error(
         std::string(name) +
         " has dtype bfloat16, which lingrad reads through the ml_dtypes package: " + "pip install ml_dtypes");
@@ -111,19 +149,23 @@ py::array array_of(const DLTensor& t, py::object base, const char* name) {
                          "; lingrad computes in float32, float64 or (the Linear layer's products) bfloat16 "
                          "(convert explicitly)");
   }
+  require_rank(t.ndim, name);
   const py::ssize_t itemsize = t.dtype.bits / 8;
-  std::vector<py::ssize_t> shape(t.shape, t.shape + t.ndim), strides(t.ndim);
-  for (int d = t.ndim - 1; d >= 0; --d)
+  py::ssize_t shape[Array::kMaxDims], strides[Array::kMaxDims];
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    shape[d] = t.shape[d];
     strides[d] = t.strides ? t.strides[d] * itemsize : (d + 1 < t.ndim ? strides[d + 1] * shape[d + 1] : itemsize);
-  const py::dtype dtype = bf16            ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
-                          : itemsize == 4 ? py::dtype::of<float>()
-                                          : py::dtype::of<double>();
-  return py::array(dtype, shape, strides, static_cast<char*>(t.data) + t.byte_offset, base);
+  }
+  const DType dtype = bf16 ? DType::bfloat16 : itemsize == 4 ? DType::float32 : DType::float64;
+  return Array(std::move(object), static_cast<char*>(t.data) + t.byte_offset, dtype, itemsize, t.ndim, shape, strides,
+               /*writeable=*/true);
 }
 
-// The array view of a DLPack capsule, which it consumes: the producer's tensor stays alive as
-// long as the array (or a view of it) does.
-py::array from_dlpack(py::handle capsule, const char* name) {
+Array from_ndarray(const py::array& a, const char* name);
+
+// The array of a DLPack capsule, which it consumes: a NumPy view (what a binding returns for an
+// `out` capsule) that keeps the producer's tensor alive.
+Array from_dlpack(py::handle capsule, const char* name) {
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   if (!managed) throw py::error_already_set();
   PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // consumed: its own destructor leaves the tensor alone
@@ -131,7 +173,28 @@ py::array from_dlpack(py::handle capsule, const char* name) {
     auto* m = static_cast<DLManagedTensor*>(p);
     if (m->deleter) m->deleter(m);
   });
-  return array_of(managed->dl_tensor, owner, name);
+  const Array a = array_of(managed->dl_tensor, owner, name);
+  const py::dtype dtype = a.dtype() == DType::bfloat16  ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
+                          : a.dtype() == DType::float32 ? py::dtype::of<float>()
+                                                        : py::dtype::of<double>();
+  const std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
+  std::vector<py::ssize_t> strides(a.ndim());
+  for (int d = 0; d < a.ndim(); ++d) strides[d] = a.strides(d);
+  return from_ndarray(py::array(dtype, shape, strides, a.data(), owner), name);
+}
+
+Array from_ndarray(const py::array& a, const char* name) {
+  require_rank(static_cast<int>(a.ndim()), name);
+  const py::dtype dt = a.dtype();
+  std::optional<DType> dtype;
+  if (dt.equal(py::dtype::of<float>()))
+    dtype = DType::float32;
+  else if (dt.equal(py::dtype::of<double>()))
+    dtype = DType::float64;
+  else if (is_bf16(dt))
+    dtype = DType::bfloat16;
+  return Array(a, const_cast<void*>(a.data()), dtype, a.itemsize(), static_cast<int>(a.ndim()), a.shape(), a.strides(),
+               a.writeable());
 }
 
 // DLPack's C exchange API (DLPack 1.3's DLPackExchangeAPI, of which only the view function is
@@ -176,19 +239,34 @@ const DLPackExchangeAPI* exchange_api(py::handle obj) {
   return api;
 }
 
+// A tensor's view through its type's exchange API. PyTorch's negative bit (a lazily negated view)
+// is not in the DLTensor: such an input is read through its resolve_neg() copy, and an output refused.
+Array exchange_view(const DLPackExchangeAPI* api, py::handle obj, const char* name, bool writable) {
+  static PyObject* const is_neg = PyUnicode_InternFromString("is_neg");
+  py::object tensor = py::reinterpret_borrow<py::object>(obj);
+  if (PyObject* neg = PyObject_CallMethodNoArgs(obj.ptr(), is_neg)) {
+    const bool negative = neg == Py_True;
+    Py_DECREF(neg);
+    if (negative && writable)
+      throw py::value_error(std::string(name) + " is a negative view (PyTorch's is_neg()); pass a tensor of its own");
+    if (negative) tensor = tensor.attr("resolve_neg")();
+  } else {
+    PyErr_Clear();  // (a tensor type without the bit)
+  }
+  DLTensor t;
+  if (api->dltensor_from_py_object_no_sync(tensor.ptr(), &t) != 0) throw py::error_already_set();
+  return array_of(t, std::move(tensor), name);
+}
+
 }  // namespace
 
-py::array as_ndarray(py::handle obj, const char* name) {
+Array as_array(py::handle obj, const char* name, bool writable) {
   if (PyCapsule_CheckExact(obj.ptr())) {
     const char* capsule_name = PyCapsule_GetName(obj.ptr());
     if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name);
   }
   if (!py::isinstance<py::array>(obj)) {
-    if (const DLPackExchangeAPI* api = exchange_api(obj)) {
-      DLTensor t;
-      if (api->dltensor_from_py_object_no_sync(obj.ptr(), &t) != 0) throw py::error_already_set();
-      return array_of(t, py::reinterpret_borrow<py::object>(obj), name);
-    }
+    if (const DLPackExchangeAPI* api = exchange_api(obj)) return exchange_view(api, obj, name, writable);
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
   }
   // A subclass is read as the plain array it is, except a masked array: its mask would be
@@ -197,14 +275,12 @@ py::array as_ndarray(py::handle obj, const char* name) {
       py::isinstance(obj, py::module_::import("numpy.ma").attr("MaskedArray")))
     throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
                          name + ".filled(value) or " + name + ".data");
-  return py::reinterpret_borrow<py::array>(obj);
+  return from_ndarray(py::reinterpret_borrow<py::array>(obj), name);
 }
 
-DType dtype_of(const py::array& a, const char* name) {
-  const py::dtype dt = a.dtype();
-  if (dt.equal(py::dtype::of<float>())) return DType::float32;
-  if (dt.equal(py::dtype::of<double>())) return DType::float64;
-  if (is_bf16(dt)) return DType::bfloat16;
+DType dtype_of(const Array& a, const char* name) {
+  if (a.dtype()) return *a.dtype();
+  const py::dtype dt = py::reinterpret_borrow<py::array>(a.object()).dtype();  // (only NumPy arrays get here)
   const std::string dts = py::str(dt);
   if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
     throw py::type_error(std::string(name) + " has non-native byte order (dtype " + dts +
@@ -225,32 +301,32 @@ namespace {
 
 // Data and strides are multiples of the element size. The stride of a dimension of length 1
 // is never used (NumPy may leave any value there), so it is not checked.
-bool is_aligned(const py::array& a) {
+bool is_aligned(const Array& a) {
   const py::ssize_t size = a.itemsize();
   if (reinterpret_cast<std::uintptr_t>(a.data()) % size) return false;
-  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+  for (int d = 0; d < a.ndim(); ++d)
     if (a.shape(d) > 1 && a.strides(d) % size) return false;
   return true;
 }
 
-void require_aligned(const py::array& a, const char* name) {
+void require_aligned(const Array& a, const char* name) {
   if (a.size() > 0 && !is_aligned(a))
     throw py::value_error(std::string(name) + " is not aligned to its " + std::to_string(a.itemsize()) +
                           "-byte elements (data or strides); copy it with numpy.ascontiguousarray");
 }
 
 // [first byte, one past the last byte] that the array can touch; empty for no elements.
-std::pair<std::uintptr_t, std::uintptr_t> extent(const py::array& a) {
+std::pair<std::uintptr_t, std::uintptr_t> extent(const Array& a) {
   if (a.size() == 0) return {0, 0};
   std::intptr_t lo = reinterpret_cast<std::intptr_t>(a.data()), hi = lo;
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+  for (int d = 0; d < a.ndim(); ++d) {
     const std::intptr_t span = static_cast<std::intptr_t>(a.shape(d) - 1) * a.strides(d);
     (span < 0 ? lo : hi) += span;
   }
   return {static_cast<std::uintptr_t>(lo), static_cast<std::uintptr_t>(hi + a.itemsize())};
 }
 
-bool overlap(const py::array& a, const py::array& b) {
+bool overlap(const Array& a, const Array& b) {
   const auto [a_lo, a_hi] = extent(a);
   const auto [b_lo, b_hi] = extent(b);
   return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
@@ -258,8 +334,8 @@ bool overlap(const py::array& a, const py::array& b) {
 
 }  // namespace
 
-py::array Call::input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d, int other_ndim) {
-  py::array a = as_ndarray(obj, name);
+Array Call::input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d, int other_ndim) {
+  Array a = as_array(obj, name);
   const DType d = dtype_of(a, name);
   if (d == DType::bfloat16 && !bf16_ok_)
     throw py::type_error(std::string(name) +
@@ -284,26 +360,30 @@ py::array Call::input(py::handle obj, const char* name, int ndim, const char* me
   return a;
 }
 
-py::array Call::output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape,
-                       std::optional<DType> dtype) {
-  py::array a;
+Array Call::output(py::handle obj, const char* name, const std::vector<py::ssize_t>& shape,
+                   std::optional<DType> dtype) {
+  Array a;
   if (obj.is_none()) {
     a = allocate(name, shape, dtype ? *dtype : result_dtype());
   } else {
-    a = as_ndarray(obj, name);
+    a = as_array(obj, name, /*writable=*/true);
     auto expect = [&] { return shape_of(shape); };
+    // (its dtype as NumPy or DLPack names it)
+    auto dtype_text = [&] {
+      return a.dtype() ? dtype_name(*a.dtype()) : std::string(py::str(a.object().attr("dtype")));
+    };
     if (dtype_ == DType::bfloat16) {
-      const bool f32 = a.dtype().equal(py::dtype::of<float>()), bf16 = is_bf16(a.dtype());
+      const bool f32 = a.dtype() == DType::float32, bf16 = a.dtype() == DType::bfloat16;
       if (dtype ? !(*dtype == DType::float32 ? f32 : bf16) : !(f32 || bf16))
-        throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
+        throw py::value_error(std::string(name) + " has dtype " + dtype_text() + " but must be " +
                               (dtype ? dtype_name(*dtype) : "float32 or bfloat16") + " (a bfloat16 product's result)");
-    } else if (!a.dtype().equal(dtype_ == DType::float32 ? py::dtype::of<float>() : py::dtype::of<double>())) {
-      throw py::value_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but must be " +
-                            dtype_name(dtype_) + " like the inputs");
+    } else if (a.dtype() != dtype_) {
+      throw py::value_error(std::string(name) + " has dtype " + dtype_text() + " but must be " + dtype_name(dtype_) +
+                            " like the inputs");
     }
-    if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
+    if (a.ndim() != static_cast<int>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
       throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be " + expect());
-    if (!(a.flags() & py::array::c_style) || (a.size() > 0 && !is_aligned(a)))
+    if (!a.c_contiguous() || (a.size() > 0 && !is_aligned(a)))
       throw py::value_error(std::string(name) + " must be C-contiguous and aligned (shape " + expect() + ")");
     if (!a.writeable()) throw py::value_error(std::string(name) + " is read-only");
     for (const auto* arrays : {&inputs_, &outputs_})  // the inputs first, then the outputs before this one
@@ -315,7 +395,7 @@ py::array Call::output(py::handle obj, const char* name, const std::vector<py::s
   return a;
 }
 
-py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const {
+Array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape, DType dtype) const {
   double bytes = dtype == DType::float32 ? 4.0 : dtype == DType::float64 ? 8.0 : 2.0;  // (double: never overflows)
   for (py::ssize_t n : shape) bytes *= static_cast<double>(n);
   // (the message is built only when needed: it costs more than a small kernel)
@@ -323,8 +403,10 @@ py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape
   if (bytes > static_cast<double>(PY_SSIZE_T_MAX))
     throw py::value_error(what() + " would be larger than the address space");
   try {
-    if (dtype == DType::bfloat16) return py::array(py::reinterpret_borrow<py::dtype>(bf16_dtype()), shape);
-    return dtype == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape));
+    if (dtype == DType::bfloat16)
+      return from_ndarray(py::array(py::reinterpret_borrow<py::dtype>(bf16_dtype()), shape), name);
+    return from_ndarray(
+        dtype == DType::float32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<double>(shape)), name);
   } catch (py::error_already_set& e) {
     if (!e.matches(PyExc_MemoryError)) throw;
     throw_memory_error("cannot allocate " + what());
@@ -334,7 +416,7 @@ py::array Call::allocate(const char* name, const std::vector<py::ssize_t>& shape
 // ---------------------------------------------------------------------------------------------
 // Views, checks and parsers
 
-Bf16Matrix bf16_matrix(const py::array& a) {
+Bf16Matrix bf16_matrix(const Array& a) {
   if (is_f32(a)) {
     const MatrixView<float> m = matrix<float>(a);
     return {m.data, nullptr, m.rows, m.cols, m.rs, m.cs};
@@ -343,12 +425,12 @@ Bf16Matrix bf16_matrix(const py::array& a) {
   return {nullptr, m.data, m.rows, m.cols, m.rs, m.cs};
 }
 
-Bf16Output bf16_output(py::array& a) {
+Bf16Output bf16_output(Array& a) {
   if (is_f32(a)) return {mutable_data<float>(a), nullptr};
   return {nullptr, mutable_data<bfloat16>(a)};
 }
 
-VectorView<float> float_vector(const std::optional<py::array>& v, std::vector<float>& buffer) {
+VectorView<float> float_vector(const std::optional<Array>& v, std::vector<float>& buffer) {
   if (!v) return {};
   if (is_f32(*v)) return vector<float>(*v);
   const VectorView<bfloat16> h = vector<bfloat16>(*v);
@@ -357,27 +439,27 @@ VectorView<float> float_vector(const std::optional<py::array>& v, std::vector<fl
   return {buffer.data(), h.size, 1};
 }
 
-void round_into(const std::vector<float>& buffer, py::array& out) {
+void round_into(const std::vector<float>& buffer, Array& out) {
   bfloat16* o = mutable_data<bfloat16>(out);
   for (std::size_t i = 0; i < buffer.size(); ++i) o[i] = lingrad::float_to_bf16(buffer[i]);
 }
 
-void require_same_extent(const py::array& a, const char* a_name, py::ssize_t a_dim, const py::array& b,
-                         const char* b_name, py::ssize_t b_dim, const char* what) {
+void require_same_extent(const Array& a, const char* a_name, int a_dim, const Array& b, const char* b_name, int b_dim,
+                         const char* what) {
   if (a.shape(a_dim) != b.shape(b_dim))
     throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
                           shape_of(b) + ": " + what);
 }
 
-void require_same_shape(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+void require_same_shape(const Array& a, const char* a_name, const Array& b, const char* b_name) {
   if (a.ndim() != b.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), b.shape()))
     throw py::value_error(std::string(a_name) + " has shape " + shape_of(a) + " but " + b_name + " has shape " +
                           shape_of(b) + "; they must match");
 }
 
-std::optional<py::array> optional_bias(Call& call, py::handle bias, const char* name, const py::array& weight) {
+std::optional<Array> optional_bias(Call& call, py::handle bias, const char* name, const Array& weight) {
   if (bias.is_none()) return std::nullopt;
-  py::array b = call.input(bias, name, 1, "(out_features,)");
+  Array b = call.input(bias, name, 1, "(out_features,)");
   if (b.shape(0) != weight.shape(0))
     throw py::value_error(std::string(name) + " has shape " + shape_of(b) + " but weight has shape " +
                           shape_of(weight) + ": " + name + " must be (" + std::to_string(weight.shape(0)) + ",)");

@@ -16,11 +16,11 @@ namespace {
 
 py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle out_obj) {
   Call call(/*bf16_products=*/true);
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
-  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_extent(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
-  const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
-  py::array y = call.output(out_obj, "out", {x.shape(0), w.shape(0)});
+  const std::optional<Array> b = optional_bias(call, bias_obj, "bias", w);
+  Array y = call.output(out_obj, "out", {x.shape(0), w.shape(0)});
   if (call.dtype() == DType::bfloat16) {
     std::vector<float> bias_buffer;
     const VectorView<float> bias = float_vector(b, bias_buffer);
@@ -28,7 +28,7 @@ py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bia
     const Bf16Matrix xm = bf16_matrix(x), wm = bf16_matrix(w);  // (with the GIL: they read dtypes)
     py::gil_scoped_release release;
     lingrad::linear_forward_bf16(xm, wm, bias, out);
-    return y;
+    return result(y);
   }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -36,46 +36,46 @@ py::array linear_forward(py::handle x_obj, py::handle weight_obj, py::handle bia
     py::gil_scoped_release release;
     lingrad::linear_forward<T>(matrix<T>(x), matrix<T>(w), bias, mutable_data<T>(y));
   });
-  return y;
+  return result(y);
 }
 
 py::array linear_backward_input(py::handle grad_obj, py::handle weight_obj, py::handle out_obj) {
   Call call(/*bf16_products=*/true);
-  const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
-  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  const Array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
+  const Array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_extent(w, "weight", 0, dy, "grad_out", 1,
                       "weight must be (out_features, in_features) with grad_out's out_features");
-  py::array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
+  Array dx = call.output(out_obj, "out", {dy.shape(0), w.shape(1)});
   if (call.dtype() == DType::bfloat16) {
     const Bf16Output out = bf16_output(dx);
     const Bf16Matrix dym = bf16_matrix(dy), wm = bf16_matrix(w);
     py::gil_scoped_release release;
     lingrad::linear_backward_input_bf16(dym, wm, out);
-    return dx;
+    return result(dx);
   }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     py::gil_scoped_release release;
     lingrad::linear_backward_input<T>(matrix<T>(dy), matrix<T>(w), mutable_data<T>(dx));
   });
-  return dx;
+  return result(dx);
 }
 
 py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::handle sample_weights_obj,
                                  py::handle bias_obj, py::handle out_obj, py::handle bias_out_obj) {
   Call call(/*bf16_products=*/true);
   const bool bias = parse_flag(bias_obj, "bias");
-  const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   require_same_extent(x, "x", 0, dy, "grad_out", 0, "both need the same batch size");
-  std::optional<py::array> s;
+  std::optional<Array> s;
   if (!sample_weights_obj.is_none()) {
     s = call.input(sample_weights_obj, "sample_weights", 1, "(batch,)");
     require_same_extent(*s, "sample_weights", 0, dy, "grad_out", 0, "sample_weights must be (batch,)");
   }
   if (!bias && !bias_out_obj.is_none()) throw py::value_error("bias_out was given but bias=False");
-  py::array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
-  std::optional<py::array> db;
+  Array dw = call.output(out_obj, "out", {dy.shape(1), x.shape(1)});
+  std::optional<Array> db;
   if (bias) db = call.output(bias_out_obj, "bias_out", {dy.shape(1)});
   if (call.dtype() == DType::bfloat16) {
     if (s)
@@ -89,7 +89,7 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
       lingrad::linear_backward_weight_bf16(dym, xm, out, db_data);
     }
     if (!db_buffer.empty()) round_into(db_buffer, *db);
-    return py::make_tuple(dw, or_none(db));
+    return py::make_tuple(result(dw), or_none(db));
   }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -101,19 +101,19 @@ py::tuple linear_backward_weight(py::handle grad_obj, py::handle x_obj, py::hand
     else
       lingrad::linear_backward_weight<T>(matrix<T>(dy), matrix<T>(x), mutable_data<T>(dw), db_data);
   });
-  return py::make_tuple(dw, or_none(db));
+  return py::make_tuple(result(dw), or_none(db));
 }
 
 py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj, py::handle out_obj) {
   Call call;
-  const py::array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
-  const py::array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
+  const Array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
+  const Array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
   require_same_shape(t, "target", p, "pred");
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/true);
   if (reduction != Reduction::none && !out_obj.is_none())
     throw py::value_error("out was given but reduction is not 'none' (the mean and the sum are Python floats)");
   std::vector<py::ssize_t> shape(p.shape(), p.shape() + p.ndim());
-  std::optional<py::array> out;
+  std::optional<Array> out;
   if (reduction == Reduction::none) out = call.output(out_obj, "out", shape);
   const double loss = with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -121,30 +121,30 @@ py::object mse_loss(py::handle pred_obj, py::handle target_obj, py::handle reduc
     py::gil_scoped_release release;
     return lingrad::mse_loss<T>(matrix<T>(p), matrix<T>(t), reduction, out_data);
   });
-  if (out) return *out;
+  if (out) return out->object();
   return py::float_(loss);
 }
 
 py::array mse_backward(py::handle pred_obj, py::handle target_obj, py::handle reduction_obj, py::handle out_obj) {
   Call call;
-  const py::array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
-  const py::array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
+  const Array p = call.input(pred_obj, "pred", 2, "(batch, features)", /*allow_1d=*/true);
+  const Array t = call.input(target_obj, "target", 2, "(batch, features)", /*allow_1d=*/true);
   require_same_shape(t, "target", p, "pred");
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/true);
-  py::array grad = call.output(out_obj, "out", std::vector<py::ssize_t>(p.shape(), p.shape() + p.ndim()));
+  Array grad = call.output(out_obj, "out", std::vector<py::ssize_t>(p.shape(), p.shape() + p.ndim()));
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     py::gil_scoped_release release;
     lingrad::mse_backward<T>(matrix<T>(p), matrix<T>(t), reduction, mutable_data<T>(grad));
   });
-  return grad;
+  return result(grad);
 }
 
 // linear_mse's bfloat16 step, its arrays validated: a bfloat16 target is widened to float32 first
 // (a (batch, out) copy; the loss compares in float32).
-py::tuple linear_mse_bf16(const py::array& x, const py::array& w, const std::optional<py::array>& b, const py::array& t,
-                          Reduction reduction, std::optional<py::array>& dx, py::array& dw,
-                          std::optional<py::array>& db, std::optional<py::array>& dy) {
+py::tuple linear_mse_bf16(const Array& x, const Array& w, const std::optional<Array>& b, const Array& t,
+                          Reduction reduction, std::optional<Array>& dx, Array& dw, std::optional<Array>& db,
+                          std::optional<Array>& dy) {
   std::vector<float> bias_buffer, target_buffer, db_buffer;
   const VectorView<float> bias = float_vector(b, bias_buffer);
   MatrixView<float> target{nullptr, t.shape(0), t.shape(1), 0, 0};
@@ -172,18 +172,18 @@ py::tuple linear_mse_bf16(const py::array& x, const py::array& w, const std::opt
                        std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ")");
   }
   if (!db_buffer.empty()) round_into(db_buffer, *db);
-  return py::make_tuple(loss, or_none(dx), dw, or_none(db));
+  return py::make_tuple(loss, or_none(dx), result(dw), or_none(db));
 }
 
 py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle target_obj,
                      py::handle reduction_obj, py::handle input_grad_obj, py::handle grad_output_obj) {
   Call call(/*bf16_products=*/true);
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
-  const py::array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array w = call.input(weight_obj, "weight", 2, "(out_features, in_features)");
   require_same_extent(w, "weight", 1, x, "x", 1, "weight must be (out_features, in_features) with x's in_features");
-  const std::optional<py::array> b = optional_bias(call, bias_obj, "bias", w);
-  const py::array t = call.input(target_obj, "target", 2, "(batch, out_features)");
+  const std::optional<Array> b = optional_bias(call, bias_obj, "bias", w);
+  const Array t = call.input(target_obj, "target", 2, "(batch, out_features)");
   if (t.shape(0) != x.shape(0) || t.shape(1) != w.shape(0))
     throw py::value_error("target has shape " + shape_of(t) + " but must be (batch, out_features) = (" +
                           std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") for x " + shape_of(x) +
@@ -192,12 +192,12 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
   // Each gradient has its input's dtype (in a bfloat16 call: a float32 weight gets a float32
   // gradient); grad_output is float32 there (dY is summed and kept in float32).
   const bool bf16 = call.dtype() == DType::bfloat16;
-  auto like = [&](const py::array& a) { return bf16 ? std::optional<DType>(dtype_of(a, "")) : std::nullopt; };
-  std::optional<py::array> dx, db;
+  auto like = [&](const Array& a) { return bf16 ? std::optional<DType>(dtype_of(a, "")) : std::nullopt; };
+  std::optional<Array> dx, db;
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)}, like(x));
-  py::array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)}, like(w));
+  Array dw = call.output(py::none(), "grad_weight", {w.shape(0), w.shape(1)}, like(w));
   if (b) db = call.output(py::none(), "grad_bias", {w.shape(0)}, like(*b));
-  std::optional<py::array> dy;
+  std::optional<Array> dy;
   if (!grad_output_obj.is_none())
     dy = call.output(grad_output_obj, "grad_output", {x.shape(0), w.shape(0)},
                      bf16 ? std::optional<DType>(DType::float32) : std::nullopt);
@@ -221,7 +221,7 @@ py::tuple linear_mse(py::handle x_obj, py::handle weight_obj, py::handle bias_ob
                        std::to_string(x.shape(0)) + ", " + std::to_string(w.shape(0)) + ") elements (" +
                        byte_count(bytes) + ")");
   }
-  return py::make_tuple(loss, or_none(dx), dw, or_none(db));
+  return py::make_tuple(loss, or_none(dx), result(dw), or_none(db));
 }
 
 }  // namespace

@@ -31,12 +31,12 @@ Activation parse_activation(py::handle obj, const std::string& name) {
 // A network's arrays, validated: shapes chain from x, one dtype, names like "weights[1]" in messages.
 struct Network {
   std::deque<std::string> names;  // (stable addresses for Call's messages)
-  std::vector<py::array> weights;
-  std::vector<std::optional<py::array>> biases;
+  std::vector<Array> weights;
+  std::vector<std::optional<Array>> biases;
   std::vector<Activation> activations;
   std::vector<double> slopes;
 
-  Network(Call& call, const py::array& x, py::handle weights_obj, py::handle biases_obj, py::handle activations_obj,
+  Network(Call& call, const Array& x, py::handle weights_obj, py::handle biases_obj, py::handle activations_obj,
           py::handle slopes_obj) {
     auto sequence = [](py::handle obj, const char* what) {
       if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
@@ -63,7 +63,7 @@ struct Network {
     for (std::size_t l = 0; l < n; ++l) {
       const std::string index = "[" + std::to_string(l) + "]";
       const char* w_name = names.emplace_back("weights" + index).c_str();
-      py::array w = call.input(ws[l], w_name, 2, "(out_features, in_features)");
+      Array w = call.input(ws[l], w_name, 2, "(out_features, in_features)");
       if (w.shape(1) != width)
         throw py::value_error(std::string(w_name) + " has shape " + shape_of(w) + " but its layer's input has " +
                               std::to_string(width) + " features (" +
@@ -73,7 +73,7 @@ struct Network {
                               ")");
       width = w.shape(0);
       weights.push_back(w);
-      std::optional<py::array> b;
+      std::optional<Array> b;
       if (bs && !(*bs)[l].is_none()) b = optional_bias(call, (*bs)[l], names.emplace_back("biases" + index).c_str(), w);
       biases.push_back(b);
       activations.push_back(parse_activation(acts[l], "activations" + index));
@@ -108,20 +108,17 @@ py::object mlp_forward(py::handle x_obj, py::handle weights_obj, py::handle bias
                        py::handle slopes_obj, py::handle save_obj, py::handle out_obj) {
   Call call;
   const bool save = parse_flag(save_obj, "save");
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const Network net(call, x, weights_obj, biases_obj, activations_obj, slopes_obj);
   const std::size_t n = net.size();
   const py::ssize_t batch = x.shape(0);
-  py::array y = call.output(out_obj, "out", {batch, net.out(n - 1)});
-  py::list hidden, pre;  // hidden: H_l for l < n - 1; pre: Z_l or None for every l
-  std::vector<py::array> keep;
+  Array y = call.output(out_obj, "out", {batch, net.out(n - 1)});
+  std::vector<Array> hidden;                 // H_l for l < n - 1
+  std::vector<std::optional<Array>> pre(n);  // Z_l where layer l's activation needs it
   if (save)
     for (std::size_t l = 0; l < n; ++l) {
-      if (l + 1 < n) hidden.append(call.output(py::none(), "hidden", {batch, net.out(l)}));
-      if (net.needs_pre(l))
-        pre.append(call.output(py::none(), "pre", {batch, net.out(l)}));
-      else
-        pre.append(py::none());
+      if (l + 1 < n) hidden.push_back(call.output(py::none(), "hidden", {batch, net.out(l)}));
+      if (net.needs_pre(l)) pre[l] = call.output(py::none(), "pre", {batch, net.out(l)});
     }
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -129,37 +126,46 @@ py::object mlp_forward(py::handle x_obj, py::handle weights_obj, py::handle bias
     std::vector<lingrad::MlpSaved<T>> saved(n);
     if (save)
       for (std::size_t l = 0; l < n; ++l) {
-        if (l + 1 < n) saved[l].h = static_cast<T*>(py::array(hidden[l]).mutable_data());
-        if (!pre[l].is_none()) saved[l].z = static_cast<T*>(py::array(pre[l]).mutable_data());
+        if (l + 1 < n) saved[l].h = mutable_data<T>(hidden[l]);
+        if (pre[l]) saved[l].z = mutable_data<T>(*pre[l]);
       }
     T* y_data = mutable_data<T>(y);
     py::gil_scoped_release release;
     lingrad::mlp_forward<T>(matrix<T>(x), layers.data(), static_cast<int>(n), y_data, save ? saved.data() : nullptr);
   });
-  if (!save) return y;
-  return py::make_tuple(y, hidden, pre);
+  if (!save) return result(y);
+  py::list hidden_list, pre_list;
+  for (const Array& h : hidden) hidden_list.append(h.object());
+  for (const std::optional<Array>& z : pre) pre_list.append(or_none(z));
+  return py::make_tuple(result(y), hidden_list, pre_list);
 }
 
 // The gradients' arrays: grad_weights[l] (out_l, in_l), grad_biases[l] (out_l,) where the layer has a bias.
 struct NetworkGrads {
-  py::list weights, biases;
+  std::vector<Array> weights;
+  std::vector<std::optional<Array>> biases;
   NetworkGrads(Call& call, const Network& net) {
     for (std::size_t l = 0; l < net.size(); ++l) {
-      weights.append(call.output(py::none(), "grad_weights", {net.weights[l].shape(0), net.weights[l].shape(1)}));
-      if (net.biases[l])
-        biases.append(call.output(py::none(), "grad_biases", {net.out(l)}));
-      else
-        biases.append(py::none());
+      weights.push_back(call.output(py::none(), "grad_weights", {net.weights[l].shape(0), net.weights[l].shape(1)}));
+      biases.push_back(net.biases[l] ? std::optional<Array>(call.output(py::none(), "grad_biases", {net.out(l)}))
+                                     : std::nullopt);
     }
   }
   template <typename T>
-  std::pair<std::vector<T*>, std::vector<T*>> pointers() const {
+  std::pair<std::vector<T*>, std::vector<T*>> pointers() {
     std::vector<T*> dw, db;
     for (std::size_t l = 0; l < weights.size(); ++l) {
-      dw.push_back(static_cast<T*>(py::array(weights[l]).mutable_data()));
-      db.push_back(biases[l].is_none() ? nullptr : static_cast<T*>(py::array(biases[l]).mutable_data()));
+      dw.push_back(mutable_data<T>(weights[l]));
+      db.push_back(biases[l] ? mutable_data<T>(*biases[l]) : nullptr);
     }
     return {dw, db};
+  }
+  // (grad_weights, grad_biases) as the bindings return them: lists of arrays (None for no bias).
+  std::pair<py::list, py::list> lists() const {
+    py::list w, b;
+    for (const Array& a : weights) w.append(a.object());
+    for (const std::optional<Array>& a : biases) b.append(or_none(a));
+    return {w, b};
   }
 };
 
@@ -168,19 +174,19 @@ py::tuple mlp_backward(py::handle grad_obj, py::handle x_obj, py::handle weights
                        py::handle slopes_obj, py::handle input_grad_obj) {
   Call call;
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const Network net(call, x, weights_obj, biases_obj, activations_obj, slopes_obj);
   const std::size_t n = net.size();
   const py::ssize_t batch = x.shape(0);
   const std::vector<py::ssize_t> out_shape = {batch, net.out(n - 1)};
-  auto require_shape = [&](const py::array& a, const char* name, const std::vector<py::ssize_t>& shape) {
+  auto require_shape = [&](const Array& a, const char* name, const std::vector<py::ssize_t>& shape) {
     if (a.shape(0) != shape[0] || a.shape(1) != shape[1])
       throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be (" +
                             std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + ")");
   };
-  const py::array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
+  const Array dy = call.input(grad_obj, "grad_out", 2, "(batch, out_features)");
   require_shape(dy, "grad_out", out_shape);
-  const py::array y = call.input(y_obj, "y", 2, "(batch, out_features)");
+  const Array y = call.input(y_obj, "y", 2, "(batch, out_features)");
   require_shape(y, "y", out_shape);
   auto saved_list = [](py::handle obj, const char* what, std::size_t size) {
     if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
@@ -194,8 +200,8 @@ py::tuple mlp_backward(py::handle grad_obj, py::handle x_obj, py::handle weights
   };
   const py::sequence hidden_seq = saved_list(hidden_obj, "hidden", n - 1), pre_seq = saved_list(pre_obj, "pre", n);
   std::deque<std::string> names;
-  std::vector<py::array> hidden;
-  std::vector<std::optional<py::array>> pre(n);
+  std::vector<Array> hidden;
+  std::vector<std::optional<Array>> pre(n);
   for (std::size_t l = 0; l < n; ++l) {
     const std::vector<py::ssize_t> shape = {batch, net.out(l)};
     if (l + 1 < n) {
@@ -211,14 +217,14 @@ py::tuple mlp_backward(py::handle grad_obj, py::handle x_obj, py::handle weights
       require_shape(*pre[l], name, shape);
     }
   }
-  for (const py::array& a : hidden)
-    if (!(a.flags() & py::array::c_style)) throw py::value_error("hidden arrays must be C-contiguous");
+  for (const Array& a : hidden)
+    if (!a.c_contiguous()) throw py::value_error("hidden arrays must be C-contiguous");
   for (std::size_t l = 0; l < n; ++l)
-    if (pre[l] && !(pre[l]->flags() & py::array::c_style)) throw py::value_error("pre arrays must be C-contiguous");
-  if (!(y.flags() & py::array::c_style)) throw py::value_error("y must be C-contiguous");
-  std::optional<py::array> dx;
+    if (pre[l] && !pre[l]->c_contiguous()) throw py::value_error("pre arrays must be C-contiguous");
+  if (!y.c_contiguous()) throw py::value_error("y must be C-contiguous");
+  std::optional<Array> dx;
   if (input_grad) dx = call.output(py::none(), "grad_input", {batch, x.shape(1)});
-  const NetworkGrads grads(call, net);
+  NetworkGrads grads(call, net);
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     const std::vector<lingrad::MlpLayer<T>> layers = net.layers<T>();
@@ -234,24 +240,25 @@ py::tuple mlp_backward(py::handle grad_obj, py::handle x_obj, py::handle weights
     lingrad::mlp_backward<T>(matrix<T>(x), layers.data(), static_cast<int>(n), saved.data(), y_data, matrix<T>(dy),
                              dx_data, dw.data(), db.data());
   });
-  return py::make_tuple(or_none(dx), grads.weights, grads.biases);
+  const auto [grad_weights, grad_biases] = grads.lists();
+  return py::make_tuple(or_none(dx), grad_weights, grad_biases);
 }
 
 py::tuple mlp_mse(py::handle x_obj, py::handle weights_obj, py::handle biases_obj, py::handle activations_obj,
                   py::handle target_obj, py::handle reduction_obj, py::handle slopes_obj, py::handle input_grad_obj) {
   Call call;
   const bool input_grad = parse_flag(input_grad_obj, "input_grad");
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features)");
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features)");
   const Network net(call, x, weights_obj, biases_obj, activations_obj, slopes_obj);
   const std::size_t n = net.size();
-  const py::array t = call.input(target_obj, "target", 2, "(batch, out_features)");
+  const Array t = call.input(target_obj, "target", 2, "(batch, out_features)");
   if (t.shape(0) != x.shape(0) || t.shape(1) != net.out(n - 1))
     throw py::value_error("target has shape " + shape_of(t) + " but must be (batch, out_features) = (" +
                           std::to_string(x.shape(0)) + ", " + std::to_string(net.out(n - 1)) + ")");
   const Reduction reduction = parse_reduction(reduction_obj, /*allow_none=*/false);
-  std::optional<py::array> dx;
+  std::optional<Array> dx;
   if (input_grad) dx = call.output(py::none(), "grad_input", {x.shape(0), x.shape(1)});
-  const NetworkGrads grads(call, net);
+  NetworkGrads grads(call, net);
   const double loss = with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     const std::vector<lingrad::MlpLayer<T>> layers = net.layers<T>();
@@ -261,7 +268,8 @@ py::tuple mlp_mse(py::handle x_obj, py::handle weights_obj, py::handle biases_ob
     return lingrad::mlp_mse<T>(matrix<T>(x), layers.data(), static_cast<int>(n), matrix<T>(t), reduction, dx_data,
                                dw.data(), db.data());
   });
-  return py::make_tuple(loss, or_none(dx), grads.weights, grads.biases);
+  const auto [grad_weights, grad_biases] = grads.lists();
+  return py::make_tuple(loss, or_none(dx), grad_weights, grad_biases);
 }
 
 }  // namespace

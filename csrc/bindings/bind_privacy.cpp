@@ -13,10 +13,10 @@ namespace {
 
 // Per-sample arrays: grad_out (batch, out_features) and x (batch, in_features), or both with a
 // sequence dimension, (batch, steps, out_features) and (batch, steps, in_features).
-std::pair<py::array, py::array> per_sample_inputs(Call& call, py::handle grad_obj, py::handle x_obj) {
-  const py::array dy =
+std::pair<Array, Array> per_sample_inputs(Call& call, py::handle grad_obj, py::handle x_obj) {
+  const Array dy =
       call.input(grad_obj, "grad_out", 2, "(batch, out_features) or 3-D (batch, steps, out_features)", false, 3);
-  const py::array x = call.input(x_obj, "x", 2, "(batch, in_features) or 3-D (batch, steps, in_features)", false, 3);
+  const Array x = call.input(x_obj, "x", 2, "(batch, in_features) or 3-D (batch, steps, in_features)", false, 3);
   if (dy.ndim() != x.ndim() || dy.shape(0) != x.shape(0) || (dy.ndim() == 3 && dy.shape(1) != x.shape(1)))
     throw py::value_error("grad_out has shape " + shape_of(dy) + " but x has shape " + shape_of(x) +
                           ": both must be (batch, features) or both (batch, steps, features), with the same batch" +
@@ -25,7 +25,7 @@ std::pair<py::array, py::array> per_sample_inputs(Call& call, py::handle grad_ob
 }
 
 template <typename T>
-lingrad::SampleView<T> samples(const py::array& a) {
+lingrad::SampleView<T> samples(const Array& a) {
   const T* data = static_cast<const T*>(a.data());
   if (a.ndim() == 2) return {{data, 1, a.shape(1), 0, stride<T>(a, 1)}, a.shape(0), stride<T>(a, 0)};
   return {{data, a.shape(1), a.shape(2), stride<T>(a, 1), stride<T>(a, 2)}, a.shape(0), stride<T>(a, 0)};
@@ -49,14 +49,14 @@ py::array linear_per_sample_grads(py::handle grad_obj, py::handle x_obj, py::han
   Call call;
   const auto [dy, x] = per_sample_inputs(call, grad_obj, x_obj);
   const py::ssize_t last = dy.ndim() - 1;
-  py::array g = call.output(out_obj, "out", {dy.shape(0), dy.shape(last), x.shape(last)});
+  Array g = call.output(out_obj, "out", {dy.shape(0), dy.shape(last), x.shape(last)});
   with_dtype(call.dtype(), [&](auto zero) {
     using T = decltype(zero);
     T* data = mutable_data<T>(g);
     py::gil_scoped_release release;
     lingrad::linear_per_sample_grads<T>(samples<T>(dy), samples<T>(x), data);
   });
-  return g;
+  return result(g);
 }
 
 }  // namespace

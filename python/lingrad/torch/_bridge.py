@@ -25,11 +25,13 @@ from torch import Tensor
 from lingrad import _C
 
 # ---------------------------------------------------------------------------------------------
-# Tensors to arrays and back. The bindings read a CPU tensor in place, as an array sharing its
-# memory with the same strides (transposed or sliced views stay views):
+# Tensors to arrays and back. The bindings read a CPU tensor in place, with its memory and strides
+# (transposed or sliced views stay views):
 # - torch >= 2.10 publishes DLPack's C exchange API on torch.Tensor (__dlpack_c_exchange_api__): the
-#   tensor itself is handed over, and the bindings view it through that API (tens of nanoseconds).
-# - older torch: as a DLPack capsule (torch.utils.dlpack.to_dlpack), which the bindings consume.
+#   tensor itself is handed over, and the bindings view it through that API (tens of nanoseconds;
+#   they also read a negative view, PyTorch's neg bit, through its resolve_neg() copy).
+# - older torch: as a DLPack capsule (torch.utils.dlpack.to_dlpack), which the bindings consume;
+#   a negative view is resolved here first (DLPack carries no negative bit).
 # Tensor.numpy() would do the same but mark the tensor's storage as not resizable for good
 # (nn.Linear never does that to a tensor), and it costs more. The kernels validate the arrays.
 
@@ -38,21 +40,21 @@ to_dlpack = torch.utils.dlpack.to_dlpack  # (looked up at each call: tests spy o
 
 
 def to_array(t: Tensor):
-    """t as a kernel argument: the tensor itself (EXCHANGE) or a DLPack capsule of its memory; a
-    negative view resolved first (DLPack carries no negative bit)."""
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t if EXCHANGE else to_dlpack(t)
+    """t as a kernel argument: the tensor itself (EXCHANGE), or a DLPack capsule of its memory (a
+    negative view resolved first)."""
+    if EXCHANGE:
+        return t
+    return to_dlpack(t.resolve_neg() if t.is_neg() else t)
 
 
 def optional_array(t: Tensor | None):
     """to_array(t), or None for an absent tensor (a bias)."""
-    return None if t is None else to_array(t)
+    return t if EXCHANGE or t is None else to_array(t)
 
 
 def to_arrays(tensors) -> list:
     """[optional_array(t) for t in tensors]: a network's weights or biases."""
-    return [None if t is None else to_array(t) for t in tensors]
+    return list(tensors) if EXCHANGE else [optional_array(t) for t in tensors]
 
 
 def empty_out(like: Tensor, *shape: int) -> tuple[Tensor, object]:
