@@ -118,7 +118,10 @@ const char* dtype_name(DType d);
 // inputs: its dtype is then bfloat16, and a new result is bfloat16 if every input is, else float32.
 class Call {
  public:
-  explicit Call(bool bf16_products = false) : bf16_ok_(bf16_products) {}
+  explicit Call(bool bf16_products = false) : bf16_ok_(bf16_products) {
+    inputs_.reserve(4);  // (a Linear call's arrays without reallocation)
+    outputs_.reserve(4);
+  }
 
   // An input array of rank `ndim` (or 1 when allow_1d), of the call's dtype.
   // other_ndim: a second rank that is also accepted (3 for per-sample arrays with a sequence dimension).

@@ -53,6 +53,8 @@ _LIB = torch.library.Library("lingrad", "DEF")  # noqa: TOR901 (a fragment would
 
 PLAIN = (Tensor, torch.nn.Parameter)
 _profiling = torch.autograd._profiler_enabled
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
 functorch_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # jacobian(vectorize=True), is_grads_batched
@@ -81,33 +83,36 @@ class Operator:
 
     def __call__(self, *args):
         # The common cases first, with as few checks as possible (each costs 50-150 ns).
-        if not (functorch_active() or torch.compiler.is_compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
+        if not (functorch_active() or _compiling()) and _PLAIN_ARGS.issuperset(map(type, args)):
             return self.eager(args)
         return self.overload(*args)  # torch.func, tracing, tensor subclasses: the dispatcher
 
     def eager(self, args: tuple):
         """The call in eager code with plain arguments (no torch.func transform, no tracing: the
         caller has checked, as __call__ does; lingrad.functional.linear's fast path calls this)."""
-        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any_requires_grad(*args)):
-            return self._run(args)  # no graph, no tangents: the kernel
-        # eager autograd or forward AD: the Function, without Function.apply's Python layer
-        return self._apply(*args)
-
-    def _run(self, args):
+        if forward_ad._current_level >= 0 or (_grad_enabled() and any_requires_grad(*args)):
+            # eager autograd or forward AD: the Function, without Function.apply's Python layer
+            return self._apply(*args)
+        # no graph, no tangents: the kernel
         try:
             if _profiling():  # named in torch.profiler's trace, as aten::linear is
                 with torch.profiler.record_function(self.qualname):
                     return self.impl(*args)
             return self.impl(*args)
-        except RuntimeError:  # tensors with no data for DLPack
-            tensors = [a for a in args if a.__class__ in PLAIN]
-            if any(_legacy_batched(t) for t in tensors):
-                # The legacy vmap (jacobian(vectorize=True), grad(is_grads_batched=True)) batches only
-                # PyTorch's own operators: the same formula in them.
-                return self.composite(*args)
-            if any(_functorch_wrapped(t) for t in tensors):  # wrappers that outlived their transform
-                return self(*(_unwrap_if_dead(a) if a.__class__ in PLAIN else a for a in args))
-            raise
+        except RuntimeError as error:  # tensors with no data for DLPack
+            return self._recover(args, error)
+
+    def _recover(self, args: tuple, error: RuntimeError):
+        """The no-graph call whose tensors DLPack could not hand over: functorch's tensors seen
+        outside their transform, or else the error."""
+        tensors = [a for a in args if a.__class__ in PLAIN]
+        if any(_legacy_batched(t) for t in tensors):
+            # The legacy vmap (jacobian(vectorize=True), grad(is_grads_batched=True)) batches only
+            # PyTorch's own operators: the same formula in them.
+            return self.composite(*args)
+        if any(_functorch_wrapped(t) for t in tensors):  # wrappers that outlived their transform
+            return self(*(_unwrap_if_dead(a) if a.__class__ in PLAIN else a for a in args))
+        raise error
 
     def register_fake(self, fake: Callable) -> Callable:
         torch.library.register_fake(self.qualname, fake, lib=_LIB)
