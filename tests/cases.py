@@ -29,6 +29,9 @@ KERNEL_SHAPES = [
     (9, 5, 4100),  # out > NC: several column blocks in the forward pass
     (9, 4099, 9),  # in > NC: several column blocks for dX and dW
     (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
+    (633, 11, 3),  # narrow, column form (K = 11): ten blocks of 64 rows, the last one short
+    (32, 2, 200),  # dW: narrow, column form at K = kNarrowColumnK; (33, ...) dot products just above
+    (33, 2, 200),
     (3, 0, 2),  # no input features: y = bias
     (0, 5, 3),  # empty batch
 ]

@@ -71,6 +71,10 @@ CLAIMS = [
     ((13, 511, 33), "forward", narrower_tile),
     ((169, 100, 47), "forward", lambda p, shape: p["path"] == "packed" and p["row_blocks"] >= 2),
     ((3, 4, 600), "dX", path("narrow")),
+    ((633, 11, 3), "forward", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns" and p["items"] == 10),
+    ((3, 4, 600), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns"),
+    ((32, 2, 200), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns"),
+    ((33, 2, 200), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "dot"),
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
     ((1, 1000, 1), "dX", path("packed")),  # one row, but K = 1 < 8

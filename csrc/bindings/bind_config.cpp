@@ -85,6 +85,7 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
     d["copy_a"] = p.copy_a;
     d["copy_b"] = p.copy_b;
   }
+  if (p.path == lingrad::GemmPath::narrow) d["form"] = p.columns ? "columns" : "dot";
   if (p.path == lingrad::GemmPath::small_m) {
     d["form"] = p.dot ? "dot" : "axpy";
     d["lanes"] = p.lanes;

@@ -71,6 +71,7 @@ constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (e
 constexpr index_t kNarrowN = 4;                   // at most this many columns: dot products (gemm/narrow.inc)
 constexpr index_t kNarrowRows = 64;               // narrow: rows per work block, and per partial sum of the loss
 constexpr index_t kNarrowChunk = 2048;            // narrow: k per pass
+constexpr index_t kNarrowColumnK = 32;            // narrow: at most this K, the column form (gemm/narrow.inc)
 constexpr index_t kSmallCopyK = 2048;             // small M, dot form: k per pass when A's rows must be copied
 constexpr index_t kPanelsPerItem = 4;             // packed: column panels per work item (bfloat16: the table's)
 constexpr index_t kCacheBytes = 256 << 10;        // packed: a C block larger than this is prefetched

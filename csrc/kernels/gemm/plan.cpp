@@ -22,12 +22,16 @@ void finish_scratch(const GemmProblem& q, GemmPlan& p) {
 
 // Narrow path (N <= kNarrowN): each thread copies the runs of A (kNarrowN rows) and of B whose k
 // stride is not 1, a chunk at a time (gemm/narrow.inc).
+// A short K (at most kNarrowColumnK) takes the column form: each thread lays its block of A out
+// k-major (kNarrowRows x K), whatever A's layout; B is read in place.
 void plan_narrow(const GemmProblem& q, GemmPlan& p) {
   p.path = GemmPath::narrow;
-  p.copy_a = q.a_cs != 1;
-  p.copy_b = q.b_rs != 1;
+  p.columns = q.k <= kNarrowColumnK;
+  p.copy_a = !p.columns && q.a_cs != 1;
+  p.copy_b = !p.columns && q.b_rs != 1;
   p.items = ceil_div(q.m, kNarrowRows);
-  p.per_thread = (p.copy_a ? 4 : 0) * kNarrowChunk + (p.copy_b ? kNarrowN : 0) * kNarrowChunk;
+  p.per_thread = p.columns ? kNarrowRows * (q.k > 0 ? q.k : 1)
+                           : (p.copy_a ? 4 : 0) * kNarrowChunk + (p.copy_b ? kNarrowN : 0) * kNarrowChunk;
   p.partial_squares = partial_squares(q, p.items);
 }
 

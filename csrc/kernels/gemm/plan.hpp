@@ -31,6 +31,7 @@ struct GemmPlan {
   index_t items = 0;                // work items shared out to the team (per column block for packed)
   // narrow (n <= 4) and small M: an operand whose reduction stride is not 1 is copied in contiguous runs
   bool copy_a = false, copy_b = false;
+  bool columns = false;  // narrow: the column form (a short K), else dot products
   // small M
   bool dot = false;   // the dot form (B's columns contiguous); else the axpy form
   int lanes = 0;      // lane classes of the summation order
