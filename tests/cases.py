@@ -28,6 +28,8 @@ KERNEL_SHAPES = [
     (97, 61, 89),
     (9, 5, 4100),  # out > NC: several column blocks in the forward pass
     (9, 4099, 9),  # in > NC: several column blocks for dX and dW
+    (3, 5, 4100),  # the tiny-K path (K = 5) in 9 strips of the forward pass (W^T copied)
+    (3, 4099, 9),  # and of dX (W read in place)
     (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
     (633, 11, 3),  # narrow, column form (K = 11): ten blocks of 64 rows, the last one short
     (32, 2, 200),  # dW: narrow, column form at K = kNarrowColumnK; (33, ...) dot products just above

@@ -77,11 +77,14 @@ CLAIMS = [
     ((33, 2, 200), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "dot"),
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
-    ((1, 1000, 1), "dX", path("packed")),  # one row, but K = 1 < 8
+    ((1, 1000, 1), "dX", path("tiny_k", copy_b=False)),  # one row, but K = 1 < 8: a rank-1 update
     ((6, 256, 16), "forward", path("packed")),  # K = 256 < 8 * 6^2: the packed path
-    ((5, 255, 15), "dW", path("packed")),  # 15 outputs
-    ((2, 5, 3), "dW", path("packed")),  # 3 outputs, K = 2 < 8 * 3^2
+    ((5, 255, 15), "dW", path("packed")),  # 15 outputs (more than 4 rows)
+    ((2, 5, 3), "dW", path("packed")),  # 3 outputs, K = 2 < 8 * 3^2, N = 5 < 64
     ((7, 13, 5), "dX", path("packed")),
+    ((3, 5, 4100), "forward", path("tiny_k", copy_b=True, items=9)),  # 9 strips of 512; W^T's rows copied
+    ((3, 4099, 9), "dX", path("tiny_k", copy_b=False, items=9)),
+    ((7, 257, 17), "dX", path("packed")),  # K = 17, just above kTinyK
     ((0, 5, 3), "forward", path("empty")),
 ]
 
@@ -102,7 +105,8 @@ def test_small_batch_shapes_take_both_forms(isa, dtype):
     for m, k, n in SMALL_M_SHAPES:
         if k > 8 * m * m:
             below = (m, 8 * m * m - 1, n)  # one short of the threshold
-            assert plan_of("forward", below, dtype)["path"] == ("narrow" if n <= 4 else "packed"), below
+            below_path = "narrow" if n <= 4 else "tiny_k" if below[1] <= 16 and n >= 64 and m <= 4 else "packed"
+            assert plan_of("forward", below, dtype)["path"] == below_path, below
         for product, order, form in [("forward", "C", "dot"), ("dX", "C", "axpy"), ("forward", "F", "axpy")]:
             shape = (m, k, n) if product == "forward" else (m, n, k)  # an m-row product of reduction k
             plan = plan_of(product, shape, dtype, order)

@@ -81,7 +81,8 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
   d["threads"] = p.threads;
   d["items"] = p.items;
   d["scratch_bytes"] = p.scratch_bytes;
-  if (p.path == lingrad::GemmPath::narrow || p.path == lingrad::GemmPath::small_m) {
+  if (p.path == lingrad::GemmPath::narrow || p.path == lingrad::GemmPath::small_m ||
+      p.path == lingrad::GemmPath::tiny_k) {
     d["copy_a"] = p.copy_a;
     d["copy_b"] = p.copy_b;
   }

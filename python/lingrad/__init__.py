@@ -151,8 +151,8 @@ def show_config(file: IO[str] | None = None) -> None:
             for dtype in ("float32", "float64")
         ),
         f"  GEMM paths      narrow for N <= 4, small-M for M <= {info['gemm_small_m']} and "
-        f"K >= {info['gemm_small_min_k']} M^2, packed otherwise; one thread below "
-        f"{info['gemm_serial_work']:.0f} multiply-adds",
+        f"K >= {info['gemm_small_min_k']} M^2, tiny-K for K <= 16, M <= 4 and N >= 64, packed otherwise; "
+        f"one thread below {info['gemm_serial_work']:.0f} multiply-adds",
         f"  bfloat16        {_bf16_line(info)}",
         f"  threads         {info['num_threads']}",
     ]

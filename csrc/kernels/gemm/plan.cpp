@@ -64,6 +64,17 @@ void plan_small(const GemmProblem& q, int lanes, GemmPlan& p) {
   p.partial_squares = partial_squares(q, p.items);
 }
 
+// Tiny-K path (gemm/tiny_k.inc): items of kTinyKRows rows by kTinyKStrip columns; a B whose rows
+// are not contiguous is copied, the item's strip of it, into the thread's buffer.
+void plan_tiny_k(const GemmProblem& q, GemmPlan& p) {
+  p.path = GemmPath::tiny_k;
+  p.copy_b = q.b_cs != 1;
+  p.items = ceil_div(q.m, kTinyKRows) * ceil_div(q.n, kTinyKStrip);
+  p.threads = static_cast<int>(imin(p.threads, p.items));
+  p.per_thread = p.copy_b ? q.k * kTinyKStrip : 0;
+  p.partial_squares = partial_squares(q, p.items);
+}
+
 // Packed path (gemm/packed.inc), with block sizes b.
 void plan_packed(const IsaTraits& t, const GemmProblem& q, const GemmBlocking& b, GemmPlan& p) {
   const index_t M = q.m, N = q.n, K = q.k, MR = b.mr, NR = b.nr;
@@ -161,6 +172,8 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
     plan_narrow(q, p);
   } else if (q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m && !q.col_scale) {
     plan_small(q, b.vl, p);
+  } else if (q.k <= kTinyK && q.m <= kTinyKMaxM && q.n >= kTinyKMinN && !q.col_scale) {
+    plan_tiny_k(q, p);
   } else {
     plan_packed(t, q, b, p);
   }

@@ -23,8 +23,8 @@ int gemm_small_min_k();                   // if K >= this times M^2
 // at b[p*b_rs + j*b_cs]: every decision the engine makes before it computes, from the shape, the
 // strides and the build's blocking alone (see gemm/engine.inc). For tests and tuning: which path a
 // shape takes, and how it is cut.
-enum class GemmPath { empty, narrow, small_m, packed };
-constexpr const char* kGemmPathNames[] = {"empty", "narrow", "small_m", "packed"};
+enum class GemmPath { empty, narrow, small_m, tiny_k, packed };
+constexpr const char* kGemmPathNames[] = {"empty", "narrow", "small_m", "tiny_k", "packed"};
 struct GemmPlan {
   GemmPath path = GemmPath::empty;  // empty: m == 0 or n == 0 (only the row sums, if asked, are computed)
   int threads = 1;                  // the team that runs it (1: no team is started)
