@@ -31,9 +31,10 @@ KERNEL_SHAPES = [
     (3, 5, 4100),  # the tiny-K path (K = 5) in 9 strips of the forward pass (W^T copied)
     (3, 4099, 9),  # and of dX (W read in place)
     (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
-    (633, 11, 3),  # narrow, column form (K = 11): ten blocks of 64 rows, the last one short
-    (32, 2, 200),  # dW: narrow, column form at K = kNarrowColumnK; (33, ...) dot products just above
-    (33, 2, 200),
+    (633, 11, 3),  # narrow (K = 11): ten blocks of 64 rows, the last one short
+    (300, 2, 200),  # dW narrow with K = 300 > kNarrowChunk: dot products over packed chunks
+    (5, 600, 3),  # the forward pass narrow, K = 600: over chunks of the rows in place
+    (100, 3, 70),  # narrow column form for dW (K = 100) and dX (K = 70)
     (3, 0, 2),  # no input features: y = bias
     (0, 5, 3),  # empty batch
 ]

@@ -71,10 +71,12 @@ CLAIMS = [
     ((13, 511, 33), "forward", narrower_tile),
     ((169, 100, 47), "forward", lambda p, shape: p["path"] == "packed" and p["row_blocks"] >= 2),
     ((3, 4, 600), "dX", path("narrow")),
-    ((633, 11, 3), "forward", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns" and p["items"] == 10),
-    ((3, 4, 600), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns"),
-    ((32, 2, 200), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "columns"),
-    ((33, 2, 200), "dW", lambda p, shape: p["path"] == "narrow" and p["form"] == "dot"),
+    ((633, 11, 3), "forward", path("narrow", items=10, form="columns")),  # ten blocks of 64 rows, one short
+    ((3, 4, 600), "dW", path("narrow", form="columns")),
+    ((300, 2, 200), "dW", path("narrow", form="dot", copy_a=True)),  # two chunks of dY^T's columns packed
+    ((5, 600, 3), "forward", path("narrow", form="dot", copy_a=False)),  # three chunks of X's rows in place
+    ((100, 3, 70), "dW", path("narrow", form="columns")),  # K = 100 <= kNarrowColumnK, dY^T's columns
+    ((100, 3, 70), "dX", path("narrow", form="columns")),  # K = 70, dY's rows transposed
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
     ((1, 1000, 1), "dX", path("tiny_k", copy_b=False)),  # one row, but K = 1 < 8: a rank-1 update

@@ -20,10 +20,10 @@ void finish_scratch(const GemmProblem& q, GemmPlan& p) {
                     p.partial_squares * static_cast<index_t>(sizeof(double));
 }
 
-// Narrow path (N <= kNarrowN): each thread copies the runs of A (kNarrowN rows) and of B whose k
-// stride is not 1, a chunk at a time (gemm/narrow.inc).
-// A short K (at most kNarrowColumnK) takes the column form: each thread lays its block of A out
-// k-major (kNarrowRows x K), whatever A's layout; B is read in place.
+// Narrow path (N <= kNarrowN, gemm/narrow.inc), blocks of kNarrowRows rows. A short K (at most
+// kNarrowColumnK) takes the column form: each thread packs its block of A k-major (kNarrowRows x K).
+// Else dot products: a block's rows are packed for each chunk of K where A's k stride is not 1, and
+// B's columns copied where theirs is not.
 void plan_narrow(const GemmProblem& q, GemmPlan& p) {
   p.path = GemmPath::narrow;
   p.columns = q.k <= kNarrowColumnK;
@@ -31,7 +31,7 @@ void plan_narrow(const GemmProblem& q, GemmPlan& p) {
   p.copy_b = !p.columns && q.b_rs != 1;
   p.items = ceil_div(q.m, kNarrowRows);
   p.per_thread = p.columns ? kNarrowRows * (q.k > 0 ? q.k : 1)
-                           : (p.copy_a ? 4 : 0) * kNarrowChunk + (p.copy_b ? kNarrowN : 0) * kNarrowChunk;
+                           : ((p.copy_a ? kNarrowRows : 0) + (p.copy_b ? kNarrowN : 0)) * kNarrowChunk;
   p.partial_squares = partial_squares(q, p.items);
 }
 

@@ -29,7 +29,7 @@ struct GemmPlan {
   GemmPath path = GemmPath::empty;  // empty: m == 0 or n == 0 (only the row sums, if asked, are computed)
   int threads = 1;                  // the team that runs it (1: no team is started)
   index_t items = 0;                // work items shared out to the team (per column block for packed)
-  // narrow (n <= 4) and small M: an operand whose reduction stride is not 1 is copied in contiguous runs
+  // narrow, small M and tiny K: an operand whose reduction stride is not 1 is copied in contiguous runs
   bool copy_a = false, copy_b = false;
   bool columns = false;  // narrow: the column form (a short K), else dot products
   // small M
@@ -50,9 +50,10 @@ struct GemmPlan {
   int last_tile = 0;                       // width of the tile that runs the last column panel: nr, nr/2 or nr/4
   // The scratch memory, in elements of the product's type (float for bfloat16 products), as the
   // stages allocate it: B's packed slab (packed: slices_per_slab K slices of kc x nc), each thread's
-  // own part (packed: its block of A; small M: its strip's lanes and copies; narrow: copied runs),
-  // a copy of A's rows for the row sums (small M), the float32 sums that a bfloat16 result alone
-  // keeps in memory (M x N, or 0), and the loss's partial sums (doubles: per tile, strip or block).
+  // own part (packed: its block of A; small M: its strip's lanes and copies; narrow: its panel of A;
+  // tiny K: its strip of B), a copy of A's rows for the row sums (small M), the float32 sums that a
+  // bfloat16 result alone keeps in memory (M x N, or 0), and the loss's partial sums (doubles: per
+  // tile, strip or block).
   index_t b_slab = 0, per_thread = 0, row_sums_copy = 0, kept_sums = 0, partial_squares = 0;
   index_t scratch_bytes = 0;  // all of the above, all threads
 };
