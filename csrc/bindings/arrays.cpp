@@ -96,9 +96,19 @@ struct DLManagedTensor {
 };
 
 // The array of a DLPack tensor: its memory, shape and strides, kept alive by `base`.
-py::array array_of(const DLTensor& t, py::object base, const char* name) {
+// With integers, an int64 tensor is read as an int64 array (class indices) and no float is accepted.
+py::array array_of(const DLTensor& t, py::object base, const char* name, bool integers = false) {
   if (t.device.device_type != 1)
     throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
+  if (integers) {
+    if (t.dtype.code != 0 || t.dtype.bits != 64 || t.dtype.lanes != 1)
+      throw py::type_error(std::string(name) + " must hold int64 class indices (torch.long), got DLPack dtype code " +
+                           std::to_string(t.dtype.code) + " with " + std::to_string(t.dtype.bits) + " bits");
+    std::vector<py::ssize_t> shape(t.shape, t.shape + t.ndim), strides(t.ndim);
+    for (int d = t.ndim - 1; d >= 0; --d)
+      strides[d] = t.strides ? t.strides[d] * 8 : (d + 1 < t.ndim ? strides[d + 1] * shape[d + 1] : 8);
+    return py::array(py::dtype::of<std::int64_t>(), shape, strides, static_cast<char*>(t.data) + t.byte_offset, base);
+  }
   const bool bf16 = t.dtype.code == 4 && t.dtype.bits == 16 && t.dtype.lanes == 1;
   if (bf16 && bf16_dtype().is_none())
     throw py::type_error(
@@ -123,7 +133,7 @@ py::array array_of(const DLTensor& t, py::object base, const char* name) {
 
 // The array view of a DLPack capsule, which it consumes: the producer's tensor stays alive as
 // long as the array (or a view of it) does.
-py::array from_dlpack(py::handle capsule, const char* name) {
+py::array from_dlpack(py::handle capsule, const char* name, bool integers = false) {
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   if (!managed) throw py::error_already_set();
   PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // consumed: its own destructor leaves the tensor alone
@@ -131,7 +141,7 @@ py::array from_dlpack(py::handle capsule, const char* name) {
     auto* m = static_cast<DLManagedTensor*>(p);
     if (m->deleter) m->deleter(m);
   });
-  return array_of(managed->dl_tensor, owner, name);
+  return array_of(managed->dl_tensor, owner, name, integers);
 }
 
 // DLPack's C exchange API (DLPack 1.3's DLPackExchangeAPI, of which only the view function is
@@ -178,16 +188,17 @@ const DLPackExchangeAPI* exchange_api(py::handle obj) {
 
 }  // namespace
 
-py::array as_ndarray(py::handle obj, const char* name) {
+namespace {
+py::array any_ndarray(py::handle obj, const char* name, bool integers) {
   if (PyCapsule_CheckExact(obj.ptr())) {
     const char* capsule_name = PyCapsule_GetName(obj.ptr());
-    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name);
+    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name, integers);
   }
   if (!py::isinstance<py::array>(obj)) {
     if (const DLPackExchangeAPI* api = exchange_api(obj)) {
       DLTensor t;
       if (api->dltensor_from_py_object_no_sync(obj.ptr(), &t) != 0) throw py::error_already_set();
-      return array_of(t, py::reinterpret_borrow<py::object>(obj), name);
+      return array_of(t, py::reinterpret_borrow<py::object>(obj), name, integers);
     }
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
   }
@@ -198,6 +209,33 @@ py::array as_ndarray(py::handle obj, const char* name) {
     throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
                          name + ".filled(value) or " + name + ".data");
   return py::reinterpret_borrow<py::array>(obj);
+}
+}  // namespace
+
+py::array as_ndarray(py::handle obj, const char* name) { return any_ndarray(obj, name, false); }
+
+py::array class_indices(py::handle obj, const char* name, py::ssize_t batch, py::ssize_t classes,
+                        std::vector<std::int64_t>& out) {
+  const py::array a = any_ndarray(obj, name, true);
+  if (!a.dtype().equal(py::dtype::of<std::int64_t>()))
+    throw py::type_error(std::string(name) + " must hold int64 class indices, got dtype " +
+                         std::string(py::str(a.dtype())));
+  if (a.ndim() != 1 || a.shape(0) != batch)
+    throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be (batch,) = (" +
+                          std::to_string(batch) + ",): one class index per row of x");
+  if (a.size() > 0 && (reinterpret_cast<std::uintptr_t>(a.data()) % 8 || (batch > 1 && a.strides(0) % 8)))
+    throw py::value_error(std::string(name) + " is not aligned to its 8-byte elements");
+  out.resize(static_cast<std::size_t>(batch));
+  const auto* data = static_cast<const char*>(a.data());
+  for (py::ssize_t b = 0; b < batch; ++b) {
+    std::int64_t c;
+    std::memcpy(&c, data + b * a.strides(0), sizeof c);
+    if (c < 0 || c >= classes)
+      throw py::value_error(std::string(name) + "[" + std::to_string(b) + "] is " + std::to_string(c) +
+                            ", not a class index in [0, " + std::to_string(classes) + ")");
+    out[static_cast<std::size_t>(b)] = c;
+  }
+  return a;
 }
 
 DType dtype_of(const py::array& a, const char* name) {
@@ -250,13 +288,13 @@ std::pair<std::uintptr_t, std::uintptr_t> extent(const py::array& a) {
   return {static_cast<std::uintptr_t>(lo), static_cast<std::uintptr_t>(hi + a.itemsize())};
 }
 
+}  // namespace
+
 bool overlap(const py::array& a, const py::array& b) {
   const auto [a_lo, a_hi] = extent(a);
   const auto [b_lo, b_hi] = extent(b);
   return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
 }
-
-}  // namespace
 
 py::array Call::input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d, int other_ndim) {
   py::array a = as_ndarray(obj, name);

@@ -8,7 +8,7 @@
 //   module.cpp        PYBIND11_MODULE: calls the four init_* below
 //   arrays.hpp/.cpp   Call (inputs and outputs of one call), DLPack, dtypes, views, messages, keyword
 //   bind_linear.cpp   linear_forward ... linear_mse, mse_loss, mse_backward
-//   bind_mlp.cpp      mlp_forward, mlp_backward, mlp_mse
+//   bind_mlp.cpp      mlp_forward, mlp_backward, mlp_mse, MlpTrainStep
 //   bind_privacy.cpp  linear_per_sample_grad_norms, linear_per_sample_grads
 //   bind_config.cpp   threads, ISAs, build_info, _gemm_plan
 #pragma once
@@ -57,6 +57,13 @@ bool bf16_offered();
 // TypeError naming it.
 py::array as_ndarray(py::handle obj, const char* name);
 DType dtype_of(const py::array& a, const char* name);
+// Class indices (a cross-entropy's target): `obj` an int64 array or tensor of shape (batch,), each
+// index in [0, classes), else a TypeError or ValueError naming it (and the first bad index). The
+// indices are copied into `out` (any strides); returns the array.
+py::array class_indices(py::handle obj, const char* name, py::ssize_t batch, py::ssize_t classes,
+                        std::vector<std::int64_t>& out);
+// Whether two arrays may touch the same bytes.
+bool overlap(const py::array& a, const py::array& b);
 const char* dtype_name(DType d);
 
 // The arguments of one call: the dtype set by the first array, every input remembered so that
@@ -80,6 +87,8 @@ class Call {
                    std::optional<DType> dtype = std::nullopt);
 
   DType dtype() const { return dtype_; }
+  // The dtype of a call whose first array is an `out` (nothing read yet): the arrays a step updates.
+  void expect(DType d) { dtype_ = d; }
   // A new result's dtype: the call's, except a bfloat16 call with a float32 input makes float32.
   DType result_dtype() const { return dtype_ == DType::bfloat16 && !all_bf16_ ? DType::float32 : dtype_; }
 
