@@ -55,9 +55,9 @@ LINGRAD_INLINE void adam_range(const AdamRule<T>& r, T* __restrict p, const T* _
   for (index_t i = first; i < last; ++i) {
     T g = r.maximize ? -grad[i] : grad[i];
     T value = p[i];
-    if (r.decoupled_decay) value = value * r.keep;         // param.mul_(1 - lr * weight_decay)
-    if (r.coupled_decay) g = std::fma(value, r.wd, g);     // grad.add(param, alpha=weight_decay)
-    const T d = g - m[i];                                  // exp_avg.lerp_(grad, 1 - beta1)
+    if (r.decoupled_decay) value = value * r.keep;      // param.mul_(1 - lr * weight_decay)
+    if (r.coupled_decay) g = std::fma(value, r.wd, g);  // grad.add(param, alpha=weight_decay)
+    const T d = g - m[i];                               // exp_avg.lerp_(grad, 1 - beta1)
     const T mi = r.small_w1 ? std::fma(r.w1, d, m[i]) : std::fma(r.w1 - T(1), d, g);
     m[i] = mi;
     const T vi = std::fma(r.c2 * g, g, v[i] * r.beta2);  // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1-beta2)
