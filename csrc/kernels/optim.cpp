@@ -49,27 +49,48 @@ LINGRAD_INLINE void sgd_range(const SgdRule<T>& r, T* __restrict p, const T* __r
   }
 }
 
-template <typename T>
+// (The options that skip an operation are template arguments: a loop without branches vectorises.)
+template <bool Coupled, bool Decoupled, bool Amsgrad, typename T>
 LINGRAD_INLINE void adam_range(const AdamRule<T>& r, T* __restrict p, const T* __restrict grad, T* __restrict m,
                                T* __restrict v, T* __restrict vmax, index_t first, index_t last) {
   for (index_t i = first; i < last; ++i) {
     T g = r.maximize ? -grad[i] : grad[i];
     T value = p[i];
-    if (r.decoupled_decay) value = value * r.keep;      // param.mul_(1 - lr * weight_decay)
-    if (r.coupled_decay) g = std::fma(value, r.wd, g);  // grad.add(param, alpha=weight_decay)
-    const T d = g - m[i];                               // exp_avg.lerp_(grad, 1 - beta1)
+    if (Decoupled) value = value * r.keep;      // param.mul_(1 - lr * weight_decay)
+    if (Coupled) g = std::fma(value, r.wd, g);  // grad.add(param, alpha=weight_decay)
+    const T d = g - m[i];                       // exp_avg.lerp_(grad, 1 - beta1)
     const T mi = r.small_w1 ? std::fma(r.w1, d, m[i]) : std::fma(r.w1 - T(1), d, g);
     m[i] = mi;
     const T vi = std::fma(r.c2 * g, g, v[i] * r.beta2);  // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1-beta2)
     v[i] = vi;
     T second = vi;
-    if (r.amsgrad) {  // torch.maximum: NaN if either is
+    if (Amsgrad) {  // torch.maximum: NaN if either is
       const T a = vmax[i];
       second = (a > vi || a != a) ? a : vi;
       vmax[i] = second;
     }
     const T denom = std::sqrt(second) / r.bc2_sqrt + r.eps;  // (v.sqrt() / bias_correction2_sqrt).add_(eps)
     p[i] = value + (r.neg_step_size * mi) / denom;           // param.addcdiv_(exp_avg, denom, value=-step_size)
+  }
+}
+
+// The loop for r's options.
+template <typename T>
+LINGRAD_INLINE void adam_any(const AdamRule<T>& r, T* p, const T* g, T* m, T* v, T* vmax, index_t first, index_t last) {
+  const int options = (r.coupled_decay ? 1 : 0) | (r.decoupled_decay ? 2 : 0) | (r.amsgrad ? 4 : 0);
+  switch (options) {
+    case 0:
+      return adam_range<false, false, false>(r, p, g, m, v, vmax, first, last);
+    case 1:
+      return adam_range<true, false, false>(r, p, g, m, v, vmax, first, last);
+    case 2:
+      return adam_range<false, true, false>(r, p, g, m, v, vmax, first, last);
+    case 4:
+      return adam_range<false, false, true>(r, p, g, m, v, vmax, first, last);
+    case 5:
+      return adam_range<true, false, true>(r, p, g, m, v, vmax, first, last);
+    default:
+      return adam_range<false, true, true>(r, p, g, m, v, vmax, first, last);  // 6
   }
 }
 
@@ -83,11 +104,11 @@ LINGRAD_INLINE void adam_range(const AdamRule<T>& r, T* __restrict p, const T* _
   }                                                                                                                 \
   void adam_##SUFFIX(const AdamRule<float>& r, float* p, const float* g, float* m, float* v, float* vmax,           \
                      index_t first, index_t last) {                                                                 \
-    adam_range(r, p, g, m, v, vmax, first, last);                                                                   \
+    adam_any(r, p, g, m, v, vmax, first, last);                                                                     \
   }                                                                                                                 \
   void adam_##SUFFIX(const AdamRule<double>& r, double* p, const double* g, double* m, double* v, double* vmax,     \
                      index_t first, index_t last) {                                                                 \
-    adam_range(r, p, g, m, v, vmax, first, last);                                                                   \
+    adam_any(r, p, g, m, v, vmax, first, last);                                                                     \
   }
 
 LINGRAD_RANGES(baseline)
