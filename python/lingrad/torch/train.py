@@ -123,6 +123,7 @@ class TrainStep:
         ):
             self._bind()
         loss = self._native(to_array(input), to_array(target), hyper)
+        optimizer._opt_called = True  # (what optimizer.step() tells learning-rate schedulers)
         if self._pending:  # the first step made these SGD momentum buffers: now torch's state
             for state, buffer in self._pending:
                 state["momentum_buffer"] = buffer
