@@ -373,7 +373,7 @@ def test_bad_calls_change_nothing(name, loss):
     model = model_of(widths)
     opt = kind(model.parameters(), **options)
     step = lingrad.train_step(model, opt, loss)
-    for rounds in range(2):
+    for _ in range(2):  # the first call (state just made), then a later one
         params, state = [p.clone() for p in model.parameters()], state_arrays(opt)
         for error, x, t in bad_calls(widths, loss, torch.float64):
             with pytest.raises(error):
