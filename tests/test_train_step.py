@@ -298,6 +298,18 @@ def test_grad_is_left_alone_and_fused_models_work():
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_a_graph_saved_before_the_step_refuses_to_backward():
+    """The step changes the parameters in place, as optimizer.step() does: autograd notices."""
+    widths = (7, 37, 21, 5)
+    model = model_of(widths)
+    step = lingrad.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, t = batch_of(widths, "mse", torch.float64)
+    stale = F.mse_loss(model(x), t)
+    step(x, t)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_model_moved_to_another_dtype_rebinds():
     widths = (7, 37, 21, 5)
     model = model_of(widths, torch.float32)

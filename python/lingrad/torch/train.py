@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version as _increment_version
 
 from lingrad import kernels
 from lingrad.torch._bridge import scalar, to_array
@@ -124,6 +125,8 @@ class TrainStep:
             self._bind()
         loss = self._native(to_array(input), to_array(target), hyper)
         optimizer._opt_called = True  # (what optimizer.step() tells learning-rate schedulers)
+        # Changed in place, as optimizer.step() changes them: a graph that saved one refuses to run
+        _increment_version(self._trained)
         if self._pending:  # the first step made these SGD momentum buffers: now torch's state
             for state, buffer in self._pending:
                 state["momentum_buffer"] = buffer
@@ -153,6 +156,7 @@ class TrainStep:
         hyper = [self._hyper_of(g) for g in self._groups]
         self._needs = [h[1] != 0 if self._kind == "sgd" else bool(h[5]) for h in hyper]
         self._params, self._state_tensors, self._states, self._pending = [], [], [], []
+        self._trained: list[Tensor] = []
         weights, biases, weight_states, bias_states = [], [], [], []
         for m in self._linears:
             weights.append(to_array(m.weight))
@@ -178,6 +182,7 @@ class TrainStep:
         if not trained:
             return None
         group = self._group_of[p]
+        self._trained.append(p)
         state = self.optimizer.state[p]
         self._states.append((p, state))
         entry: dict = {"group": group}
