@@ -285,6 +285,23 @@ def test_frozen_parameters_and_groups(loss):
     assert len(opt_ours.state) == 3
 
 
+def test_a_group_added_later_is_trained():
+    widths = (7, 37, 21, 5)
+    ours = model_of(widths)
+    theirs = copy.deepcopy(ours)
+    opt_ours, opt_theirs = (torch.optim.SGD(m[4].parameters(), lr=0.1) for m in (ours, theirs))
+    step, reference = lingrad.train_step(ours, opt_ours), torch_step(theirs, opt_theirs, "mse", "mean")
+    for i in range(4):
+        if i == 2:
+            opt_ours.add_param_group({"params": list(ours[0].parameters()), "lr": 0.05})
+            opt_theirs.add_param_group({"params": list(theirs[0].parameters()), "lr": 0.05})
+        x, t = batch_of(widths, "mse", torch.float64, seed=i)
+        step(x, t)
+        reference(x, t)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 def test_grad_is_left_alone_and_fused_models_work():
     widths = (7, 37, 21, 5)
     model = model_of(widths)

@@ -118,6 +118,7 @@ class TrainStep:
         hyper = [self._hyper_of(g) for g in groups]
         if (
             groups is not self._groups
+            or len(groups) != self._group_count  # (add_param_group)
             or optimizer.state is not self._state
             or [h[1] != 0 if self._kind == "sgd" else bool(h[5]) for h in hyper] != self._needs
             or not self._still_bound()
@@ -152,6 +153,7 @@ class TrainStep:
         for index, group in enumerate(optimizer.param_groups):
             _check_group(group, index)
         self._groups, self._state = optimizer.param_groups, optimizer.state
+        self._group_count = len(self._groups)
         self._group_of = {p: i for i, g in enumerate(self._groups) for p in g["params"]}
         hyper = [self._hyper_of(g) for g in self._groups]
         self._needs = [h[1] != 0 if self._kind == "sgd" else bool(h[5]) for h in hyper]
