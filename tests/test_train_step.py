@@ -49,13 +49,24 @@ def model_of(widths=(7, 37, 21, 5), dtype=torch.float64, seed=0, acts=(torch.nn.
 def batch_of(widths, loss, dtype, batch=19, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, widths[0], dtype=dtype, generator=g)
-    if loss == "mse":
-        return x, torch.randn(batch, widths[-1], dtype=dtype, generator=g)
-    return x, torch.randint(0, widths[-1], (batch,), generator=g)
+    if loss == "cross_entropy":
+        return x, torch.randint(0, widths[-1], (batch,), generator=g)
+    if loss == "bce_with_logits":  # probabilities
+        return x, torch.rand(batch, widths[-1], dtype=dtype, generator=g)
+    scale = 2 if loss == "huber" else 1  # (residuals on both sides of delta)
+    return x, scale * torch.randn(batch, widths[-1], dtype=dtype, generator=g)
+
+
+LOSS_FUNCTIONS = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+    "huber": lambda y, t, reduction: F.huber_loss(y, t, reduction=reduction, delta=0.7),
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
 
 
 def torch_step(model, optimizer, loss, reduction):
-    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    loss_fn = LOSS_FUNCTIONS[loss]
 
     def step(x, t):
         optimizer.zero_grad(set_to_none=True)
@@ -97,12 +108,24 @@ def assert_same_tensors(a, b):
 @pytest.mark.parametrize("loss,reduction", LOSSES, ids=lambda v: v)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_matches_the_pytorch_loop(name, loss, reduction, dtype):
+    check_against_the_loop(name, loss, reduction, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["huber", "bce_with_logits"])
+@pytest.mark.parametrize("name", ["sgd-momentum", "adamw-amsgrad"])
+def test_other_losses_match_the_pytorch_loop(name, loss, reduction, dtype):
+    check_against_the_loop(name, loss, reduction, dtype)
+
+
+def check_against_the_loop(name, loss, reduction, dtype):
     widths = (7, 37, 21, 5)
     kind, options = OPTIMIZERS[name]
     ours = model_of(widths, dtype)
     theirs = copy.deepcopy(ours)
     opt_ours, opt_theirs = kind(ours.parameters(), **options), kind(theirs.parameters(), **options)
-    step = lingrad.train_step(ours, opt_ours, loss, reduction=reduction)
+    step = lingrad.train_step(ours, opt_ours, loss, reduction=reduction, delta=0.7)
     reference = torch_step(theirs, opt_theirs, loss, reduction)
     tol = tolerance(dtype, widths, 19)
     for i in range(4):
@@ -357,8 +380,10 @@ def test_unsupported_models_losses_optimizers_and_options():
         lingrad.train_step(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout()), sgd)
     with pytest.raises(TypeError, match="Sequential"):
         lingrad.train_step(torch.nn.Linear(3, 4), sgd)
-    with pytest.raises(ValueError, match="huber"):
-        lingrad.train_step(model, sgd, "huber")
+    with pytest.raises(ValueError, match="l1"):
+        lingrad.train_step(model, sgd, "l1")
+    with pytest.raises(ValueError, match="delta"):
+        lingrad.train_step(model, sgd, "huber", delta=0.0)
     with pytest.raises(ValueError, match="none"):
         lingrad.train_step(model, sgd, reduction="none")
     with pytest.raises(ValueError, match="differentiable"):

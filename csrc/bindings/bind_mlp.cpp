@@ -19,6 +19,7 @@ namespace {
 
 using lingrad::Activation;
 using lingrad::Loss;
+using lingrad::LossSpec;
 using lingrad::OptimizerHyper;
 using lingrad::OptimizerKind;
 using lingrad::ParamState;
@@ -289,17 +290,23 @@ class MlpTrainStep {
  public:
   MlpTrainStep(py::handle weights_obj, py::handle biases_obj, py::handle activations_obj, py::handle slopes_obj,
                py::handle loss_obj, py::handle reduction_obj, py::handle optimizer_obj, py::handle weight_states_obj,
-               py::handle bias_states_obj)
+               py::handle bias_states_obj, py::handle delta_obj)
       : net_(call_, nullptr, weights_obj, biases_obj, activations_obj, slopes_obj) {
     dtype_ = call_.dtype();
     const std::string loss = py::isinstance<py::str>(loss_obj) ? std::string(py::str(loss_obj)) : std::string();
-    if (loss == "mse")
-      loss_ = Loss::mse;
-    else if (loss == "cross_entropy")
-      loss_ = Loss::cross_entropy;
-    else
-      throw py::value_error("loss must be 'mse' or 'cross_entropy', got " + std::string(py::repr(loss_obj)));
-    reduction_ = parse_reduction(reduction_obj, /*allow_none=*/false);
+    const char* names[] = {"mse", "cross_entropy", "huber", "bce_with_logits"};
+    std::size_t kind = std::size(names);
+    for (std::size_t i = 0; i < std::size(names); ++i)
+      if (loss == names[i]) kind = i;
+    if (kind == std::size(names))
+      throw py::value_error("loss must be 'mse', 'cross_entropy', 'huber' or 'bce_with_logits', got " +
+                            std::string(py::repr(loss_obj)));
+    loss_.kind = static_cast<Loss>(kind);
+    loss_.reduction = parse_reduction(reduction_obj, /*allow_none=*/false);
+    if (!py::isinstance<py::float_>(delta_obj) && !py::isinstance<py::int_>(delta_obj))
+      throw py::type_error("delta must be a number, got " + type_name(delta_obj));
+    loss_.delta = delta_obj.cast<double>();
+    if (!(loss_.delta > 0)) throw py::value_error("delta (Huber's) must be > 0, got " + std::to_string(loss_.delta));
     const std::string optimizer =
         py::isinstance<py::str>(optimizer_obj) ? std::string(py::str(optimizer_obj)) : std::string();
     if (optimizer == "sgd")
@@ -339,14 +346,14 @@ class MlpTrainStep {
                             std::to_string(net_.weights[0].shape(1)) + " features (weights[0] has shape " +
                             shape_of(net_.weights[0]) + ")");
     std::optional<py::array> target;
-    if (loss_ == Loss::mse) {
+    if (loss_.kind != Loss::cross_entropy) {
       target = call.input(target_obj, "target", 2, "(batch, out_features)");
       if (target->shape(0) != batch || target->shape(1) != out)
         throw py::value_error("target has shape " + shape_of(*target) + " but must be (batch, out_features) = (" +
                               std::to_string(batch) + ", " + std::to_string(out) + ")");
     }
     std::lock_guard<std::mutex> lock(mutex_);  // (one step at a time: the workspace is the step's own)
-    if (loss_ == Loss::cross_entropy) class_indices(target_obj, "target", batch, out, classes_);
+    if (loss_.kind == Loss::cross_entropy) class_indices(target_obj, "target", batch, out, classes_);
     const double loss = with_dtype(dtype_, [&](auto zero) {
       using T = decltype(zero);
       Typed<T>& t = typed_of<T>();
@@ -358,7 +365,7 @@ class MlpTrainStep {
       const MatrixView<T> x_view = matrix<T>(x);
       py::gil_scoped_release release;
       return lingrad::mlp_train_step<T>(x_view, t.layers.data(), static_cast<int>(t.layers.size()), loss_, target_view,
-                                        classes_.data(), reduction_, t.weights.data(), t.biases.data(), t.workspace);
+                                        classes_.data(), t.weights.data(), t.biases.data(), t.workspace);
     });
     for (auto* states : {&weight_states_, &bias_states_})
       for (State& s : *states) s.fresh = false;  // the momentum buffers hold the first step's now
@@ -553,8 +560,7 @@ class MlpTrainStep {
   Call call_;  // (the network's arrays, read at construction)
   Network net_;
   DType dtype_ = DType::float32;
-  Loss loss_ = Loss::mse;
-  Reduction reduction_ = Reduction::mean;
+  lingrad::LossSpec loss_;
   OptimizerKind kind_ = OptimizerKind::sgd;
   std::deque<std::string> names_;
   std::vector<State> weight_states_, bias_states_;
@@ -615,11 +621,12 @@ gradient, then every gradient. Arguments as in mlp_forward; target (batch, out).
   py::class_<MlpTrainStep>(
       m, "MlpTrainStep",
       R"doc(MlpTrainStep(weights, biases, activations, *, negative_slopes=None, loss="mse", reduction="mean",
-             optimizer="sgd", weight_states, bias_states)
+             optimizer="sgd", weight_states, bias_states, delta=1.0)
 
 A network's whole training step, made once and called per batch: step(x, target, hyperparameters)
-runs the forward pass, the loss ("mse" against target (batch, out), or "cross_entropy" against int64
-class indices (batch,), as torch.nn.functional.cross_entropy; "mean" or "sum"), the backward pass and
+runs the forward pass, the loss ("mse", "huber" (with delta) or "bce_with_logits" against target
+(batch, out), or "cross_entropy" against int64 class indices (batch,); as torch.nn.functional's;
+"mean" or "sum"), the backward pass and
 the optimizer's update of every trained weight and bias in place, each layer's as soon as its
 gradients are complete, and returns the loss before the update. The rules are torch.optim's, with
 its roundings: optimizer="sgd" (SGD) or "adam" (Adam, and AdamW with decoupled_weight_decay).
@@ -638,10 +645,10 @@ decoupled_weight_decay). Every argument is checked before anything is computed: 
 nothing. The step keeps its buffers between calls (they grow with the batch, once); one call at a
 time per step.)doc")
       .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-                    py::handle>(),
+                    py::handle, py::handle>(),
            keyword("weights"), keyword("biases"), keyword("activations"), py::kw_only(),
            keyword("negative_slopes") = py::none(), keyword("loss") = "mse", keyword("reduction") = "mean",
-           keyword("optimizer") = "sgd", keyword("weight_states"), keyword("bias_states"))
+           keyword("optimizer") = "sgd", keyword("weight_states"), keyword("bias_states"), keyword("delta") = 1.0)
       .def("__call__", &MlpTrainStep::operator(), keyword("x"), keyword("target"), keyword("hyperparameters"),
            "step(x, target, hyperparameters) -> the loss before the update (see the class)")
       .def_property_readonly("workspace_elements", &MlpTrainStep::workspace_elements,

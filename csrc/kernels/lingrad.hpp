@@ -240,7 +240,19 @@ void optimizer_update(const ParamState<T>& p, const T* grad);
 // The whole training step of a network (mlp.cpp): forward, loss, backward and the optimizer's update
 // of each layer's weight and bias as soon as their gradients are complete (while in cache).
 
-enum class Loss { mse, cross_entropy };
+enum class Loss { mse, cross_entropy, huber, bce_with_logits };
+
+// A step's loss on the network's output Y (B, out_L), with PyTorch's definitions (torch.nn.functional):
+//   mse              (y - t)^2                                    t (B, out_L)
+//   cross_entropy    log-softmax over each row: lse(y_b) - y_b[t_b]   classes t (B) in [0, out_L)
+//   huber            |r| < delta ? r^2 / 2 : delta (|r| - delta / 2),  r = y - t
+//   bce_with_logits  max(y, 0) - y t + log(1 + exp(-|y|))         (binary cross-entropy of sigmoid(y))
+// summed ("sum") or averaged ("mean": over the B * out_L elements; over the B rows for cross_entropy).
+struct LossSpec {
+  Loss kind = Loss::mse;
+  Reduction reduction = Reduction::mean;
+  double delta = 1.0;  // huber's
+};
 
 // What a step needs besides the parameters, kept by the caller from step to step: it grows when a
 // batch needs more and is otherwise reused (no allocation per step).
@@ -258,14 +270,12 @@ struct TrainWorkspace {
   double* reserve_rows(index_t count);
 };
 
-// The loss on the network's output Y (B, out_L): "mse" against target (B, out_L), or
-// "cross_entropy" (log-softmax over each row, PyTorch's F.cross_entropy) against classes (B) in
-// [0, out_L); mean (over the B * out_L elements for MSE, the B rows for cross-entropy) or sum.
-// weights[l], biases[l]: the state of layers[l]'s weight and bias (value: the same memory as the
+// The loss (LossSpec) of the network's output against target (B, out_L), or against classes (B)
+// for cross_entropy. weights[l], biases[l]: the state of layers[l]'s weight and bias (value: the same memory as the
 // layer's view, dense; hyper null where frozen or absent). Returns the loss before the update.
 template <typename T>
-double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss loss, MatrixView<T> target,
-                      const std::int64_t* classes, Reduction reduction, const ParamState<T>* weights,
+double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
+                      const std::int64_t* classes, const ParamState<T>* weights,
                       const ParamState<T>* biases, TrainWorkspace<T>& workspace);
 
 // ---------------------------------------------------------------------------------------------

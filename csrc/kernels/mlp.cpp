@@ -146,12 +146,43 @@ void cross_entropy_rows(const T* z, index_t batch, index_t classes, const std::i
   });
 }
 
+// Huber's and the binary cross-entropy's elementwise loss of y (B, C) against target, each row's sum
+// in rows[b] (in double), and dz = scale * dloss/dy (PyTorch's derivatives: Huber's r clamped to
+// [-delta, delta]; sigmoid(y) - t).
+template <typename T>
+void elementwise_rows(Loss kind, double delta, const T* y, index_t batch, index_t cols, MatrixView<T> target,
+                      double scale, T* dz, double* rows) {
+  const int threads = batch * cols >= (index_t(1) << 15) ? get_num_threads() : 1;
+  run_team(threads, [&](int thread, int team) {
+    const Share s = share(batch, thread, team);
+    for (index_t b = s.first; b < s.last; ++b) {
+      double sum = 0;
+      for (index_t j = 0; j < cols; ++j) {
+        const double v = y[b * cols + j], t = target.data[b * target.rs + j * target.cs];
+        double value, grad;
+        if (kind == Loss::huber) {
+          const double r = v - t, a = std::fabs(r);
+          value = a < delta ? 0.5 * r * r : delta * (a - 0.5 * delta);
+          grad = r < -delta ? -delta : r > delta ? delta : r;
+        } else {  // bce_with_logits, in the stable form
+          value = std::max(v, 0.0) - v * t + std::log1p(std::exp(-std::fabs(v)));
+          grad = 1.0 / (1.0 + std::exp(-v)) - t;
+        }
+        sum += value;
+        dz[b * cols + j] = static_cast<T>(scale * grad);
+      }
+      rows[b] = sum;
+    }
+  });
+}
+
 // The forward pass (every layer's H and needed Z into saved), then the loss of the output and
 // dZ_{n-1} into dz. Returns the loss.
 template <typename T>
-double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss loss, MatrixView<T> target,
-                        const std::int64_t* classes, Reduction reduction, const MlpSaved<T>* saved, T* dz,
+double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss,
+                        MatrixView<T> target, const std::int64_t* classes, const MlpSaved<T>* saved, T* dz,
                         double* rows) {
+  const Reduction reduction = loss.reduction;
   const index_t batch = x.rows, out = layers[n - 1].weight.rows;
   MatrixView<T> h = x;
   for (int l = 0; l + 1 < n; ++l) {
@@ -159,7 +190,7 @@ double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss 
     h = dense<T>(saved[l].h, batch, layers[l].weight.rows);
   }
   const MlpLayer<T>& last = layers[n - 1];
-  if (loss == Loss::mse) {
+  if (loss.kind == Loss::mse) {
     // The last layer: its output's residual, the loss and dZ = scale (act(z) - t) act'(z), in the epilogue.
     const double count = static_cast<double>(batch) * static_cast<double>(out);
     double squares = 0;
@@ -171,10 +202,15 @@ double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss 
     gemm(g);
     return mse_of_squares(reduction, squares, count);
   }
-  // Cross-entropy: the logits act(z) kept, then row by row, then dZ = dlogits * act'(z).
+  // The other losses: the output act(z) kept, then row by row, then dZ = dY * act'(z).
   layer_forward(h, last, saved[n - 1].h, saved[n - 1].z);
-  const double scale = reduction == Reduction::mean ? 1.0 / static_cast<double>(batch) : 1.0;
-  cross_entropy_rows(saved[n - 1].h, batch, out, classes, scale, dz, rows);
+  const double count = loss.kind == Loss::cross_entropy ? static_cast<double>(batch)
+                                                        : static_cast<double>(batch) * static_cast<double>(out);
+  const double scale = reduction == Reduction::mean ? 1.0 / count : 1.0;
+  if (loss.kind == Loss::cross_entropy)
+    cross_entropy_rows(saved[n - 1].h, batch, out, classes, scale, dz, rows);
+  else
+    elementwise_rows(loss.kind, loss.delta, saved[n - 1].h, batch, out, target, scale, dz, rows);
   if (last.act != Activation::identity) {
     Epilogue<T> e;
     e.grad_act = last.act;
@@ -185,7 +221,7 @@ double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss 
     epilogue(e, dz, batch, out);
   }
   const double total = ordered_sum(rows, batch);
-  return reduction == Reduction::mean ? total / static_cast<double>(batch) : total;
+  return reduction == Reduction::mean ? total / count : total;
 }
 
 }  // namespace
@@ -237,7 +273,8 @@ double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> 
   std::unique_ptr<T[]> memory(new T[std::max<index_t>(step_elements(layers, n, batch, false), 1)]);
   T* dz = carve_step(layers, n, batch, false, saved.data(), memory.get());
   T* scratch = dz + batch * width;
-  const double loss = forward_and_loss(x, layers, n, Loss::mse, target, nullptr, reduction, saved.data(), dz, nullptr);
+  const double loss = forward_and_loss(x, layers, n, LossSpec{Loss::mse, reduction}, target, nullptr, saved.data(), dz,
+                                       nullptr);
   auto layer_input = [&](int l) { return l == 0 ? x : dense<T>(saved[l - 1].h, batch, layers[l - 1].weight.rows); };
   backward_sweep(layers, n, saved.data(), layer_input, dz, scratch, dx, dw, db, NothingMore{});
   return loss;
@@ -274,11 +311,11 @@ double* TrainWorkspace<T>::reserve_rows(index_t count) {
 }
 
 template <typename T>
-double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss loss, MatrixView<T> target,
-                      const std::int64_t* classes, Reduction reduction, const ParamState<T>* weights,
+double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
+                      const std::int64_t* classes, const ParamState<T>* weights,
                       const ParamState<T>* biases, TrainWorkspace<T>& workspace) {
   const index_t batch = x.rows, width = widest(layers, n);
-  const bool keep_last = loss == Loss::cross_entropy;
+  const bool keep_last = loss.kind != Loss::mse;
   // The workspace: activations and dZ (step_elements), then the trained parameters' gradients.
   index_t total = step_elements(layers, n, batch, keep_last);
   for (int l = 0; l < n; ++l)
@@ -304,7 +341,7 @@ double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss lo
     db[l] = biases[l].hyper ? std::exchange(next, next + biases[l].size) : nullptr;
   }
 
-  const double result = forward_and_loss(x, layers, n, loss, target, classes, reduction, saved, dz, rows);
+  const double result = forward_and_loss(x, layers, n, loss, target, classes, saved, dz, rows);
   auto layer_input = [&](int l) { return l == 0 ? x : dense<T>(saved[l - 1].h, batch, layers[l - 1].weight.rows); };
   auto update = [&](int l) {  // layer l's gradients are complete and W_l is read no more: its update
     if (dw[l]) optimizer_update(weights[l], dw[l]);
@@ -321,8 +358,8 @@ double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, Loss lo
   template double mlp_mse<T>(MatrixView<T>, const MlpLayer<T>*, int, MatrixView<T>, Reduction, T*, T* const*,         \
                              T* const*);                                                                              \
   template struct TrainWorkspace<T>;                                                                                  \
-  template double mlp_train_step<T>(MatrixView<T>, const MlpLayer<T>*, int, Loss, MatrixView<T>, const std::int64_t*, \
-                                    Reduction, const ParamState<T>*, const ParamState<T>*, TrainWorkspace<T>&);
+  template double mlp_train_step<T>(MatrixView<T>, const MlpLayer<T>*, int, const LossSpec&, MatrixView<T>,           \
+                                    const std::int64_t*, const ParamState<T>*, const ParamState<T>*, TrainWorkspace<T>&);
 LINGRAD_INSTANTIATE(float)
 LINGRAD_INSTANTIATE(double)
 #undef LINGRAD_INSTANTIATE

@@ -113,11 +113,12 @@ class MlpTrainStep:
         activations: Sequence[str],
         *,
         negative_slopes: Sequence[float] | None = None,
-        loss: Literal["mse", "cross_entropy"] = "mse",
+        loss: Literal["mse", "cross_entropy", "huber", "bce_with_logits"] = "mse",
         reduction: Literal["mean", "sum"] = "mean",
         optimizer: Literal["sgd", "adam"] = "sgd",
         weight_states: Sequence[dict[str, Any] | None],
         bias_states: Sequence[dict[str, Any] | None],
+        delta: float = 1.0,
     ) -> None: ...
     def __call__(self, x: _Array, target: _Array, hyperparameters: Sequence[tuple[float | bool, ...]]) -> float: ...
     @property

@@ -28,7 +28,7 @@ from lingrad.torch.mlp import _network_of
 
 __all__ = ["train_step", "TrainStep"]
 
-_LOSSES = ("mse", "cross_entropy")
+_LOSSES = ("mse", "cross_entropy", "huber", "bce_with_logits")
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -82,7 +82,9 @@ class TrainStep:
     """``step(input, target)``: one training step of ``model`` with ``optimizer`` (see the module
     docstring). Made by :func:`lingrad.train_step`."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, loss: str = "mse", reduction: str = "mean") -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer, loss: str = "mse", reduction: str = "mean", delta: float = 1.0
+    ) -> None:
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(f"model must be a torch.nn.Sequential or a lingrad.FusedMLP, got {type(model).__name__}")
         modules = list(model)
@@ -90,10 +92,10 @@ class TrainStep:
         self._linears = [modules[i] for i in linears]
         self._kind = _kind_of(optimizer)
         if loss not in _LOSSES:
-            raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
+            raise ValueError(f"loss must be one of {', '.join(map(repr, _LOSSES))}, got {loss!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self._loss, self._reduction = loss, reduction
+        self._loss, self._reduction, self._delta = loss, reduction, float(delta)
         self._hyper_of = _sgd_hyper if self._kind == "sgd" else _adam_hyper
         self.model, self.optimizer = model, optimizer
         params = [p for m in self._linears for p in (m.weight, m.bias) if p is not None]
@@ -111,7 +113,7 @@ class TrainStep:
 
     def __call__(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of ``model(input)`` against ``target`` before the update; every trainable parameter
-        updated in place. ``target``: (batch, out) for "mse", int64 class indices (batch,) for
+        updated in place. ``target``: (batch, out), or int64 class indices (batch,) for
         "cross_entropy". A bad input or target is an error that changes nothing."""
         optimizer = self.optimizer
         groups = optimizer.param_groups
@@ -175,6 +177,7 @@ class TrainStep:
             optimizer=self._kind,
             weight_states=weight_states,
             bias_states=bias_states,
+            delta=self._delta,
         )
 
     def _state_of(self, p: Tensor) -> dict | None:
@@ -213,7 +216,9 @@ class TrainStep:
         return entry
 
 
-def train_step(model: torch.nn.Module, optimizer, loss: str = "mse", *, reduction: str = "mean") -> TrainStep:
+def train_step(
+    model: torch.nn.Module, optimizer, loss: str = "mse", *, reduction: str = "mean", delta: float = 1.0
+) -> TrainStep:
     """One native call per training step: ``step = train_step(model, optimizer)``, then
     ``loss = step(input, target)`` runs the forward pass, the loss and its gradient, the backward
     pass and the optimizer's update of every trainable parameter, in place, and returns the loss
@@ -224,8 +229,9 @@ def train_step(model: torch.nn.Module, optimizer, loss: str = "mse", *, reductio
     optimizer are not updated. ``optimizer``: torch.optim.SGD (lr, momentum, dampening, nesterov,
     weight_decay, maximize), Adam or AdamW (lr, betas, eps, weight_decay, amsgrad, maximize), with
     torch's update rules; its hyperparameters are read from ``param_groups`` at every call and its
-    state lives in ``optimizer.state`` in torch's layout. ``loss``: "mse" (target (batch, out)) or
-    "cross_entropy" (int64 class indices (batch,), as F.cross_entropy); ``reduction``: "mean" or
-    "sum". An unsupported layer, loss, optimizer or option is a TypeError or ValueError here; a bad
+    state lives in ``optimizer.state`` in torch's layout. ``loss``: "mse", "huber" (F.huber_loss with
+    ``delta``) or "bce_with_logits" (F.binary_cross_entropy_with_logits), each against a target
+    (batch, out), or "cross_entropy" (int64 class indices (batch,), as F.cross_entropy);
+    ``reduction``: "mean" or "sum". An unsupported layer, loss, optimizer or option is a TypeError or ValueError here; a bad
     input or target is one at the call, and then nothing is updated."""
-    return TrainStep(model, optimizer, loss, reduction)
+    return TrainStep(model, optimizer, loss, reduction, delta)
