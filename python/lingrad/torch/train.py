@@ -232,6 +232,6 @@ def train_step(
     state lives in ``optimizer.state`` in torch's layout. ``loss``: "mse", "huber" (F.huber_loss with
     ``delta``) or "bce_with_logits" (F.binary_cross_entropy_with_logits), each against a target
     (batch, out), or "cross_entropy" (int64 class indices (batch,), as F.cross_entropy);
-    ``reduction``: "mean" or "sum". An unsupported layer, loss, optimizer or option is a TypeError or ValueError here; a bad
-    input or target is one at the call, and then nothing is updated."""
+    ``reduction``: "mean" or "sum". An unsupported layer, loss, optimizer or option is a TypeError
+    or ValueError here; a bad input or target is one at the call, and then nothing is updated."""
     return TrainStep(model, optimizer, loss, reduction, delta)
