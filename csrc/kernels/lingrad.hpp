@@ -275,8 +275,8 @@ struct TrainWorkspace {
 // layer's view, dense; hyper null where frozen or absent). Returns the loss before the update.
 template <typename T>
 double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
-                      const std::int64_t* classes, const ParamState<T>* weights,
-                      const ParamState<T>* biases, TrainWorkspace<T>& workspace);
+                      const std::int64_t* classes, const ParamState<T>* weights, const ParamState<T>* biases,
+                      TrainWorkspace<T>& workspace);
 
 // ---------------------------------------------------------------------------------------------
 // Per-sample gradients, for clipping and differentially private training (privacy.cpp).

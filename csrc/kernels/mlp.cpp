@@ -179,9 +179,8 @@ void elementwise_rows(Loss kind, double delta, const T* y, index_t batch, index_
 // The forward pass (every layer's H and needed Z into saved), then the loss of the output and
 // dZ_{n-1} into dz. Returns the loss.
 template <typename T>
-double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss,
-                        MatrixView<T> target, const std::int64_t* classes, const MlpSaved<T>* saved, T* dz,
-                        double* rows) {
+double forward_and_loss(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
+                        const std::int64_t* classes, const MlpSaved<T>* saved, T* dz, double* rows) {
   const Reduction reduction = loss.reduction;
   const index_t batch = x.rows, out = layers[n - 1].weight.rows;
   MatrixView<T> h = x;
@@ -273,8 +272,8 @@ double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> 
   std::unique_ptr<T[]> memory(new T[std::max<index_t>(step_elements(layers, n, batch, false), 1)]);
   T* dz = carve_step(layers, n, batch, false, saved.data(), memory.get());
   T* scratch = dz + batch * width;
-  const double loss = forward_and_loss(x, layers, n, LossSpec{Loss::mse, reduction}, target, nullptr, saved.data(), dz,
-                                       nullptr);
+  const double loss =
+      forward_and_loss(x, layers, n, LossSpec{Loss::mse, reduction}, target, nullptr, saved.data(), dz, nullptr);
   auto layer_input = [&](int l) { return l == 0 ? x : dense<T>(saved[l - 1].h, batch, layers[l - 1].weight.rows); };
   backward_sweep(layers, n, saved.data(), layer_input, dz, scratch, dx, dw, db, NothingMore{});
   return loss;
@@ -312,8 +311,8 @@ double* TrainWorkspace<T>::reserve_rows(index_t count) {
 
 template <typename T>
 double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
-                      const std::int64_t* classes, const ParamState<T>* weights,
-                      const ParamState<T>* biases, TrainWorkspace<T>& workspace) {
+                      const std::int64_t* classes, const ParamState<T>* weights, const ParamState<T>* biases,
+                      TrainWorkspace<T>& workspace) {
   const index_t batch = x.rows, width = widest(layers, n);
   const bool keep_last = loss.kind != Loss::mse;
   // The workspace: activations and dZ (step_elements), then the trained parameters' gradients.
@@ -351,15 +350,16 @@ double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const L
   return result;
 }
 
-#define LINGRAD_INSTANTIATE(T)                                                                                        \
-  template void mlp_forward<T>(MatrixView<T>, const MlpLayer<T>*, int, T*, const MlpSaved<T>*);                       \
-  template void mlp_backward<T>(MatrixView<T>, const MlpLayer<T>*, int, const MlpSaved<T>*, const T*, MatrixView<T>,  \
-                                T*, T* const*, T* const*);                                                            \
-  template double mlp_mse<T>(MatrixView<T>, const MlpLayer<T>*, int, MatrixView<T>, Reduction, T*, T* const*,         \
-                             T* const*);                                                                              \
-  template struct TrainWorkspace<T>;                                                                                  \
-  template double mlp_train_step<T>(MatrixView<T>, const MlpLayer<T>*, int, const LossSpec&, MatrixView<T>,           \
-                                    const std::int64_t*, const ParamState<T>*, const ParamState<T>*, TrainWorkspace<T>&);
+#define LINGRAD_INSTANTIATE(T)                                                                                       \
+  template void mlp_forward<T>(MatrixView<T>, const MlpLayer<T>*, int, T*, const MlpSaved<T>*);                      \
+  template void mlp_backward<T>(MatrixView<T>, const MlpLayer<T>*, int, const MlpSaved<T>*, const T*, MatrixView<T>, \
+                                T*, T* const*, T* const*);                                                           \
+  template double mlp_mse<T>(MatrixView<T>, const MlpLayer<T>*, int, MatrixView<T>, Reduction, T*, T* const*,        \
+                             T* const*);                                                                             \
+  template struct TrainWorkspace<T>;                                                                                 \
+  template double mlp_train_step<T>(MatrixView<T>, const MlpLayer<T>*, int, const LossSpec&, MatrixView<T>,          \
+                                    const std::int64_t*, const ParamState<T>*, const ParamState<T>*,                 \
+                                    TrainWorkspace<T>&);
 LINGRAD_INSTANTIATE(float)
 LINGRAD_INSTANTIATE(double)
 #undef LINGRAD_INSTANTIATE
