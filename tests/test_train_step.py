@@ -495,6 +495,32 @@ def test_same_bytes_for_any_thread_count(num_threads, name, loss):
             assert a.numpy().tobytes() == b.numpy().tobytes()
 
 
+def test_python_threads_share_a_step():
+    """Calls from several Python threads run one at a time (none waits holding the GIL)."""
+    import threading
+
+    widths = (64, 300, 10)
+    model = model_of(widths, torch.float32)
+    step = lingrad.train_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    batches = [batch_of(widths, "mse", torch.float32, batch=200, seed=i) for i in range(4)]
+    errors = []
+
+    def work(x, t):
+        try:
+            for _ in range(20):
+                assert torch.isfinite(step(x, t))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=b) for b in batches]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors and not any(th.is_alive() for th in threads)
+    assert all(s["step"].item() == 80 for s in step.optimizer.state.values())
+
+
 def test_buffers_grow_once_and_are_kept():
     widths = (7, 37, 21, 5)
     model = model_of(widths)

@@ -334,6 +334,14 @@ class MlpTrainStep {
   }
 
   double operator()(py::handle x_obj, py::handle target_obj, py::handle hyper_obj) {
+    // One call at a time (the workspace and hyperparameters are the step's own). The lock is taken
+    // without the GIL, so that a call waiting for it never holds the GIL that the running call needs
+    // back after its kernel.
+    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+    {
+      py::gil_scoped_release release;
+      lock.lock();
+    }
     parse_hyperparameters(hyper_obj);
     Call call;
     const py::array x = call.input(x_obj, "input", 2, "(batch, in_features)");
@@ -352,7 +360,6 @@ class MlpTrainStep {
         throw py::value_error("target has shape " + shape_of(*target) + " but must be (batch, out_features) = (" +
                               std::to_string(batch) + ", " + std::to_string(out) + ")");
     }
-    std::lock_guard<std::mutex> lock(mutex_);  // (one step at a time: the workspace is the step's own)
     if (loss_.kind == Loss::cross_entropy) class_indices(target_obj, "target", batch, out, classes_);
     const double loss = with_dtype(dtype_, [&](auto zero) {
       using T = decltype(zero);

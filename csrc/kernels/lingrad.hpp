@@ -236,6 +236,12 @@ struct ParamState {
 template <typename T>
 void optimizer_update(const ParamState<T>& p, const T* grad);
 
+// Asks the CPU to bring p's optimizer state (momentum buffer, Adam's moments) into cache, to be read
+// by a later optimizer_update: a step issues it for small networks before their forward pass, whose
+// products then hide the loads (between steps other work may have evicted the state). Changes nothing.
+template <typename T>
+void optimizer_prefetch(const ParamState<T>& p);
+
 // ---------------------------------------------------------------------------------------------
 // The whole training step of a network (mlp.cpp): forward, loss, backward and the optimizer's update
 // of each layer's weight and bias as soon as their gradients are complete (while in cache).

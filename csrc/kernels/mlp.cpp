@@ -92,6 +92,10 @@ void backward_sweep(const MlpLayer<T>* layers, int n, const MlpSaved<T>* saved, 
   }
 }
 
+// Optimizer state up to this size is prefetched at the start of a step (mlp_train_step): well within
+// L2, so that it is still there at each layer's update.
+constexpr index_t kPrefetchStateBytes = 256 << 10;
+
 struct NothingMore {
   void operator()(int) const {}
 };
@@ -340,6 +344,19 @@ double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const L
     db[l] = biases[l].hyper ? std::exchange(next, next + biases[l].size) : nullptr;
   }
 
+  // A small network's optimizer state is fetched into cache now, while the forward pass runs (a large
+  // one's would not stay there until its update; its loops stream it).
+  index_t state_bytes = 0;
+  for (int l = 0; l < n; ++l)
+    for (const ParamState<T>* p : {&weights[l], &biases[l]})
+      if (p->hyper)
+        state_bytes += p->size * static_cast<index_t>(sizeof(T)) *
+                       ((p->momentum_buffer ? 1 : 0) + (p->exp_avg ? 2 : 0) + (p->max_exp_avg_sq ? 1 : 0));
+  if (state_bytes <= kPrefetchStateBytes)
+    for (int l = 0; l < n; ++l) {
+      optimizer_prefetch(weights[l]);
+      optimizer_prefetch(biases[l]);
+    }
   const double result = forward_and_loss(x, layers, n, loss, target, classes, saved, dz, rows);
   auto layer_input = [&](int l) { return l == 0 ? x : dense<T>(saved[l - 1].h, batch, layers[l - 1].weight.rows); };
   auto update = [&](int l) {  // layer l's gradients are complete and W_l is read no more: its update

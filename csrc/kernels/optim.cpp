@@ -208,7 +208,18 @@ void optimizer_update(const ParamState<T>& p, const T* grad) {
     adam_update(p, *p.hyper, grad);
 }
 
+template <typename T>
+void optimizer_prefetch(const ParamState<T>& p) {
+  if (!p.hyper) return;
+  for (const T* state : {p.momentum_buffer, p.exp_avg, p.exp_avg_sq, p.max_exp_avg_sq})
+    if (state)
+      for (index_t i = 0; i < p.size; i += 64 / static_cast<index_t>(sizeof(T)))  // one per cache line
+        __builtin_prefetch(state + i, 1, 3);
+}
+
 template void optimizer_update<float>(const ParamState<float>&, const float*);
 template void optimizer_update<double>(const ParamState<double>&, const double*);
+template void optimizer_prefetch<float>(const ParamState<float>&);
+template void optimizer_prefetch<double>(const ParamState<double>&);
 
 }  // namespace lingrad
