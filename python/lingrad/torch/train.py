@@ -138,14 +138,16 @@ class TrainStep:
         return scalar(loss, input)
 
     def _still_bound(self) -> bool:
-        """Whether the parameters, their trainability and the optimizer's state tensors are the ones bound."""
-        for p, pointer, trained in self._params:
-            if p.data_ptr() != pointer or (p.requires_grad and p in self._group_of) != trained:
+        """Whether the parameters (their memory and requires_grad) and the optimizer's state tensors are
+        the ones bound. (Cheap checks only: hashing a tensor is a Python call, so optimizer.state is
+        checked by its size, and each bound state dict by its tensors.)"""
+        for p, pointer, requires_grad in self._params:
+            if p.requires_grad is not requires_grad or p.data_ptr() != pointer:
                 return False
         for state, key, tensor in self._state_tensors:
             if state.get(key) is not tensor:
                 return False
-        return all(self.optimizer.state.get(p) is state for p, state in self._states)
+        return len(self.optimizer.state) == self._state_size
 
     def _bind(self) -> None:
         """Makes the native step for the current parameters and state, creating the state that is
@@ -159,7 +161,7 @@ class TrainStep:
         self._group_of = {p: i for i, g in enumerate(self._groups) for p in g["params"]}
         hyper = [self._hyper_of(g) for g in self._groups]
         self._needs = [h[1] != 0 if self._kind == "sgd" else bool(h[5]) for h in hyper]
-        self._params, self._state_tensors, self._states, self._pending = [], [], [], []
+        self._params, self._state_tensors, self._pending = [], [], []
         self._trained: list[Tensor] = []
         weights, biases, weight_states, bias_states = [], [], [], []
         for m in self._linears:
@@ -167,6 +169,7 @@ class TrainStep:
             biases.append(None if m.bias is None else to_array(m.bias))
             weight_states.append(self._state_of(m.weight))
             bias_states.append(None if m.bias is None else self._state_of(m.bias))
+        self._state_size = len(optimizer.state)  # (after _state_of made the trained parameters' entries)
         self._native = kernels.MlpTrainStep(
             weights,
             biases,
@@ -183,14 +186,15 @@ class TrainStep:
     def _state_of(self, p: Tensor) -> dict | None:
         """The native step's state entry for p (None: frozen), from optimizer.state[p], completed."""
         trained = p.requires_grad and p in self._group_of
-        self._params.append((p, p.data_ptr(), trained))
+        self._params.append((p, p.data_ptr(), p.requires_grad))
         if not trained:
             return None
         group = self._group_of[p]
         self._trained.append(p)
-        state = self.optimizer.state[p]
-        self._states.append((p, state))
         entry: dict = {"group": group}
+        if self._kind == "sgd" and not self._needs[group]:
+            return entry  # (plain SGD keeps no state: torch's makes no entry either)
+        state = self.optimizer.state[p]
         if self._kind == "sgd":
             if self._needs[group]:
                 buffer = state.get("momentum_buffer")
