@@ -291,21 +291,23 @@ def test_frozen_parameters_and_groups(loss):
     for m in (ours, theirs):
         m[0].weight.requires_grad_(False)
 
-    def groups(m):  # layer 0's bias is in no group: never updated
-        return [{"params": [m[2].weight], "lr": 0.01}, {"params": [m[4].weight, m[4].bias]}]
+    def groups(m):  # layer 0's bias and the last weight are in no group: never updated (its bias is)
+        return [{"params": [m[2].weight], "lr": 0.01}, {"params": [m[4].bias]}]
 
     opt_ours = torch.optim.Adam(groups(ours), lr=0.02)
     opt_theirs = torch.optim.Adam(groups(theirs), lr=0.02)
-    frozen = [ours[0].weight.clone(), ours[0].bias.clone()]
+    frozen = [ours[0].weight.clone(), ours[0].bias.clone(), ours[4].weight.clone()]
+    last_bias = ours[4].bias.clone()
     step, reference = lingrad.train_step(ours, opt_ours, loss), torch_step(theirs, opt_theirs, loss, "mean")
     for i in range(3):
         x, t = batch_of(widths, loss, torch.float64, seed=i)
         step(x, t)
         reference(x, t)
     assert torch.equal(ours[0].weight, frozen[0]) and torch.equal(ours[0].bias, frozen[1])
+    assert torch.equal(ours[4].weight, frozen[2]) and not torch.equal(ours[4].bias, last_bias)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-    assert len(opt_ours.state) == 3
+    assert len(opt_ours.state) == 2
 
 
 def test_a_group_added_later_is_trained():

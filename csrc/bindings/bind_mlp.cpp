@@ -294,11 +294,10 @@ class MlpTrainStep {
       : net_(call_, nullptr, weights_obj, biases_obj, activations_obj, slopes_obj) {
     dtype_ = call_.dtype();
     const std::string loss = py::isinstance<py::str>(loss_obj) ? std::string(py::str(loss_obj)) : std::string();
-    const char* names[] = {"mse", "cross_entropy", "huber", "bce_with_logits"};
-    std::size_t kind = std::size(names);
-    for (std::size_t i = 0; i < std::size(names); ++i)
-      if (loss == names[i]) kind = i;
-    if (kind == std::size(names))
+    std::size_t kind = std::size(lingrad::kLossNames);
+    for (std::size_t i = 0; i < std::size(lingrad::kLossNames); ++i)
+      if (loss == lingrad::kLossNames[i]) kind = i;
+    if (kind == std::size(lingrad::kLossNames))
       throw py::value_error("loss must be 'mse', 'cross_entropy', 'huber' or 'bce_with_logits', got " +
                             std::string(py::repr(loss_obj)));
     loss_.kind = static_cast<Loss>(kind);

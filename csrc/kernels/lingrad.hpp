@@ -247,6 +247,9 @@ void optimizer_prefetch(const ParamState<T>& p);
 // of each layer's weight and bias as soon as their gradients are complete (while in cache).
 
 enum class Loss { mse, cross_entropy, huber, bce_with_logits };
+// Their names, in the enum's order (the bindings parse them).
+inline constexpr const char* kLossNames[] = {"mse", "cross_entropy", "huber", "bce_with_logits"};
+static_assert(std::size(kLossNames) == static_cast<std::size_t>(Loss::bce_with_logits) + 1, "one name per Loss");
 
 // A step's loss on the network's output Y (B, out_L), with PyTorch's definitions (torch.nn.functional):
 //   mse              (y - t)^2                                    t (B, out_L)
