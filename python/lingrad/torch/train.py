@@ -195,16 +195,15 @@ class TrainStep:
         if self._kind == "sgd" and not self._needs[group]:
             return entry  # (plain SGD keeps no state: torch's makes no entry either)
         state = self.optimizer.state[p]
-        if self._kind == "sgd":
-            if self._needs[group]:
-                buffer = state.get("momentum_buffer")
-                if buffer is None:  # torch's first step clones the gradient: the native step does
-                    buffer = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    entry["fresh"] = True
-                    self._pending.append((state, buffer))
-                else:
-                    self._state_tensors.append((state, "momentum_buffer", buffer))
-                entry["momentum_buffer"] = to_array(buffer)
+        if self._kind == "sgd":  # with momentum
+            buffer = state.get("momentum_buffer")
+            if buffer is None:  # torch's first step clones the gradient: the native step does
+                buffer = torch.empty_like(p, memory_format=torch.contiguous_format)
+                entry["fresh"] = True
+                self._pending.append((state, buffer))
+            else:
+                self._state_tensors.append((state, "momentum_buffer", buffer))
+            entry["momentum_buffer"] = to_array(buffer)
             return entry
         if len(state) == 0:  # torch.optim.Adam._init_group's lazy initialisation
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
