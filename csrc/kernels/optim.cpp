@@ -36,22 +36,49 @@ struct AdamRule {
 
 #define LINGRAD_INLINE inline __attribute__((always_inline))
 
-template <typename T>
+// (The options that skip an operation are template arguments: a loop without branches vectorises.)
+template <bool Decay, bool Momentum, bool Fresh, bool Nesterov, typename T>
 LINGRAD_INLINE void sgd_range(const SgdRule<T>& r, T* __restrict p, const T* __restrict grad, T* __restrict buf,
                               index_t first, index_t last) {
   for (index_t i = first; i < last; ++i) {
     T g = r.maximize ? -grad[i] : grad[i];
-    if (r.decay) g = std::fma(p[i], r.wd, g);  // grad.add(param, alpha=weight_decay)
-    if (r.has_momentum) {
-      const T b = r.fresh ? g : std::fma(g, r.damp1, buf[i] * r.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+    if (Decay) g = std::fma(p[i], r.wd, g);  // grad.add(param, alpha=weight_decay)
+    if (Momentum) {
+      const T b = Fresh ? g : std::fma(g, r.damp1, buf[i] * r.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
       buf[i] = b;
-      g = r.nesterov ? std::fma(b, r.momentum, g) : b;  // grad.add(buf, alpha=momentum)
+      g = Nesterov ? std::fma(b, r.momentum, g) : b;  // grad.add(buf, alpha=momentum)
     }
     p[i] = std::fma(g, r.neg_lr, p[i]);  // param.add_(grad, alpha=-lr)
   }
 }
 
-// (The options that skip an operation are template arguments: a loop without branches vectorises.)
+// The loop for r's options.
+template <typename T>
+LINGRAD_INLINE void sgd_any(const SgdRule<T>& r, T* p, const T* g, T* buf, index_t first, index_t last) {
+  if (!r.has_momentum)
+    return r.decay ? sgd_range<true, false, false, false>(r, p, g, buf, first, last)
+                   : sgd_range<false, false, false, false>(r, p, g, buf, first, last);
+  const int options = (r.decay ? 1 : 0) | (r.fresh ? 2 : 0) | (r.nesterov ? 4 : 0);
+  switch (options) {
+    case 0:
+      return sgd_range<false, true, false, false>(r, p, g, buf, first, last);
+    case 1:
+      return sgd_range<true, true, false, false>(r, p, g, buf, first, last);
+    case 2:
+      return sgd_range<false, true, true, false>(r, p, g, buf, first, last);
+    case 3:
+      return sgd_range<true, true, true, false>(r, p, g, buf, first, last);
+    case 4:
+      return sgd_range<false, true, false, true>(r, p, g, buf, first, last);
+    case 5:
+      return sgd_range<true, true, false, true>(r, p, g, buf, first, last);
+    case 6:
+      return sgd_range<false, true, true, true>(r, p, g, buf, first, last);
+    default:
+      return sgd_range<true, true, true, true>(r, p, g, buf, first, last);  // 7
+  }
+}
+
 template <bool Coupled, bool Decoupled, bool Amsgrad, typename T>
 LINGRAD_INLINE void adam_range(const AdamRule<T>& r, T* __restrict p, const T* __restrict grad, T* __restrict m,
                                T* __restrict v, T* __restrict vmax, index_t first, index_t last) {
@@ -99,10 +126,10 @@ LINGRAD_INLINE void adam_any(const AdamRule<T>& r, T* p, const T* g, T* m, T* v,
 // The loops as functions, for each element type, baseline and (x86) AVX2 + FMA.
 #define LINGRAD_RANGES(SUFFIX)                                                                                      \
   void sgd_##SUFFIX(const SgdRule<float>& r, float* p, const float* g, float* b, index_t first, index_t last) {     \
-    sgd_range(r, p, g, b, first, last);                                                                             \
+    sgd_any(r, p, g, b, first, last);                                                                               \
   }                                                                                                                 \
   void sgd_##SUFFIX(const SgdRule<double>& r, double* p, const double* g, double* b, index_t first, index_t last) { \
-    sgd_range(r, p, g, b, first, last);                                                                             \
+    sgd_any(r, p, g, b, first, last);                                                                               \
   }                                                                                                                 \
   void adam_##SUFFIX(const AdamRule<float>& r, float* p, const float* g, float* m, float* v, float* vmax,           \
                      index_t first, index_t last) {                                                                 \
