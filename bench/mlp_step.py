@@ -1,4 +1,5 @@
-"""One SGD step of small MLPs: lingrad.fuse against PyTorch eager, the drop-in, torch.compile and JAX.
+"""One SGD step of small MLPs: lingrad.train_step and lingrad.fuse against PyTorch eager, the drop-in,
+torch.compile and JAX.
 
     python bench/mlp_step.py [--repeat 9] [--seconds 0.2] [--no-compile] [--no-jax] [--models rl-policy,...]
 
@@ -10,6 +11,8 @@ step within a timed batch of about --seconds, in microseconds.
     torch eager     nn.Sequential + F.mse_loss, loss.backward(), torch.optim.SGD.step()
     drop-in         the same model after lingrad.swap_linear
     fused           lingrad.fuse(model, loss="mse"): one native call per step (forward and backward)
+    train_step      lingrad.train_step(model, SGD): one native call for the whole step, update included
+    train_step Adam the same with torch.optim.Adam (lr 1e-3): its cost over SGD's is the last column
     torch.compile   torch.compile of the forward and loss (Inductor); backward and step as eager
     jax.jit         the same network and step written in JAX, jitted (if JAX is installed)
 
@@ -117,10 +120,12 @@ def main() -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), lingrad {lingrad.__version__} "
         f"({lingrad.get_num_threads()} threads, {lingrad.get_isa()}), JAX {jax_note}; median step time, us"
     )
-    names = ["torch eager", "drop-in", "fused"] + ([] if args.no_compile else ["torch.compile"])
-    names += [] if args.no_jax else ["jax.jit"]
-    print("\n| model (batch; widths) | " + " | ".join(names) + " | fused vs eager | fused vs best other |")
-    print("| --- |" + " ---: |" * (len(names) + 2))
+    names = ["torch eager", "drop-in", "fused", "train_step", "train_step Adam"]
+    names += ([] if args.no_compile else ["torch.compile"]) + ([] if args.no_jax else ["jax.jit"])
+    ratios = ["fused vs eager", "train_step vs eager", "train_step vs torch.compile"]
+    ratios += ([] if args.no_jax else ["train_step vs jax.jit"]) + ["Adam / SGD"]
+    print("\n| model (batch; widths) | " + " | ".join(names + ratios) + " |")
+    print("| --- |" + " ---: |" * (len(names) + len(ratios)))
     inference = []
     for name in args.models.split(","):
         batch, widths = MODELS[name]
@@ -134,6 +139,10 @@ def main() -> None:
             "drop-in": torch_step(swapped, lambda x, t, m=swapped: F.mse_loss(m(x), t)),
             "fused": torch_step(fused, lambda x, t, m=fused: m(x, t)),
         }
+        one_call = copy.deepcopy(base)
+        steps["train_step"] = lingrad.train_step(one_call, torch.optim.SGD(one_call.parameters(), lr=LR))
+        adam = copy.deepcopy(base)
+        steps["train_step Adam"] = lingrad.train_step(adam, torch.optim.Adam(adam.parameters(), lr=1e-3))
         if not args.no_compile:
             compiled_model = copy.deepcopy(base)
             compiled = torch.compile(lambda x, t, m=compiled_model: F.mse_loss(m(x), t))
@@ -144,10 +153,13 @@ def main() -> None:
             steps["jax.jit"] = lambda step=step, xj=xj, tj=tj: step(xj, tj)
         fns = {k: (v if k == "jax.jit" else (lambda v=v, x=x, t=t: v(x, t))) for k, v in steps.items()}
         m = measure(fns, args.repeat, args.seconds)
-        best_other = min(v for k, v in m.items() if k != "fused")
-        cells = " | ".join(f"{m[n]:.0f}" for n in names)
+        cells = [f"{m[n]:.0f}" for n in names]
+        cells += [f"{m['torch eager'] / m['fused']:.2f}x", f"{m['torch eager'] / m['train_step']:.2f}x"]
+        cells += [f"{m['torch.compile'] / m['train_step']:.2f}x" if "torch.compile" in m else "-"]
+        cells += [] if args.no_jax else [f"{m['jax.jit'] / m['train_step']:.2f}x"]
+        cells += [f"{m['train_step Adam'] / m['train_step']:.2f}"]
         label = f"{name} ({batch}; {'-'.join(map(str, widths))})"
-        print(f"| {label} | {cells} | {m['torch eager'] / m['fused']:.2f}x | {best_other / m['fused']:.2f}x |")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
         inference_model = lingrad.fuse(copy.deepcopy(base))
         one = torch.randn(1, widths[0])

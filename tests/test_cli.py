@@ -117,9 +117,10 @@ def test_demo_training_agrees_and_zero_gradient_is_computed(demo_deps):
         f"training: step 4/4, lingrad={run.loss['lingrad'][-1]:.4f}, torch={run.loss['torch'][-1]:.4f}"
     ]
     assert run.loss["lingrad"][-1] < run.loss["lingrad"][0]
-    for ours, ref, fused in zip(run.loss["lingrad"], run.loss["torch"], run.loss["fused"]):
+    for ours, ref, fused, whole in zip(*(run.loss[k] for k in ("lingrad", "torch", "fused", "train_step"))):
         assert demo.relative_difference(ours, ref) <= demo.RTOL
         assert demo.relative_difference(fused, ref) <= demo.RTOL
+        assert demo.relative_difference(whole, ref) <= demo.RTOL
     facts = demo.gradient_facts(run)
     black = (pixels == 0).all(axis=0)
     assert facts["black"] == int(black.sum()) > 0

@@ -133,16 +133,20 @@ void require_rank(int ndim, const char* name) {
                           " dimensions; lingrad's arrays have at most 3");
 }
 
-// The array of a DLPack tensor: its memory, shape and strides, kept alive by `object`.
-Array array_of(const DLTensor& t, py::object object, const char* name) {
+// The array of a DLPack tensor: its memory, shape and strides, kept alive by `object`. With
+// `integers`, an int64 tensor (class indices) and nothing else; its Array has no float dtype.
+Array array_of(const DLTensor& t, py::object object, const char* name, bool integers = false) {
   if (t.device.device_type != 1)
     throw py::type_error(std::string(name) + " is a DLPack tensor on a device other than the CPU");
+  if (integers && (t.dtype.code != 0 || t.dtype.bits != 64 || t.dtype.lanes != 1))
+    throw py::type_error(std::string(name) + " must hold int64 class indices (torch.long), got DLPack dtype code " +
+                         std::to_string(t.dtype.code) + " with " + std::to_string(t.dtype.bits) + " bits");
   const bool bf16 = t.dtype.code == 4 && t.dtype.bits == 16 && t.dtype.lanes == 1;
   if (bf16 && !bf16_offered())
     throw py::type_error(
         std::string(name) +
         " has dtype bfloat16, which lingrad reads through the ml_dtypes package: " + "pip install ml_dtypes");
-  if (!bf16 && (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64))) {
+  if (!integers && !bf16 && (t.dtype.code != 2 || t.dtype.lanes != 1 || (t.dtype.bits != 32 && t.dtype.bits != 64))) {
     const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
     const std::string kind = t.dtype.code < 7 ? kinds[t.dtype.code] : "code " + std::to_string(t.dtype.code);
     throw py::type_error(std::string(name) + " has dtype " + kind + std::to_string(t.dtype.bits) +
@@ -156,7 +160,10 @@ Array array_of(const DLTensor& t, py::object object, const char* name) {
     shape[d] = t.shape[d];
     strides[d] = t.strides ? t.strides[d] * itemsize : (d + 1 < t.ndim ? strides[d + 1] * shape[d + 1] : itemsize);
   }
-  const DType dtype = bf16 ? DType::bfloat16 : itemsize == 4 ? DType::float32 : DType::float64;
+  const std::optional<DType> dtype = integers        ? std::nullopt
+                                     : bf16          ? std::optional(DType::bfloat16)
+                                     : itemsize == 4 ? std::optional(DType::float32)
+                                                     : std::optional(DType::float64);
   return Array(std::move(object), static_cast<char*>(t.data) + t.byte_offset, dtype, itemsize, t.ndim, shape, strides,
                /*writeable=*/true);
 }
@@ -165,7 +172,7 @@ Array from_ndarray(const py::array& a, const char* name);
 
 // The array of a DLPack capsule, which it consumes: a NumPy view (what a binding returns for an
 // `out` capsule) that keeps the producer's tensor alive.
-Array from_dlpack(py::handle capsule, const char* name) {
+Array from_dlpack(py::handle capsule, const char* name, bool integers) {
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   if (!managed) throw py::error_already_set();
   PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // consumed: its own destructor leaves the tensor alone
@@ -173,10 +180,11 @@ Array from_dlpack(py::handle capsule, const char* name) {
     auto* m = static_cast<DLManagedTensor*>(p);
     if (m->deleter) m->deleter(m);
   });
-  const Array a = array_of(managed->dl_tensor, owner, name);
-  const py::dtype dtype = a.dtype() == DType::bfloat16  ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
-                          : a.dtype() == DType::float32 ? py::dtype::of<float>()
-                                                        : py::dtype::of<double>();
+  const Array a = array_of(managed->dl_tensor, owner, name, integers);
+  const py::dtype dtype = integers                       ? py::dtype::of<std::int64_t>()
+                          : a.dtype() == DType::bfloat16 ? py::reinterpret_borrow<py::dtype>(bf16_dtype())
+                          : a.dtype() == DType::float32  ? py::dtype::of<float>()
+                                                         : py::dtype::of<double>();
   const std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
   std::vector<py::ssize_t> strides(a.ndim());
   for (int d = 0; d < a.ndim(); ++d) strides[d] = a.strides(d);
@@ -241,7 +249,7 @@ const DLPackExchangeAPI* exchange_api(py::handle obj) {
 
 // A tensor's view through its type's exchange API. PyTorch's negative bit (a lazily negated view)
 // is not in the DLTensor: such an input is read through its resolve_neg() copy, and an output refused.
-Array exchange_view(const DLPackExchangeAPI* api, py::handle obj, const char* name, bool writable) {
+Array exchange_view(const DLPackExchangeAPI* api, py::handle obj, const char* name, bool writable, bool integers) {
   static PyObject* const is_neg = PyUnicode_InternFromString("is_neg");
   py::object tensor = py::reinterpret_borrow<py::object>(obj);
   if (PyObject* neg = PyObject_CallMethodNoArgs(obj.ptr(), is_neg)) {
@@ -255,18 +263,18 @@ Array exchange_view(const DLPackExchangeAPI* api, py::handle obj, const char* na
   }
   DLTensor t;
   if (api->dltensor_from_py_object_no_sync(tensor.ptr(), &t) != 0) throw py::error_already_set();
-  return array_of(t, std::move(tensor), name);
+  return array_of(t, std::move(tensor), name, integers);
 }
 
 }  // namespace
 
-Array as_array(py::handle obj, const char* name, bool writable) {
+Array as_array(py::handle obj, const char* name, bool writable, bool integers) {
   if (PyCapsule_CheckExact(obj.ptr())) {
     const char* capsule_name = PyCapsule_GetName(obj.ptr());
-    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name);
+    if (capsule_name && std::strcmp(capsule_name, "dltensor") == 0) return from_dlpack(obj, name, integers);
   }
   if (!py::isinstance<py::array>(obj)) {
-    if (const DLPackExchangeAPI* api = exchange_api(obj)) return exchange_view(api, obj, name, writable);
+    if (const DLPackExchangeAPI* api = exchange_api(obj)) return exchange_view(api, obj, name, writable, integers);
     throw py::type_error(std::string(name) + " must be a numpy.ndarray, got " + type_name(obj));
   }
   // A subclass is read as the plain array it is, except a masked array: its mask would be
@@ -275,7 +283,32 @@ Array as_array(py::handle obj, const char* name, bool writable) {
       py::isinstance(obj, py::module_::import("numpy.ma").attr("MaskedArray")))
     throw py::type_error(std::string(name) + " is a numpy.ma.MaskedArray, whose mask lingrad would ignore; pass " +
                          name + ".filled(value) or " + name + ".data");
-  return from_ndarray(py::reinterpret_borrow<py::array>(obj), name);
+  const py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (integers && !a.dtype().equal(py::dtype::of<std::int64_t>()))
+    throw py::type_error(std::string(name) + " must hold int64 class indices, got dtype " +
+                         std::string(py::str(a.dtype())));
+  return from_ndarray(a, name);
+}
+
+Array class_indices(py::handle obj, const char* name, py::ssize_t batch, py::ssize_t classes,
+                    std::vector<std::int64_t>& out) {
+  const Array a = as_array(obj, name, /*writable=*/false, /*integers=*/true);
+  if (a.ndim() != 1 || a.shape(0) != batch)
+    throw py::value_error(std::string(name) + " has shape " + shape_of(a) + " but must be (batch,) = (" +
+                          std::to_string(batch) + ",): one class index per row of x");
+  if (a.size() > 0 && (reinterpret_cast<std::uintptr_t>(a.data()) % 8 || (batch > 1 && a.strides(0) % 8)))
+    throw py::value_error(std::string(name) + " is not aligned to its 8-byte elements");
+  out.resize(static_cast<std::size_t>(batch));
+  const auto* data = static_cast<const char*>(a.data());
+  for (py::ssize_t b = 0; b < batch; ++b) {
+    std::int64_t c;
+    std::memcpy(&c, data + b * a.strides(0), sizeof c);
+    if (c < 0 || c >= classes)
+      throw py::value_error(std::string(name) + "[" + std::to_string(b) + "] is " + std::to_string(c) +
+                            ", not a class index in [0, " + std::to_string(classes) + ")");
+    out[static_cast<std::size_t>(b)] = c;
+  }
+  return a;
 }
 
 DType dtype_of(const Array& a, const char* name) {
@@ -326,13 +359,13 @@ std::pair<std::uintptr_t, std::uintptr_t> extent(const Array& a) {
   return {static_cast<std::uintptr_t>(lo), static_cast<std::uintptr_t>(hi + a.itemsize())};
 }
 
+}  // namespace
+
 bool overlap(const Array& a, const Array& b) {
   const auto [a_lo, a_hi] = extent(a);
   const auto [b_lo, b_hi] = extent(b);
   return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
 }
-
-}  // namespace
 
 Array Call::input(py::handle obj, const char* name, int ndim, const char* meaning, bool allow_1d, int other_ndim) {
   Array a = as_array(obj, name);

@@ -9,13 +9,14 @@
 //   arrays.hpp/.cpp   Array (an argument read in place), Call (inputs and outputs of one call), DLPack,
 //                     dtypes, views, messages, keyword
 //   bind_linear.cpp   linear_forward ... linear_mse, mse_loss, mse_backward
-//   bind_mlp.cpp      mlp_forward, mlp_backward, mlp_mse
+//   bind_mlp.cpp      mlp_forward, mlp_backward, mlp_mse, MlpTrainStep
 //   bind_privacy.cpp  linear_per_sample_grad_norms, linear_per_sample_grads
 //   bind_config.cpp   threads, ISAs, build_info, _gemm_plan
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
@@ -105,8 +106,16 @@ bool bf16_offered();
 // The array `obj` is (a numpy.ndarray, a tensor whose type publishes DLPack's C exchange API, or a
 // DLPack capsule from lingrad's PyTorch layer on older torch), or a TypeError naming it. A tensor
 // with PyTorch's negative bit is read through its resolve_neg() copy (DLPack carries no such bit);
-// an output (`writable`) cannot be one.
-Array as_array(py::handle obj, const char* name, bool writable = false);
+// an output (`writable`) cannot be one. With `integers`: an int64 array or tensor, and nothing else
+// (class indices; its Array has no float dtype).
+Array as_array(py::handle obj, const char* name, bool writable = false, bool integers = false);
+// Class indices (a cross-entropy's target): `obj` an int64 array or tensor of shape (batch,), each
+// index in [0, classes), else a TypeError or ValueError naming it (and the first bad index). The
+// indices are copied into `out` (any strides); returns the array.
+Array class_indices(py::handle obj, const char* name, py::ssize_t batch, py::ssize_t classes,
+                    std::vector<std::int64_t>& out);
+// Whether two arrays may touch the same bytes.
+bool overlap(const Array& a, const Array& b);
 // a's dtype, or a TypeError naming it and saying what lingrad computes in.
 DType dtype_of(const Array& a, const char* name);
 const char* dtype_name(DType d);
@@ -135,6 +144,8 @@ class Call {
                std::optional<DType> dtype = std::nullopt);
 
   DType dtype() const { return dtype_; }
+  // The dtype of a call whose first array is an `out` (nothing read yet): the arrays a step updates.
+  void expect(DType d) { dtype_ = d; }
   // A new result's dtype: the call's, except a bfloat16 call with a float32 input makes float32.
   DType result_dtype() const { return dtype_ == DType::bfloat16 && !all_bf16_ ? DType::float32 : dtype_; }
 

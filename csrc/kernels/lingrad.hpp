@@ -191,6 +191,103 @@ double mlp_mse(MatrixView<T> x, const MlpLayer<T>* layers, int n, MatrixView<T> 
                T* const* dw, T* const* db);
 
 // ---------------------------------------------------------------------------------------------
+// Optimizers (optim.cpp): PyTorch's update rules, element by element, with PyTorch's roundings
+// (torch/optim/sgd.py and adam.py, _single_tensor_*: what CPU tensors run). Where ATen's CPU kernels
+// fuse a multiply and an add (Tensor.add(alpha=), lerp, addcmul), so does the rule (std::fma), so
+// that a step computes PyTorch's bits; the hyperparameters are rounded to T where PyTorch does.
+//
+//   SGD   g = -grad if maximize else grad;  g += wd p;  buf = g (first step) or mom buf + (1 - damp) g;
+//         g = g + mom buf (nesterov) or buf;  p -= lr g
+//   Adam  step += 1;  p *= 1 - lr wd (AdamW) or g += wd p (Adam);  m = lerp(m, g, 1 - beta1);
+//         v = beta2 v + (1 - beta2) g^2;  vmax = max(vmax, v) (amsgrad);
+//         p -= lr / (1 - beta1^step) m / (sqrt(v or vmax) / sqrt(1 - beta2^step) + eps)
+
+enum class OptimizerKind { sgd, adam };
+
+// One parameter group's hyperparameters, as torch.optim's param_groups hold them.
+struct OptimizerHyper {
+  OptimizerKind kind = OptimizerKind::sgd;
+  double lr = 0, weight_decay = 0;
+  bool maximize = false;
+  double momentum = 0, dampening = 0;  // SGD
+  bool nesterov = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // Adam, AdamW
+  bool amsgrad = false, decoupled = false;        // decoupled: AdamW's weight decay
+};
+
+// One trainable tensor and its optimizer state, each dense with `size` elements (state in PyTorch's
+// layout: optimizer.state[p]["momentum_buffer"], "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step").
+template <typename T>
+struct ParamState {
+  T* value = nullptr;  // updated in place
+  index_t size = 0;
+  const OptimizerHyper* hyper = nullptr;  // null: frozen, never updated
+  T* momentum_buffer = nullptr;           // SGD with momentum != 0
+  bool fresh_buffer = false;              // ... which holds nothing yet: this step sets it to g (torch's clone)
+  T* exp_avg = nullptr;                   // Adam
+  T* exp_avg_sq = nullptr;
+  T* max_exp_avg_sq = nullptr;  // amsgrad
+  float* step_f32 = nullptr;    // Adam's step count, a 0-d float32 tensor (or float64: step_f64) as torch keeps it
+  double* step_f64 = nullptr;
+};
+
+// The optimizer's update of p from its gradient grad (p.size elements); nothing for a frozen p.
+// Elements are shared out to threads (the same bits for any number).
+template <typename T>
+void optimizer_update(const ParamState<T>& p, const T* grad);
+
+// Asks the CPU to bring p's optimizer state (momentum buffer, Adam's moments) into cache, to be read
+// by a later optimizer_update: a step issues it for small networks before their forward pass, whose
+// products then hide the loads (between steps other work may have evicted the state). Changes nothing.
+template <typename T>
+void optimizer_prefetch(const ParamState<T>& p);
+
+// ---------------------------------------------------------------------------------------------
+// The whole training step of a network (mlp.cpp): forward, loss, backward and the optimizer's update
+// of each layer's weight and bias as soon as their gradients are complete (while in cache).
+
+enum class Loss { mse, cross_entropy, huber, bce_with_logits };
+// Their names, in the enum's order (the bindings parse them).
+inline constexpr const char* kLossNames[] = {"mse", "cross_entropy", "huber", "bce_with_logits"};
+static_assert(std::size(kLossNames) == static_cast<std::size_t>(Loss::bce_with_logits) + 1, "one name per Loss");
+
+// A step's loss on the network's output Y (B, out_L), with PyTorch's definitions (torch.nn.functional):
+//   mse              (y - t)^2                                    t (B, out_L)
+//   cross_entropy    log-softmax over each row: lse(y_b) - y_b[t_b]   classes t (B) in [0, out_L)
+//   huber            |r| < delta ? r^2 / 2 : delta (|r| - delta / 2),  r = y - t
+//   bce_with_logits  max(y, 0) - y t + log(1 + exp(-|y|))         (binary cross-entropy of sigmoid(y))
+// summed ("sum") or averaged ("mean": over the B * out_L elements; over the B rows for cross_entropy).
+struct LossSpec {
+  Loss kind = Loss::mse;
+  Reduction reduction = Reduction::mean;
+  double delta = 1.0;  // huber's
+};
+
+// What a step needs besides the parameters, kept by the caller from step to step: it grows when a
+// batch needs more and is otherwise reused (no allocation per step).
+template <typename T>
+struct TrainWorkspace {
+  T* memory = nullptr;
+  index_t capacity = 0;  // elements of memory
+  double* rows = nullptr;
+  index_t row_capacity = 0;
+  TrainWorkspace() = default;
+  TrainWorkspace(const TrainWorkspace&) = delete;
+  TrainWorkspace& operator=(const TrainWorkspace&) = delete;
+  ~TrainWorkspace();
+  T* reserve(index_t elements);
+  double* reserve_rows(index_t count);
+};
+
+// The loss (LossSpec) of the network's output against target (B, out_L), or against classes (B)
+// for cross_entropy. weights[l], biases[l]: the state of layers[l]'s weight and bias (value: the same memory as the
+// layer's view, dense; hyper null where frozen or absent). Returns the loss before the update.
+template <typename T>
+double mlp_train_step(MatrixView<T> x, const MlpLayer<T>* layers, int n, const LossSpec& loss, MatrixView<T> target,
+                      const std::int64_t* classes, const ParamState<T>* weights, const ParamState<T>* biases,
+                      TrainWorkspace<T>& workspace);
+
+// ---------------------------------------------------------------------------------------------
 // Per-sample gradients, for clipping and differentially private training (privacy.cpp).
 //
 // A batch of per-sample matrices: sample b's (steps, features) matrix is m with its data at

@@ -102,3 +102,24 @@ def mlp_mse(
     negative_slopes: Sequence[float] | None = None,
     input_grad: bool = True,
 ) -> tuple[float, _Array | None, list[_Array], list[_Array | None]]: ...
+
+class MlpTrainStep:
+    """A network's whole training step (forward, loss, backward, optimizer update), made once."""
+
+    def __init__(
+        self,
+        weights: Sequence[_Array],
+        biases: Sequence[_Array | None] | None,
+        activations: Sequence[str],
+        *,
+        negative_slopes: Sequence[float] | None = None,
+        loss: Literal["mse", "cross_entropy", "huber", "bce_with_logits"] = "mse",
+        reduction: Literal["mean", "sum"] = "mean",
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        weight_states: Sequence[dict[str, Any] | None],
+        bias_states: Sequence[dict[str, Any] | None],
+        delta: float = 1.0,
+    ) -> None: ...
+    def __call__(self, x: _Array, target: _Array, hyperparameters: Sequence[tuple[float | bool, ...]]) -> float: ...
+    @property
+    def workspace_elements(self) -> int: ...

@@ -65,6 +65,8 @@ _TORCH_NAMES = {
     "nn": "nn",
     "fuse": "mlp",
     "FusedMLP": "mlp",
+    "train_step": "train",
+    "TrainStep": "train",
     "mlp": "mlp",
     "functional": "functional",
     "privacy": "privacy",

@@ -4,7 +4,8 @@
 
 One copy is built from lingrad (``lingrad.Linear`` for the first layer, the fused
 ``lingrad.LinearMSELoss`` for the second layer and its loss), the other from ``torch.nn.Linear``
-and ``F.mse_loss``, and a third is the whole network fused into one native call (``lingrad.fuse``);
+and ``F.mse_loss``, a third is the whole network fused into one native call (``lingrad.fuse``), and
+a fourth trains with ``lingrad.train_step`` (forward, loss, backward and the SGD update in one call);
 all start from the same weights and take the same full-batch gradient-descent steps. The demo
 prints the final losses, the time per step of each, and what the first layer's
 weight gradient looks like, and draws the loss curves and that gradient for a few hidden units as
@@ -103,10 +104,11 @@ class Run:
     steps: int
     lr: float
     images: int
-    # per step, before the update; "fused" is the same network as one lingrad.fuse call
-    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
+    # per step, before the update; "fused" is the same network as one lingrad.fuse call, "train_step"
+    # the same network trained by lingrad.train_step (the update in the same native call)
+    loss: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": [], "train_step": []})
     # per step: forward, backward, update
-    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": []})
+    seconds: dict = field(default_factory=lambda: {"lingrad": [], "torch": [], "fused": [], "train_step": []})
     final: dict = field(default_factory=dict)  # loss of the trained model on all images
     grad_w1: np.ndarray | None = None  # lingrad's first-layer weight gradient, last step
     pixels: np.ndarray | None = None
@@ -131,7 +133,8 @@ def build_models(seed: int):
             mine.bias.copy_(theirs.bias)
     network = torch.nn.Sequential(copy.deepcopy(reference[0]), torch.nn.ReLU(), copy.deepcopy(reference[1]))
     fused = lingrad.mlp.fuse(network, loss="mse")
-    return ours, reference, fused
+    one_call = copy.deepcopy(network)  # for lingrad.train_step
+    return ours, reference, fused, one_call
 
 
 def train(
@@ -152,10 +155,14 @@ def train(
 
     x = torch.from_numpy(pixels)
     target = torch.from_numpy(labels.astype(np.float32)).unsqueeze(1)  # (images, 1): the label as a number
-    (layer1, layer2_loss), (ref1, ref2), fused = build_models(seed)
+    import lingrad.torch.train
+
+    (layer1, layer2_loss), (ref1, ref2), fused, one_call = build_models(seed)
     ours_opt = torch.optim.SGD([*layer1.parameters(), *layer2_loss.parameters()], lr=lr)
     ref_opt = torch.optim.SGD([*ref1.parameters(), *ref2.parameters()], lr=lr)
     fused_opt = torch.optim.SGD(fused.parameters(), lr=lr)
+    # forward, MSE, backward and the SGD update of each layer, in one native call
+    whole_step = lingrad.torch.train.train_step(one_call, torch.optim.SGD(one_call.parameters(), lr=lr))
 
     def lingrad_step() -> float:
         ours_opt.zero_grad()
@@ -178,6 +185,9 @@ def train(
         fused_opt.step()
         return loss.item()
 
+    def train_step() -> float:
+        return whole_step(x, target).item()
+
     run = Run(steps=steps, lr=lr, images=len(pixels), pixels=pixels)
     file = progress_file or sys.stderr
     # tqdm's bar on a terminal only (disable=None); in a CI log or a pipe every update of the bar
@@ -187,7 +197,12 @@ def train(
     )
     plain_lines = progress and bar.disable
     for step_index in bar:
-        for name, step in (("lingrad", lingrad_step), ("torch", torch_step), ("fused", fused_step)):
+        for name, step in (
+            ("lingrad", lingrad_step),
+            ("torch", torch_step),
+            ("fused", fused_step),
+            ("train_step", train_step),
+        ):
             t0 = time.perf_counter()
             run.loss[name].append(step())
             run.seconds[name].append(time.perf_counter() - t0)
@@ -205,6 +220,7 @@ def train(
         run.final["lingrad"] = layer2_loss(F.relu(layer1(x)), target).item()
         run.final["torch"] = F.mse_loss(ref2(F.relu(ref1(x))), target).item()
         run.final["fused"] = fused(x, target).item()
+        run.final["train_step"] = F.mse_loss(one_call(x), target).item()
     return run
 
 
@@ -343,6 +359,11 @@ def report(run: Run, facts: dict, png: str, out: IO[str]) -> bool:
     p(
         f"  lingrad.fuse (the whole network as one call)  {t_fused:.2f} ms   PyTorch / fused = "
         f"{t_ref / t_fused:.2f}x; its loss after training {run.final['fused']:.6f}"
+    )
+    t_whole = statistics.median(run.seconds["train_step"]) * 1e3
+    p(
+        f"  lingrad.train_step (the step, update included, as one call)  {t_whole:.2f} ms   PyTorch / train_step = "
+        f"{t_ref / t_whole:.2f}x; its loss after training {run.final['train_step']:.6f}"
     )
     p()
     grad = run.grad_w1

@@ -39,6 +39,7 @@ PyTorch bfloat16 tensors fall back to PyTorch):
 """
 
 from ._C import (
+    MlpTrainStep,
     linear_backward_input,
     linear_backward_weight,
     linear_forward,
@@ -64,4 +65,5 @@ __all__ = [
     "mlp_forward",
     "mlp_backward",
     "mlp_mse",
+    "MlpTrainStep",
 ]

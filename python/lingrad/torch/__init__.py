@@ -10,6 +10,7 @@ always have: ``lingrad.Linear``, ``lingrad.functional``, ``lingrad.nn``, ``lingr
     autograd.py     the operators' Functions (lingrad.autograd)
     nn.py           Linear, LinearMSELoss, swap_linear (lingrad.nn)
     mlp.py          fuse, FusedMLP: a whole network per native call (lingrad.mlp)
+    train.py        train_step: forward, loss, backward and the torch.optim update in one native call
     privacy.py      clip_and_accumulate, add_noise: DP-SGD (lingrad.privacy)
 
 A call goes one way: functional (shapes, the fallback decision) -> the Operator (routing: kernel,
