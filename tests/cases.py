@@ -32,8 +32,9 @@ KERNEL_SHAPES = [
     (3, 4099, 9),  # and of dX (W read in place)
     (9, 3000, 800),  # the forward's packed W^T (K x N = 3000 x 800) exceeds one 8 MB slab: several barriers
     (633, 11, 3),  # narrow (K = 11): ten blocks of 64 rows, the last one short
-    (300, 2, 200),  # dW narrow with K = 300 > kNarrowChunk: dot products over packed chunks
-    (5, 600, 3),  # the forward pass narrow, K = 600: over chunks of the rows in place
+    (300, 2, 200),  # dW narrow with K = 300: dot products over dY^T's rows packed 16 at a time
+    (5, 600, 3),  # the forward pass narrow, K = 600: dot products over the rows in place
+    (2, 4500, 3),  # and K = 4500 > kNarrowChunk: in three chunks
     (100, 3, 70),  # narrow column form for dW (K = 100) and dX (K = 70)
     (3, 0, 2),  # no input features: y = bias
     (0, 5, 3),  # empty batch

@@ -73,8 +73,9 @@ CLAIMS = [
     ((3, 4, 600), "dX", path("narrow")),
     ((633, 11, 3), "forward", path("narrow", items=10, form="columns")),  # ten blocks of 64 rows, one short
     ((3, 4, 600), "dW", path("narrow", form="columns")),
-    ((300, 2, 200), "dW", path("narrow", form="dot", copy_a=True)),  # two chunks of dY^T's columns packed
-    ((5, 600, 3), "forward", path("narrow", form="dot", copy_a=False)),  # three chunks of X's rows in place
+    ((300, 2, 200), "dW", path("narrow", form="dot", copy_a=True)),  # dY^T's rows packed
+    ((5, 600, 3), "forward", path("narrow", form="dot", copy_a=False)),  # X's rows in place
+    ((2, 4500, 3), "forward", path("narrow", form="dot", copy_a=False)),  # three chunks of K
     ((100, 3, 70), "dW", path("narrow", form="columns")),  # K = 100 <= kNarrowColumnK, dY^T's columns
     ((100, 3, 70), "dX", path("narrow", form="columns")),  # K = 70, dY's rows transposed
     ((1, 1000, 1), "forward", path("narrow")),

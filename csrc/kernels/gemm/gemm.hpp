@@ -70,7 +70,8 @@ constexpr index_t kSmallM = 8;                    // at most this many rows: the
 constexpr index_t kSmallMinK = 8;                 // if K >= kSmallMinK * M^2 (else packed): see gemm/small_m.inc
 constexpr index_t kNarrowN = 4;                   // at most this many columns: the narrow path (gemm/narrow.inc)
 constexpr index_t kNarrowRows = 64;               // narrow: rows per work block, and per partial sum of the loss
-constexpr index_t kNarrowChunk = 256;             // narrow dot products: k per pass (a packed block: 64 KB of floats)
+constexpr index_t kNarrowChunk = 2048;            // narrow dot products: k per pass,
+constexpr index_t kNarrowPackRows = 16;           //   packed this many rows at a time (128 KB of floats)
 constexpr index_t kNarrowColumnK = 128;           // narrow: at most this K, the column form (measured on Zen 4)
 constexpr index_t kTinyK = 16;                    // at most this K, at most kTinyKMaxM rows and at least kTinyKMinN
 constexpr index_t kTinyKMaxM = 4;                 //   columns: rank-K updates (gemm/tiny_k.inc; with more rows or

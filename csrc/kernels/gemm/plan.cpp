@@ -35,7 +35,7 @@ void plan_narrow(const GemmProblem& q, GemmPlan& p) {
   p.items = ceil_div(q.m, kNarrowRows);
   p.threads = static_cast<int>(imin(p.threads, p.items));
   p.per_thread = p.columns ? kNarrowRows * (q.k > 0 ? q.k : 1)
-                           : ((p.copy_a ? kNarrowRows : 0) + (p.copy_b ? kNarrowN : 0)) * kNarrowChunk;
+                           : ((p.copy_a ? kNarrowPackRows : 0) + (p.copy_b ? kNarrowN : 0)) * kNarrowChunk;
   p.partial_squares = partial_squares(q, p.items);
 }
 
