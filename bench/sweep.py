@@ -2,7 +2,7 @@
 
 python bench/sweep.py                 # the full sweep, float32 + float64 + odd sizes + batch 1, 2, 8
 python bench/sweep.py --quick         # six shapes
-python bench/sweep.py --cliff 24      # and 24 random shapes of the cliff finder (worst and median ratios)
+python bench/sweep.py --cliff 48      # and 48 random shapes of the cliff finder (worst and median ratios)
 python bench/sweep.py --plot bench/sweep.png --markdown bench/RESULTS.md
 python bench/sweep.py --lock /tmp/lingrad-bench.lock ...   # on a shared machine: one shape at a time
 

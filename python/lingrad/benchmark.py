@@ -58,7 +58,7 @@ OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # what forces OpenBLAS
 CLIFF = ("forward", "grad input", "grad weight", "forward no-grad", "step fused")
 
 
-def cliff_shapes(count: int = 24, seed: int = 12, low: int = 1, high: int = 4096) -> list[tuple]:
+def cliff_shapes(count: int = 48, seed: int = 12, low: int = 1, high: int = 4096) -> list[tuple]:
     """`count` random shapes (batch, in, out), each dimension log-uniform in [low, high] (seeded:
     the same shapes every run), to find the shapes where lingrad falls behind."""
     rng = np.random.default_rng(seed)
