@@ -42,7 +42,9 @@ def _sgd_hyper(g: dict) -> tuple:
     return (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["maximize"])
 
 
-def _adam_hyper(g: dict) -> tuple:
+def _adam_hyper(g: dict, decoupled: bool = False) -> tuple:
+    """decoupled: the optimizer's own rule where its groups do not say (torch < 2.7: AdamW's groups have no
+    decoupled_weight_decay; AdamW decouples by its class)."""
     beta1, beta2 = g["betas"]
     return (
         g["lr"],
@@ -52,7 +54,7 @@ def _adam_hyper(g: dict) -> tuple:
         g["weight_decay"],
         g["amsgrad"],
         g["maximize"],
-        g.get("decoupled_weight_decay", False),
+        g.get("decoupled_weight_decay", decoupled),
     )
 
 
@@ -96,7 +98,8 @@ class TrainStep:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self._loss, self._reduction, self._delta = loss, reduction, float(delta)
-        self._hyper_of = _sgd_hyper if self._kind == "sgd" else _adam_hyper
+        adamw = type(optimizer) is torch.optim.AdamW
+        self._hyper_of = _sgd_hyper if self._kind == "sgd" else (lambda g: _adam_hyper(g, adamw))
         self.model, self.optimizer = model, optimizer
         params = [p for m in self._linears for p in (m.weight, m.bias) if p is not None]
         if len({id(p) for p in params}) != len(params):
