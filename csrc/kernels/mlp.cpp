@@ -289,28 +289,30 @@ TrainWorkspace<T>::~TrainWorkspace() {
   delete[] rows;
 }
 
+namespace {
+// buffer with room for at least count elements: kept if it has it, else replaced (its values are
+// not kept). If the allocation throws, the buffer is left empty and consistent.
+template <typename U>
+U* grow(U*& buffer, index_t& capacity, index_t count) {
+  if (count > capacity) {
+    delete[] buffer;
+    buffer = nullptr;
+    capacity = 0;
+    buffer = new U[count];
+    capacity = count;
+  }
+  return buffer;
+}
+}  // namespace
+
 template <typename T>
 T* TrainWorkspace<T>::reserve(index_t elements) {
-  if (elements > capacity) {
-    delete[] memory;
-    memory = nullptr;
-    capacity = 0;
-    memory = new T[elements];
-    capacity = elements;
-  }
-  return memory;
+  return grow(memory, capacity, elements);
 }
 
 template <typename T>
 double* TrainWorkspace<T>::reserve_rows(index_t count) {
-  if (count > row_capacity) {
-    delete[] rows;
-    rows = nullptr;
-    row_capacity = 0;
-    rows = new double[count];
-    row_capacity = count;
-  }
-  return rows;
+  return grow(rows, row_capacity, count);
 }
 
 template <typename T>
