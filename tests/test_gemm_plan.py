@@ -58,16 +58,20 @@ def path(name, **want):
     return lambda p, shape: p["path"] == name and all(p[k] == v for k, v in want.items())
 
 
+def unpacked_if_one_tile(p, shape):  # N within one register tile (the build's NR): unpacked, else packed
+    return p["path"] == ("unpacked" if shape[2] <= p["tile"][1] else "packed")
+
+
 CLAIMS = [
-    ((9, 5, 4100), "forward", packed(column_blocks=2)),
-    ((9, 4099, 9), "dX", packed(column_blocks=2)),
-    ((9, 4099, 9), "dW", packed(column_blocks=2)),
-    ((9, 4099, 9), "forward", packed(k_slices=17)),
+    ((9, 20, 4100), "forward", packed(column_blocks=2)),
+    ((20, 4099, 40), "dX", packed(column_blocks=2)),
+    ((20, 4099, 40), "dW", packed(column_blocks=2)),
+    ((20, 4099, 40), "forward", packed(k_slices=17)),
     ((9, 3000, 800), "forward", packed(pack_b=True, slabs=2)),
-    ((11, 256, 16), "forward", packed(k_slices=1, kc=256, row_blocks=1)),
-    ((11, 256, 16), "forward", edge_rows(11)),
-    ((17, 255, 15), "forward", edge_rows(17)),
-    ((17, 255, 15), "forward", edge_columns(15)),
+    ((11, 256, 48), "forward", packed(k_slices=1, kc=256, row_blocks=1)),
+    ((11, 256, 48), "forward", edge_rows(11)),
+    ((17, 255, 47), "forward", edge_rows(17)),
+    ((17, 255, 47), "forward", edge_columns(47)),
     ((13, 511, 33), "forward", narrower_tile),
     ((169, 100, 47), "forward", lambda p, shape: p["path"] == "packed" and p["row_blocks"] >= 2),
     ((3, 4, 600), "dX", path("narrow")),
@@ -80,14 +84,19 @@ CLAIMS = [
     ((100, 3, 70), "dX", path("narrow", form="columns")),  # K = 70, dY's rows transposed
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
-    ((1, 1000, 1), "dX", path("tiny_k", copy_b=False)),  # one row, but K = 1 < 8: a rank-1 update
-    ((6, 256, 16), "forward", path("packed")),  # K = 256 < 8 * 6^2: the packed path
-    ((5, 255, 15), "dW", path("packed")),  # 15 outputs (more than 4 rows)
-    ((2, 5, 3), "dW", path("packed")),  # 3 outputs, K = 2 < 8 * 3^2, N = 5 < 64
-    ((7, 13, 5), "dX", path("packed")),
-    ((3, 5, 4100), "forward", path("tiny_k", copy_b=True, items=9)),  # 9 strips of 512; W^T's rows copied
-    ((3, 4099, 9), "dX", path("tiny_k", copy_b=False, items=9)),
-    ((7, 257, 17), "dX", path("packed")),  # K = 17, just above kTinyK
+    ((1, 1000, 1), "dX", path("unpacked", copy_b=False)),  # one row, but K = 1 < 8: a rank-1 update
+    ((6, 256, 16), "forward", unpacked_if_one_tile),  # (K = 256 < 8 * 6^2: not small M)
+    ((11, 256, 16), "forward", unpacked_if_one_tile),
+    ((17, 255, 15), "forward", unpacked_if_one_tile),  # an edge row block and column vector
+    ((9, 4099, 9), "forward", unpacked_if_one_tile),  # W^T copied in chunks of K, the chains resumed
+    ((9, 4099, 9), "dX", path("unpacked", copy_b=False, items=9)),  # K = 9: 9 strips of 512 columns
+    ((9, 4099, 9), "dW", path("unpacked", items=9)),
+    ((5, 255, 15), "dW", path("unpacked")),  # K = 5 (15 outputs: more than 8 rows for small M)
+    ((2, 5, 3), "dW", path("unpacked")),  # 3 outputs, K = 2 < 8 * 3^2
+    ((7, 13, 5), "dX", path("unpacked")),
+    ((3, 5, 4100), "forward", path("unpacked", copy_b=True, items=9)),  # 9 strips of 512; W^T's rows copied
+    ((3, 4099, 9), "dX", path("unpacked", copy_b=False, items=9)),
+    ((7, 257, 17), "dX", path("packed")),  # K = 17, just above kUnpackedK
     ((0, 5, 3), "forward", path("empty")),
 ]
 
@@ -108,8 +117,10 @@ def test_small_batch_shapes_take_both_forms(isa, dtype):
     for m, k, n in SMALL_M_SHAPES:
         if k > 8 * m * m:
             below = (m, 8 * m * m - 1, n)  # one short of the threshold
-            below_path = "narrow" if n <= 4 else "tiny_k" if below[1] <= 16 and n >= 64 and m <= 4 else "packed"
-            assert plan_of("forward", below, dtype)["path"] == below_path, below
+            plan = plan_of("forward", below, dtype)
+            one_tile = plan["path"] in ("unpacked", "packed") and n <= plan["tile"][1] and m * below[1] <= 1 << 17
+            below_path = "narrow" if n <= 4 else "unpacked" if one_tile or below[1] <= 16 else "packed"
+            assert plan["path"] == below_path, below
         for product, order, form in [("forward", "C", "dot"), ("dX", "C", "axpy"), ("forward", "F", "axpy")]:
             shape = (m, k, n) if product == "forward" else (m, n, k)  # an m-row product of reduction k
             plan = plan_of(product, shape, dtype, order)

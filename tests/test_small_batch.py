@@ -1,9 +1,10 @@
 """The GEMM engine's small-M path: a batch of 1 to 8 in the forward pass and dX, and dW of a layer
-with 1 to 8 outputs. B (the weight, or X for dW) is streamed in place along whichever of its
-dimensions is contiguous, by one of two forms of the same summation order (gemm/small_m.inc, "Small
-M"): results must match the float64 reference within bounds that grow with the reduction length,
-and be bitwise the same for every memory layout of every operand and every thread count. The shapes:
-cases.SMALL_M_SHAPES."""
+with 1 to 8 outputs; and the unpacked path (gemm/unpacked.inc) under the same checks. B (the
+weight, or X for dW) is streamed in place along whichever of its dimensions is contiguous, by one
+of two forms of the same summation order (gemm/small_m.inc, "Small M"): results must match the
+float64 reference within bounds that grow with the reduction length, and be bitwise the same for
+every memory layout of every operand and every thread count. The shapes: cases.SMALL_M_SHAPES and
+cases.UNPACKED_SHAPES."""
 
 import itertools
 
@@ -13,7 +14,7 @@ import pytest
 from lingrad import kernels
 from lingrad import reference as ref
 
-from cases import SMALL_M_SHAPES, shape_id
+from cases import SMALL_M_SHAPES, UNPACKED_SHAPES, shape_id
 
 DTYPES = [np.float32, np.float64]
 
@@ -48,6 +49,20 @@ def products(rng, dtype, m, k, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMALL_M_SHAPES, ids=shape_id)
 def test_small_m_products(isa, num_threads, rng, dtype, shape):
+    check_products(num_threads, rng, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", UNPACKED_SHAPES, ids=shape_id)
+def test_unpacked_products(isa, num_threads, rng, dtype, shape):
+    """The unpacked path (gemm/unpacked.inc) under the same checks: A and B read in place or copied,
+    by layout, with the same chains."""
+    check_products(num_threads, rng, dtype, shape)
+
+
+def check_products(num_threads, rng, dtype, shape):
+    """The three products of `shape` (rows, K, N) against the float64 reference, then bitwise the
+    same with 3 threads for every layout of each operand."""
     for name, call, operands, want in products(rng, dtype, *shape):
         num_threads(1)
         first = call(*operands)

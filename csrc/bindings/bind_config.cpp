@@ -82,9 +82,13 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
   d["items"] = p.items;
   d["scratch_bytes"] = p.scratch_bytes;
   if (p.path == lingrad::GemmPath::narrow || p.path == lingrad::GemmPath::small_m ||
-      p.path == lingrad::GemmPath::tiny_k) {
+      p.path == lingrad::GemmPath::unpacked) {
     d["copy_a"] = p.copy_a;
     d["copy_b"] = p.copy_b;
+  }
+  if (p.path == lingrad::GemmPath::unpacked) {
+    d["tile"] = py::make_tuple(p.mr, p.nr);
+    d["strip"] = p.strip;
   }
   if (p.path == lingrad::GemmPath::narrow) d["form"] = p.columns ? "columns" : "dot";
   if (p.path == lingrad::GemmPath::small_m) {

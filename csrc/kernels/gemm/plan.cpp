@@ -69,14 +69,19 @@ void plan_small(const GemmProblem& q, int lanes, GemmPlan& p) {
   p.partial_squares = partial_squares(q, p.items);
 }
 
-// Tiny-K path (gemm/tiny_k.inc): items of kTinyKRows rows by kTinyKStrip columns; a B whose rows
-// are not contiguous is copied, the item's strip of it, into the thread's buffer.
-void plan_tiny_k(const GemmProblem& q, GemmPlan& p) {
-  p.path = GemmPath::tiny_k;
+// Unpacked path (gemm/unpacked.inc): items of kUnpackedRows rows by kUnpackedStrip columns; a B
+// whose columns are not contiguous is copied, kUnpackedChunk k of the item's strip at a time, into
+// the thread's buffer (else only the strip's right edge).
+void plan_unpacked(const GemmProblem& q, const GemmBlocking& b, GemmPlan& p) {
+  p.path = GemmPath::unpacked;
+  p.mr = b.mr;
+  p.nr = b.nr;
   p.copy_b = q.b_cs != 1;
-  p.items = ceil_div(q.m, kTinyKRows) * ceil_div(q.n, kTinyKStrip);
+  p.strip = imin(q.n, kUnpackedStrip);
+  p.items = ceil_div(q.m, kUnpackedRows) * ceil_div(q.n, kUnpackedStrip);
   p.threads = static_cast<int>(imin(p.threads, p.items));
-  p.per_thread = p.copy_b ? q.k * kTinyKStrip : 0;
+  // A chunk of K of the strip, copied (ld a whole number of vectors), or of its right edge (one vector).
+  p.per_thread = imin(q.k, kUnpackedChunk) * (p.copy_b ? ceil_div(p.strip, b.vl) * b.vl : b.vl);
   p.partial_squares = partial_squares(q, p.items);
 }
 
@@ -175,10 +180,12 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
     plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
   } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
     plan_narrow(q, p);
+  } else if (q.n <= b.nr && q.m * q.k <= kUnpackedArea && !q.col_scale) {  // one tile of columns, a small A
+    plan_unpacked(q, b, p);
   } else if (q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m && !q.col_scale) {
     plan_small(q, b.vl, p);
-  } else if (q.k <= kTinyK && q.m <= kTinyKMaxM && q.n >= kTinyKMinN && !q.col_scale) {
-    plan_tiny_k(q, p);
+  } else if (q.k <= kUnpackedK && !q.col_scale) {  // a tiny reduction
+    plan_unpacked(q, b, p);
   } else {
     plan_packed(t, q, b, p);
   }

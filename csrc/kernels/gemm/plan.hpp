@@ -23,13 +23,13 @@ int gemm_small_min_k();                   // if K >= this times M^2
 // at b[p*b_rs + j*b_cs]: every decision the engine makes before it computes, from the shape, the
 // strides and the build's blocking alone (see gemm/engine.inc). For tests and tuning: which path a
 // shape takes, and how it is cut.
-enum class GemmPath { empty, narrow, small_m, tiny_k, packed };
-constexpr const char* kGemmPathNames[] = {"empty", "narrow", "small_m", "tiny_k", "packed"};
+enum class GemmPath { empty, narrow, unpacked, small_m, packed };
+constexpr const char* kGemmPathNames[] = {"empty", "narrow", "unpacked", "small_m", "packed"};
 struct GemmPlan {
   GemmPath path = GemmPath::empty;  // empty: m == 0 or n == 0 (only the row sums, if asked, are computed)
   int threads = 1;                  // the team that runs it (1: no team is started)
   index_t items = 0;                // work items shared out to the team (per column block for packed)
-  // narrow, small M and tiny K: an operand whose reduction stride is not 1 is copied in contiguous runs
+  // narrow, small M and unpacked: an operand whose reduction stride is not 1 is copied in contiguous runs
   bool copy_a = false, copy_b = false;
   bool columns = false;  // narrow: the column form (a short K), else dot products
   // small M
@@ -51,7 +51,7 @@ struct GemmPlan {
   // The scratch memory, in elements of the product's type (float for bfloat16 products), as the
   // stages allocate it: B's packed slab (packed: slices_per_slab K slices of kc x nc), each thread's
   // own part (packed: its block of A; small M: its strip's lanes and copies; narrow: its panel of A;
-  // tiny K: its strip of B), a copy of A's rows for the row sums (small M), the float32 sums that a
+  // unpacked: a chunk of its strip of B), a copy of A's rows for the row sums (small M), the float32 sums that a
   // bfloat16 result alone keeps in memory (M x N, or 0), and the loss's partial sums (doubles: per
   // tile, strip or block).
   index_t b_slab = 0, per_thread = 0, row_sums_copy = 0, kept_sums = 0, partial_squares = 0;
