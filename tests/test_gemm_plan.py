@@ -58,22 +58,22 @@ def path(name, **want):
     return lambda p, shape: p["path"] == name and all(p[k] == v for k, v in want.items())
 
 
-def unpacked_if_one_tile(p, shape):  # N within one register tile (the build's NR): unpacked, else packed
-    return p["path"] == ("unpacked" if shape[2] <= p["tile"][1] else "packed")
+def unpacked_if_narrow(p, shape):  # N within two register tiles (2 NR, the build's): unpacked, else packed
+    return p["path"] == ("unpacked" if shape[2] <= 2 * p["tile"][1] else "packed")
 
 
 CLAIMS = [
     ((9, 20, 4100), "forward", packed(column_blocks=2)),
-    ((20, 4099, 40), "dX", packed(column_blocks=2)),
-    ((20, 4099, 40), "dW", packed(column_blocks=2)),
-    ((20, 4099, 40), "forward", packed(k_slices=17)),
+    ((40, 4099, 40), "dX", packed(column_blocks=2)),
+    ((40, 4099, 40), "dW", packed(column_blocks=2)),
+    ((40, 4099, 40), "forward", packed(k_slices=17)),
     ((9, 3000, 800), "forward", packed(pack_b=True, slabs=2)),
-    ((11, 256, 48), "forward", packed(k_slices=1, kc=256, row_blocks=1)),
-    ((11, 256, 48), "forward", edge_rows(11)),
-    ((17, 255, 47), "forward", edge_rows(17)),
-    ((17, 255, 47), "forward", edge_columns(47)),
-    ((13, 511, 33), "forward", narrower_tile),
-    ((169, 100, 47), "forward", lambda p, shape: p["path"] == "packed" and p["row_blocks"] >= 2),
+    ((11, 256, 80), "forward", packed(k_slices=1, kc=256, row_blocks=1)),
+    ((11, 256, 80), "forward", edge_rows(11)),
+    ((17, 255, 79), "forward", edge_rows(17)),
+    ((17, 255, 79), "forward", edge_columns(79)),
+    ((13, 511, 65), "forward", narrower_tile),
+    ((169, 100, 97), "forward", lambda p, shape: p["path"] == "packed" and p["row_blocks"] >= 2),
     ((3, 4, 600), "dX", path("narrow")),
     ((633, 11, 3), "forward", path("narrow", items=10, form="columns")),  # ten blocks of 64 rows, one short
     ((3, 4, 600), "dW", path("narrow", form="columns")),
@@ -85,10 +85,10 @@ CLAIMS = [
     ((1, 1000, 1), "forward", path("narrow")),
     ((3, 0, 2), "forward", path("narrow")),
     ((1, 1000, 1), "dX", path("unpacked", copy_b=False)),  # one row, but K = 1 < 8: a rank-1 update
-    ((6, 256, 16), "forward", unpacked_if_one_tile),  # (K = 256 < 8 * 6^2: not small M)
-    ((11, 256, 16), "forward", unpacked_if_one_tile),
-    ((17, 255, 15), "forward", unpacked_if_one_tile),  # an edge row block and column vector
-    ((9, 4099, 9), "forward", unpacked_if_one_tile),  # W^T copied in chunks of K, the chains resumed
+    ((6, 256, 16), "forward", unpacked_if_narrow),  # (K = 256 < 8 * 6^2: not small M)
+    ((11, 256, 16), "forward", unpacked_if_narrow),
+    ((17, 255, 15), "forward", unpacked_if_narrow),  # an edge row block and column vector
+    ((9, 4099, 9), "forward", unpacked_if_narrow),  # W^T copied in chunks of K, the chains resumed
     ((9, 4099, 9), "dX", path("unpacked", copy_b=False, items=9)),  # K = 9: 9 strips of 512 columns
     ((9, 4099, 9), "dW", path("unpacked", items=9)),
     ((5, 255, 15), "dW", path("unpacked")),  # K = 5 (15 outputs: more than 8 rows for small M)
@@ -118,8 +118,8 @@ def test_small_batch_shapes_take_both_forms(isa, dtype):
         if k > 8 * m * m:
             below = (m, 8 * m * m - 1, n)  # one short of the threshold
             plan = plan_of("forward", below, dtype)
-            one_tile = plan["path"] in ("unpacked", "packed") and n <= plan["tile"][1] and m * below[1] <= 1 << 17
-            below_path = "narrow" if n <= 4 else "unpacked" if one_tile or below[1] <= 16 else "packed"
+            narrow = plan["path"] in ("unpacked", "packed") and n <= 2 * plan["tile"][1] and m * below[1] <= 1 << 17
+            below_path = "narrow" if n <= 4 else "unpacked" if narrow or below[1] <= 16 else "packed"
             assert plan["path"] == below_path, below
         for product, order, form in [("forward", "C", "dot"), ("dX", "C", "axpy"), ("forward", "F", "axpy")]:
             shape = (m, k, n) if product == "forward" else (m, n, k)  # an m-row product of reduction k

@@ -89,6 +89,7 @@ py::dict gemm_plan(index_t m, index_t n, index_t k, index_t a_rs, index_t a_cs, 
   if (p.path == lingrad::GemmPath::unpacked) {
     d["tile"] = py::make_tuple(p.mr, p.nr);
     d["strip"] = p.strip;
+    d["pack_b"] = p.pack_b;  // B copied whole, once
   }
   if (p.path == lingrad::GemmPath::narrow) d["form"] = p.columns ? "columns" : "dot";
   if (p.path == lingrad::GemmPath::small_m) {

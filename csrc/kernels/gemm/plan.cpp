@@ -80,8 +80,13 @@ void plan_unpacked(const GemmProblem& q, const GemmBlocking& b, GemmPlan& p) {
   p.strip = imin(q.n, kUnpackedStrip);
   p.items = ceil_div(q.m, kUnpackedRows) * ceil_div(q.n, kUnpackedStrip);
   p.threads = static_cast<int>(imin(p.threads, p.items));
-  // A chunk of K of the strip, copied (ld a whole number of vectors), or of its right edge (one vector).
-  p.per_thread = imin(q.k, kUnpackedChunk) * (p.copy_b ? ceil_div(p.strip, b.vl) * b.vl : b.vl);
+  // A B to copy is copied whole, once, rows a whole number of vectors long, where that is at most
+  // kUnpackedCopyBytes (pack_b; every item reads it); else each item copies a chunk of K of its
+  // strip. A B read in place: each item copies its strip's right edge, a chunk of K of one vector.
+  const index_t ld = ceil_div(q.n, b.vl) * b.vl;
+  p.pack_b = p.copy_b && q.k * ld * q.elem_bytes <= kUnpackedCopyBytes;
+  p.b_slab = p.pack_b ? q.k * ld : 0;
+  p.per_thread = p.pack_b ? 0 : imin(q.k, kUnpackedChunk) * (p.copy_b ? ceil_div(p.strip, b.vl) * b.vl : b.vl);
   p.partial_squares = partial_squares(q, p.items);
 }
 
@@ -180,7 +185,7 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
     plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
   } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
     plan_narrow(q, p);
-  } else if (q.n <= b.nr && q.m * q.k <= kUnpackedArea && !q.col_scale) {  // one tile of columns, a small A
+  } else if (q.n <= 2 * b.nr && q.m * q.k <= kUnpackedArea && !q.col_scale) {  // two tiles of columns, a small A
     plan_unpacked(q, b, p);
   } else if (q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m && !q.col_scale) {
     plan_small(q, b.vl, p);
