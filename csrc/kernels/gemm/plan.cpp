@@ -44,7 +44,7 @@ void plan_small(const GemmProblem& q, int lanes, GemmPlan& p) {
   // Strips of at most kMaxStrip columns (the chains of a strip stay in L1), and at least
   // kMinStrips of them (for the threads) while strips stay kMinStrip or wider; equal, in whole vectors.
   // (kMinStrip 32: a forward pass of (8, 784, 50) is two strips, for two threads: 10.2 -> 7.8 us on Zen 4.)
-  constexpr index_t kMaxStrip = 512, kMinStrip = 32, kMinStrips = 4;
+  constexpr index_t kMaxStrip = 512, kMinStrip = 32, kMinStrips = 8;
   p.path = GemmPath::small_m;
   p.lanes = lanes;
   p.dot = q.b_rs == 1;
@@ -80,13 +80,14 @@ void plan_unpacked(const GemmProblem& q, const GemmBlocking& b, GemmPlan& p) {
   p.strip = imin(q.n, kUnpackedStrip);
   p.items = ceil_div(q.m, kUnpackedRows) * ceil_div(q.n, kUnpackedStrip);
   p.threads = static_cast<int>(imin(p.threads, p.items));
-  // A B to copy is copied whole, once, rows a whole number of vectors long, where that is at most
-  // kUnpackedCopyBytes (pack_b; every item reads it); else each item copies a chunk of K of its
-  // strip. A B read in place: each item copies its strip's right edge, a chunk of K of one vector.
-  const index_t ld = ceil_div(q.n, b.vl) * b.vl;
-  p.pack_b = p.copy_b && q.k * ld * q.elem_bytes <= kUnpackedCopyBytes;
-  p.b_slab = p.pack_b ? q.k * ld : 0;
-  p.per_thread = p.pack_b ? 0 : imin(q.k, kUnpackedChunk) * (p.copy_b ? ceil_div(p.strip, b.vl) * b.vl : b.vl);
+  // A B to copy is packed into NR-wide k-major panels (the packed path's routine): whole, once,
+  // where that is at most kUnpackedCopyBytes (pack_b; every item reads it), else by each item, a
+  // chunk of K of its strip. A B read in place: each item copies its strip's right edge, a chunk
+  // of K of one vector.
+  const index_t panels = ceil_div(q.n, b.nr) * b.nr;  // (NR-wide k-major panels, as the packed path's)
+  p.pack_b = p.copy_b && q.k * panels * q.elem_bytes <= kUnpackedCopyBytes;
+  p.b_slab = p.pack_b ? q.k * panels : 0;
+  p.per_thread = p.pack_b ? 0 : imin(q.k, kUnpackedChunk) * (p.copy_b ? ceil_div(p.strip, b.nr) * b.nr : b.vl);
   p.partial_squares = partial_squares(q, p.items);
 }
 
@@ -181,13 +182,17 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
   const bool small = static_cast<double>(q.m) * static_cast<double>(q.n) * static_cast<double>(q.k) < kSerialWork;
   p.threads = small || q.threads < 1 ? 1 : q.threads;
+  // A product the small-M path can take goes unpacked only for one tile of columns: where B must be
+  // copied (W^T in the forward pass), a copy of K x 2 NR costs as much as the few rows' product
+  // (forward of (1, 784, 50): 33 us unpacked, 2.6 us small M), and the small-M path reads it in place.
+  const bool small_m = q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m;
   if (q.bf16) {
     plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
   } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
     plan_narrow(q, p);
-  } else if (q.n <= 2 * b.nr && q.m * q.k <= kUnpackedArea && !q.col_scale) {  // two tiles of columns, a small A
-    plan_unpacked(q, b, p);
-  } else if (q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m && !q.col_scale) {
+  } else if (q.n <= (small_m ? b.nr : 2 * b.nr) && q.m * q.k <= kUnpackedArea && !q.col_scale) {
+    plan_unpacked(q, b, p);  // one or two tiles of columns over a small A (one for small M: see above)
+  } else if (small_m && !q.col_scale) {
     plan_small(q, b.vl, p);
   } else if (q.k <= kUnpackedK && !q.col_scale) {  // a tiny reduction
     plan_unpacked(q, b, p);
