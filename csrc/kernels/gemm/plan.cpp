@@ -190,7 +190,7 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
     plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
   } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
     plan_narrow(q, p);
-  } else if (q.n <= (small_m ? b.nr : 2 * b.nr) && q.m * q.k <= kUnpackedArea && !q.col_scale) {
+  } else if (q.n <= (small_m ? 0 : 2 * b.nr) && q.m * q.k <= kUnpackedArea && !q.col_scale) {
     plan_unpacked(q, b, p);  // one or two tiles of columns over a small A (one for small M: see above)
   } else if (small_m && !q.col_scale) {
     plan_small(q, b.vl, p);
