@@ -182,16 +182,17 @@ GemmPlan make_plan(const IsaTraits& t, const GemmProblem& q) {
   // Below kSerialWork multiply-adds a thread team costs more than it saves.
   const bool small = static_cast<double>(q.m) * static_cast<double>(q.n) * static_cast<double>(q.k) < kSerialWork;
   p.threads = small || q.threads < 1 ? 1 : q.threads;
-  // A product the small-M path can take goes unpacked only for one tile of columns: where B must be
-  // copied (W^T in the forward pass), a copy of K x 2 NR costs as much as the few rows' product
-  // (forward of (1, 784, 50): 33 us unpacked, 2.6 us small M), and the small-M path reads it in place.
+  // A product the small-M path can take stays there: where B must be copied (W^T in the forward
+  // pass), the copy costs as much as the few rows' product (forward of (1, 784, 50): 33 us unpacked,
+  // 2.6 us small M; (8, 784, 30): 8.2 and 6.6 us), and the small-M path reads B in place either way.
+  // (dX of such shapes, B in place, would run 2-4x faster unpacked: (8, 9, 734) 2.4 us, 5.6 small M.)
   const bool small_m = q.m <= kSmallM && q.k >= kSmallMinK * q.m * q.m;
   if (q.bf16) {
     plan_packed(t, q, b, p);                     // (the narrow and small-M paths read their operands in place)
   } else if (q.n <= kNarrowN && !q.col_scale) {  // (scaled A: only the packed path scales it)
     plan_narrow(q, p);
-  } else if (q.n <= (small_m ? 0 : 2 * b.nr) && q.m * q.k <= kUnpackedArea && !q.col_scale) {
-    plan_unpacked(q, b, p);  // one or two tiles of columns over a small A (one for small M: see above)
+  } else if (!small_m && q.n <= 2 * b.nr && q.m * q.k <= kUnpackedArea && !q.col_scale) {
+    plan_unpacked(q, b, p);  // one or two tiles of columns over a small A
   } else if (small_m && !q.col_scale) {
     plan_small(q, b.vl, p);
   } else if (q.k <= kUnpackedK && !q.col_scale) {  // a tiny reduction
