@@ -26,6 +26,13 @@ def test_isa_can_be_forced(isa):
     assert lingrad.config()["isa"] == isa
 
 
+def test_rate_probes_measure_every_isa(isa):
+    """The FMA peak and the micro-kernel's rate in L1 (bench/sweep.py's header) run on every ISA; the
+    tile, a register-only loop too, cannot beat the peak by more than timing noise."""
+    peak, tile = _C.measure_fma_peak(1, 0.02), _C.measure_tile_rate(1, 0.02)
+    assert peak > 0 and 0 < tile < 1.5 * peak, (isa, peak, tile)
+
+
 def test_import_leaves_ml_dtypes_until_bfloat16_is_used():
     """`import lingrad`, config() and float32 calls do not import ml_dtypes (half a second); the first
     bfloat16 array does, and config() says whether it can."""

@@ -138,6 +138,15 @@ void init_config(py::module_& m) {
       keyword("threads"), keyword("seconds") = 0.3,
       "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path.");
   m.def(
+      "measure_tile_rate",
+      [](int threads, double seconds) {
+        py::gil_scoped_release release;
+        return lingrad::measure_tile_rate(threads, seconds);
+      },
+      keyword("threads"), keyword("seconds") = 0.3,
+      "The float32 micro-kernel's rate in GFLOP/s with `threads` threads, on packed panels in L1: the share "
+      "of the FMA peak the register tile reaches before packing and cache misses.");
+  m.def(
       "measure_bf16_peak",
       [](int threads, double seconds) {
         py::gil_scoped_release release;

@@ -215,6 +215,11 @@ double measure_fma_peak(int threads, double seconds) {
   return measure_peak(k.floats->fma_probe, k.floats->fma_probe_flops, threads, seconds);
 }
 
+double measure_tile_rate(int threads, double seconds) {
+  const IsaBuild& k = active_build();
+  return measure_peak(k.floats->tile_probe, k.floats->tile_probe_flops, threads, seconds);
+}
+
 const char* bf16_kernel() { return active_build().bf16_kernel; }
 
 double measure_bf16_peak(int threads, double seconds) {

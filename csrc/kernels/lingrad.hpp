@@ -334,5 +334,8 @@ int available_isas(const char** names, int capacity);  // supported by this buil
 // The machine's float32 FMA peak in GFLOP/s with the given threads, measured with the active
 // build's instructions (12 independent FMA chains per thread, best of repeats over ~seconds).
 double measure_fma_peak(int threads, double seconds);
+// The float32 micro-kernel's rate in GFLOP/s on panels in L1 (no packing, no cache misses), measured
+// like measure_fma_peak: the share of the peak that the register tile itself reaches.
+double measure_tile_rate(int threads, double seconds);
 
 }  // namespace lingrad

@@ -326,8 +326,8 @@ def cpu_name() -> str:
 
 
 def describe_machine(peak: float) -> str:
-    """Three lines: the CPU and its measured peak; lingrad's, NumPy's and PyTorch's versions and
-    threads; the BLAS kernel NumPy runs."""
+    """Three lines: the CPU, its measured peak and the micro-kernel's rate in L1; lingrad's, NumPy's
+    and PyTorch's versions and threads; the BLAS kernel NumPy runs."""
     info = lingrad.config()
     versions = f"lingrad {info['version']} ({info['isa']}, {info['num_threads']} threads), numpy {np.__version__}"
     try:
@@ -336,7 +336,11 @@ def describe_machine(peak: float) -> str:
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     except ImportError:
         versions += ", torch not installed"
-    return f"CPU: {cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s\n{versions}\n{blas_description()}"
+    tile = tile_gflops()
+    return (
+        f"CPU: {cpu_name()}; measured float32 FMA peak {peak:.0f} GFLOP/s; lingrad's micro-kernel on panels in L1 "
+        f"{tile:.0f} GFLOP/s ({100 * tile / peak:.0f}% of the peak)\n{versions}\n{blas_description()}"
+    )
 
 
 def blas_description() -> str:
@@ -366,6 +370,12 @@ def blas_description() -> str:
 def peak_gflops(threads: int | None = None) -> float:
     """The float32 FMA peak of this machine with lingrad's threads (see _C.measure_fma_peak)."""
     return _C.measure_fma_peak(threads or lingrad.get_num_threads(), 0.3)
+
+
+def tile_gflops(threads: int | None = None) -> float:
+    """The float32 micro-kernel's rate on packed panels in L1 (see _C.measure_tile_rate): what the
+    register tile reaches before packing, cache misses and the loops around it."""
+    return _C.measure_tile_rate(threads or lingrad.get_num_threads(), 0.3)
 
 
 def table(results: list[Result], peak: float) -> str:

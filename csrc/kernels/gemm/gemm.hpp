@@ -118,8 +118,10 @@ struct FloatEngine {
   // The epilogue alone over a dense (M, N) matrix c (its loss, if asked for, summed row by row).
   void (*sepilogue)(const Epilogue<float>&, float* c, index_t m, index_t n);
   void (*depilogue)(const Epilogue<double>&, double* c, index_t m, index_t n);
-  double (*fma_probe)(index_t iterations, float seed);  // peak-rate probe (see measure_fma_peak)
-  int fma_probe_flops;                                  // float flops per probe iteration
+  double (*fma_probe)(index_t iterations, float seed);   // peak-rate probe (see measure_fma_peak)
+  int fma_probe_flops;                                   // float flops per probe iteration
+  double (*tile_probe)(index_t iterations, float seed);  // the float micro-kernel in L1 (measure_tile_rate)
+  int tile_probe_flops;
   GemmBlocking blocking_float, blocking_double;
 };
 
