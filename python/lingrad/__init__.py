@@ -152,8 +152,9 @@ def show_config(file: IO[str] | None = None) -> None:
             f"  blocking {dtype} " + " ".join(f"{k.upper()} {v}" for k, v in info[f"blocking_{dtype}"].items())
             for dtype in ("float32", "float64")
         ),
-        f"  GEMM paths      narrow for N <= 4, unpacked for N <= 2 NR and M K <= 131072 (K <= 2 KC or M <= 32; not small-M), small-M for "
-        f"M <= {info['gemm_small_m']} and K >= {info['gemm_small_min_k']} M^2, unpacked for K <= 16, packed otherwise; "
+        f"  GEMM paths      narrow for N <= 4, unpacked for N <= 2 NR and M K <= 131072 (K <= 2 KC or "
+        f"M <= 32; not small-M), small-M for M <= {info['gemm_small_m']} and K >= {info['gemm_small_min_k']} M^2, "
+        "unpacked for K <= 16, packed otherwise; "
         f"one thread below {info['gemm_serial_work']:.0f} multiply-adds",
         f"  bfloat16        {_bf16_line(info)}",
         f"  threads         {info['num_threads']}",
