@@ -129,32 +129,25 @@ void init_config(py::module_& m) {
   m.def("set_isa", &set_isa, keyword("name"),
         "Choose the micro-kernel instruction set; ValueError if this CPU or build lacks it.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run, best first.");
-  m.def(
-      "measure_fma_peak",
-      [](int threads, double seconds) {
-        py::gil_scoped_release release;
-        return lingrad::measure_fma_peak(threads, seconds);
-      },
-      keyword("threads"), keyword("seconds") = 0.3,
-      "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path.");
-  m.def(
-      "measure_tile_rate",
-      [](int threads, double seconds) {
-        py::gil_scoped_release release;
-        return lingrad::measure_tile_rate(threads, seconds);
-      },
-      keyword("threads"), keyword("seconds") = 0.3,
-      "The float32 micro-kernel's rate in GFLOP/s with `threads` threads, on packed panels in L1: the share "
-      "of the FMA peak the register tile reaches before packing and cache misses.");
-  m.def(
-      "measure_bf16_peak",
-      [](int threads, double seconds) {
-        py::gil_scoped_release release;
-        return lingrad::measure_bf16_peak(threads, seconds);
-      },
-      keyword("threads"), keyword("seconds") = 0.3,
-      "The bfloat16 peak in GFLOP/s of the active ISA's bfloat16 instructions (AMX tiles or vdpbf16ps), or "
-      "0.0 where it has none.");
+  // The rate probes (GFLOP/s with `threads` threads, about `seconds` of measuring), the GIL released.
+  struct RateProbe {
+    const char* name;
+    double (*measure)(int threads, double seconds);
+    const char* doc;
+  };
+  for (const RateProbe& probe : {
+           RateProbe{
+               "measure_fma_peak", &lingrad::measure_fma_peak,
+               "The float32 FMA peak in GFLOP/s with `threads` threads, measured with the active SIMD code path."},
+           RateProbe{"measure_tile_rate", &lingrad::measure_tile_rate,
+                     "The float32 micro-kernel's rate in GFLOP/s with `threads` threads, on packed panels in L1: the "
+                     "share of the FMA peak the register tile reaches before packing and cache misses."},
+           RateProbe{"measure_bf16_peak", &lingrad::measure_bf16_peak,
+                     "The bfloat16 peak in GFLOP/s of the active ISA's bfloat16 instructions (AMX tiles or "
+                     "vdpbf16ps), or 0.0 where it has none."},
+       })
+    m.def(probe.name, probe.measure, keyword("threads"), keyword("seconds") = 0.3,
+          py::call_guard<py::gil_scoped_release>(), probe.doc);
   m.def("build_info", &build_info, "A dict describing the build and the run-time choices.");
   m.def("_gemm_plan", &gemm_plan, keyword("m"), keyword("n"), keyword("k"), keyword("a_rs"), keyword("a_cs"),
         keyword("b_rs"), keyword("b_cs"), keyword("dtype") = "float32", py::kw_only(), keyword("row_sums") = false,
